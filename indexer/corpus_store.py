@@ -1,0 +1,199 @@
+"""The corpus store: documents in SQLite (WAL), each write stamped with a change sequence.
+
+Every upsert or delete bumps one monotonically increasing sequence and stamps the
+row with it; deletes leave a tombstone. A release records the sequence it was built
+at, so whoever serves it can replay exactly the writes that came after ("catch up").
+Writes of identical content are no-ops and do not bump the sequence.
+Left out: full-text search and document versions (only the latest content is kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.errors import NotFound
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS documents_seq ON documents(seq);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters(name, value) VALUES ('seq', 0);
+"""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One corpus document."""
+
+    id: str
+    title: str = ""
+    text: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        payload = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def embedding_text(self) -> str:
+        """The text the encoder sees: title and body joined as BEIR does."""
+        return f"{self.title} {self.text}".strip()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write after some sequence number: the document's current state, or a deletion."""
+
+    seq: int
+    doc_id: str
+    document: Document | None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What an upsert batch did."""
+
+    inserted: int
+    updated: int
+    unchanged: int
+    seq: int
+
+
+def _row_to_document(row: sqlite3.Row) -> Document:
+    return Document(id=row["id"], title=row["title"], text=row["text"], metadata=json.loads(row["metadata"]))
+
+
+class CorpusStore:
+    """SQLite-backed corpus; safe to share between threads and between processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _next_seq(self, db: sqlite3.Connection) -> int:
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'seq'")
+        return db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+
+    def upsert(self, documents: Iterable[Document]) -> WriteResult:
+        """Insert or replace documents in one transaction; all or nothing."""
+        inserted = updated = unchanged = 0
+        with self._transaction() as db:
+            for doc in documents:
+                digest = doc.content_hash
+                row = db.execute("SELECT content_hash, deleted FROM documents WHERE id = ?", (doc.id,)).fetchone()
+                if row is not None and not row["deleted"] and row["content_hash"] == digest:
+                    unchanged += 1
+                    continue
+                seq = self._next_seq(db)
+                db.execute(
+                    "INSERT INTO documents(id, title, text, metadata, content_hash, seq, deleted) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+                    "text=excluded.text, metadata=excluded.metadata, content_hash=excluded.content_hash, "
+                    "seq=excluded.seq, deleted=0",
+                    (doc.id, doc.title, doc.text, json.dumps(doc.metadata, ensure_ascii=False), digest, seq),
+                )
+                if row is None or row["deleted"]:
+                    inserted += 1
+                else:
+                    updated += 1
+            seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+        return WriteResult(inserted=inserted, updated=updated, unchanged=unchanged, seq=seq)
+
+    def delete(self, doc_id: str) -> int:
+        """Delete a document (leaving a tombstone); returns the new sequence."""
+        with self._transaction() as db:
+            row = db.execute("SELECT deleted FROM documents WHERE id = ?", (doc_id,)).fetchone()
+            if row is None or row["deleted"]:
+                raise NotFound(f"document {doc_id!r} does not exist")
+            seq = self._next_seq(db)
+            db.execute(
+                "UPDATE documents SET title='', text='', metadata='{}', content_hash='', seq=?, deleted=1 WHERE id=?",
+                (seq, doc_id),
+            )
+        return seq
+
+    def get(self, doc_id: str) -> Document:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM documents WHERE id = ? AND deleted = 0", (doc_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"document {doc_id!r} does not exist")
+        return _row_to_document(row)
+
+    def get_many(self, doc_ids: list[str]) -> dict[str, Document]:
+        """The live documents among `doc_ids`, keyed by id (missing ids are absent)."""
+        found: dict[str, Document] = {}
+        with self._lock:
+            for start in range(0, len(doc_ids), 500):
+                chunk = doc_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT * FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
+                ).fetchall()
+                found.update((row["id"], _row_to_document(row)) for row in rows)
+        return found
+
+    @property
+    def seq(self) -> int:
+        """The sequence of the latest write."""
+        with self._lock:
+            return self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM documents WHERE deleted = 0").fetchone()[0]
+
+    def snapshot(self) -> tuple[int, list[Document]]:
+        """All live documents and the sequence they are consistent with, read in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                seq = self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+                rows = self._db.execute("SELECT * FROM documents WHERE deleted = 0 ORDER BY id").fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return seq, [_row_to_document(row) for row in rows]
+
+    def changes_since(self, seq: int) -> list[Change]:
+        """Every document written after `seq`, in sequence order (deletions have no document)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM documents WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        return [
+            Change(seq=row["seq"], doc_id=row["id"], document=None if row["deleted"] else _row_to_document(row))
+            for row in rows
+        ]

@@ -1,0 +1,156 @@
+"""A release loaded for serving: its model and its index, as one unit.
+
+Loading checks every file against the manifest's checksums and the model against
+the manifest's fingerprint, and refuses the release if anything differs, so a query
+is never scored by one model against another model's vectors. After loading, writes
+made to the corpus since the release was built are caught up with the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.corpus_store import CorpusStore, Document
+from indexer.manifest import Manifest
+from indexer.model_store import ModelStore
+from indexer.release_store import ReleaseStore
+from indexer.vector_index import Hit, VectorIndex
+from training.bi_encoder import BiEncoder, Encoded
+from training.errors import EmptyInput, IntegrityError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A scored document."""
+
+    score: float
+    document: Document
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """Results of one query and where the time went."""
+
+    release_id: str
+    hits: list[SearchHit]
+    timings_ms: dict[str, float]
+
+
+def _verify_files(folder: Path, manifest: Manifest) -> None:
+    for name, expected in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"release {manifest.release_id} is missing {name}; rebuild it")
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise IntegrityError(
+                f"release {manifest.release_id}: {name} does not match its manifest checksum; "
+                "the release was modified after it was built; rebuild it or activate another"
+            )
+
+
+class LiveRelease:
+    """The model and index of one release, plus the corpus writes applied since it was built."""
+
+    def __init__(self, manifest: Manifest, encoder: BiEncoder, index: VectorIndex, batch_size: int = 64) -> None:
+        if encoder.fingerprint != manifest.model.fingerprint:
+            raise IntegrityError(
+                f"release {manifest.release_id} was built with model {manifest.model.fingerprint} "
+                f"but was given {encoder.fingerprint}; a release is only served with its own model"
+            )
+        if index.dim != manifest.dim or encoder.dim != manifest.dim:
+            raise IntegrityError(f"release {manifest.release_id}: index or model dimension differs from manifest {manifest.dim}")
+        self.manifest = manifest
+        self.encoder = encoder
+        self.index = index
+        self.batch_size = batch_size
+        self.applied_seq = manifest.corpus_seq
+        self._catch_up_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+
+    @property
+    def release_id(self) -> str:
+        return self.manifest.release_id
+
+    @classmethod
+    def load(cls, releases: ReleaseStore, release_id: str, *, batch_size: int = 64, device: str = "cpu") -> LiveRelease:
+        """Load and verify a release; raises IntegrityError if it does not match its manifest."""
+        manifest = releases.manifest(release_id)
+        folder = releases.path(release_id)
+        _verify_files(folder, manifest)
+        encoder = ModelStore(releases.data_dir).load(manifest.model, device=device)
+        index = VectorIndex.load(folder)
+        if len(index) != manifest.doc_count:
+            raise IntegrityError(
+                f"release {release_id}: index holds {len(index)} vectors but the manifest says {manifest.doc_count}"
+            )
+        return cls(manifest, encoder, index, batch_size=batch_size)
+
+    def catch_up(self, corpus: CorpusStore) -> int:
+        """Apply corpus writes made after this release's sequence; returns how many were applied."""
+        with self._catch_up_lock:
+            changes = corpus.changes_since(self.applied_seq)
+            if not changes:
+                return 0
+            upserts = [c.document for c in changes if c.document is not None]
+            deletes = [c.doc_id for c in changes if c.document is None]
+            if upserts:
+                with self._encode_lock:
+                    vectors = self.encoder.encode(
+                        [doc.embedding_text() for doc in upserts], "document", batch_size=self.batch_size
+                    )
+                self.index.add([doc.id for doc in upserts], vectors)
+            self.index.remove(deletes)
+            self.applied_seq = changes[-1].seq
+            log.info("release %s caught up %d corpus writes (seq %d)", self.release_id, len(changes), self.applied_seq)
+            return len(changes)
+
+    def embed_queries(self, texts: list[str]) -> Encoded:
+        """Query embeddings of this release's model (one encoder call at a time per release)."""
+        for position, text in enumerate(texts):
+            if not text.strip():
+                raise EmptyInput(f"input {position} is empty; send non-blank text")
+        with self._encode_lock:
+            return self.encoder.encode_with_norms(texts, "query", batch_size=self.batch_size, show_progress=False)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self.embed_queries(texts).vectors
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        return self.index.search(vectors, k)
+
+    def search(self, corpus: CorpusStore, query: str, k: int, rerank: bool = False) -> SearchOutcome:
+        """Encode one query with this release's model and search this release's index."""
+        if not query.strip():
+            raise EmptyInput("query is empty; send the text to search for")
+        if rerank:
+            raise InvalidInput(
+                f"release {self.release_id} has no cross-encoder to rerank with; send rerank=false"
+            )
+        started = time.perf_counter()
+        vector = self.encode_queries([query])
+        encoded = time.perf_counter()
+        hits = self.index.search(vector, k)[0]
+        searched = time.perf_counter()
+        documents = corpus.get_many([hit.doc_id for hit in hits])
+        scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
+        done = time.perf_counter()
+        timings = {
+            "encode": (encoded - started) * 1e3,
+            "search": (searched - encoded) * 1e3,
+            "fetch": (done - searched) * 1e3,
+            "total": (done - started) * 1e3,
+        }
+        return SearchOutcome(self.release_id, scored, {key: round(value, 3) for key, value in timings.items()})

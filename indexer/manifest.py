@@ -1,0 +1,90 @@
+"""The release manifest: everything needed to serve, audit and compare a release.
+
+It names the exact model (fingerprint and content-addressed folder), the corpus
+state the vectors reflect (change sequence, document count), the index (factory,
+dimension, metric), the document norms before normalisation (a drift signal),
+evaluation metrics if any, and a sha256 of every file in the release.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model built the release, and where its stored copy lives (relative to the data dir)."""
+
+    fingerprint: str
+    path: str
+    name: str
+    pooling: str
+    query_max_length: int
+    document_max_length: int
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Distribution of vector norms before L2 normalisation."""
+
+    mean: float
+    std: float
+    min: float
+    p05: float
+    p50: float
+    p95: float
+    max: float
+
+    @classmethod
+    def of(cls, norms: np.ndarray) -> NormStats:
+        if len(norms) == 0:
+            return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        p05, p50, p95 = np.percentile(norms, [5, 50, 95])
+        return cls(
+            mean=float(norms.mean()),
+            std=float(norms.std()),
+            min=float(norms.min()),
+            p05=float(p05),
+            p50=float(p50),
+            p95=float(p95),
+            max=float(norms.max()),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of `manifest.json`."""
+
+    release_id: str
+    created: str
+    model: ModelRef
+    corpus_seq: int
+    doc_count: int
+    index_type: str
+    dim: int
+    metric: str
+    document_norms: NormStats
+    files: dict[str, str]
+    evaluation: dict[str, float] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data["model"] = ModelRef(**data["model"])
+        data["document_norms"] = NormStats(**data["document_norms"])
+        return cls(**data)
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        return cls.from_dict(json.loads((Path(folder) / MANIFEST_FILE).read_text()))

@@ -1,0 +1,94 @@
+"""Content-addressed model copies: `models/<fingerprint>/`, shared by the releases built with them.
+
+A model is stored by loading it, saving it in sentence-transformers' layout, and
+re-loading the saved copy to fingerprint it, so the fingerprint in a manifest is the
+fingerprint of exactly the files that will be served. Loading verifies it again.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+
+from indexer.durable_files import fsync_dir, fsync_tree
+from indexer.manifest import ModelRef
+from training.bi_encoder import BiEncoder
+from training.errors import IntegrityError, NotFound
+from training.pooling import Pooling
+
+
+def _folder_name(fingerprint: str) -> str:
+    return fingerprint.removeprefix("sha256:")[:32]
+
+
+def model_ref(encoder: BiEncoder, path: str) -> ModelRef:
+    settings = encoder.settings
+    return ModelRef(
+        fingerprint=encoder.fingerprint,
+        path=path,
+        name=encoder.name,
+        pooling=settings.pooling.value,
+        query_max_length=settings.query_max_length,
+        document_max_length=settings.document_max_length,
+    )
+
+
+class ModelStore:
+    """Stores and loads models by fingerprint under `<data_dir>/models/`."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.models_dir = self.data_dir / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(
+        self,
+        source: str | Path,
+        *,
+        name: str | None = None,
+        pooling: Pooling | None = None,
+        query_max_length: int | None = None,
+        document_max_length: int | None = None,
+    ) -> tuple[BiEncoder, ModelRef]:
+        """Store the model at `source` (if not stored yet) and return it loaded from the store."""
+        source = Path(source).resolve()
+        if source.parent == self.models_dir.resolve() and not any((pooling, query_max_length, document_max_length)):
+            encoder = BiEncoder.load(source, name=name)
+            if _folder_name(encoder.fingerprint) == source.name:
+                return encoder, model_ref(encoder, f"models/{source.name}")
+        original = BiEncoder.load(
+            source,
+            name=name,
+            pooling=pooling,
+            query_max_length=query_max_length,
+            document_max_length=document_max_length,
+        )
+        staging = self.models_dir / f".staging-{secrets.token_hex(4)}"
+        try:
+            original.save(staging)
+            stored = BiEncoder.load(staging)
+            folder = self.models_dir / _folder_name(stored.fingerprint)
+            if folder.exists():
+                shutil.rmtree(staging)
+            else:
+                fsync_tree(staging)
+                staging.rename(folder)
+                fsync_dir(self.models_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return stored, model_ref(stored, f"models/{folder.name}")
+
+    def load(self, ref: ModelRef, device: str = "cpu") -> BiEncoder:
+        """Load a stored model and refuse it unless it still hashes to `ref.fingerprint`."""
+        folder = self.data_dir / ref.path
+        if not folder.is_dir():
+            raise NotFound(f"model folder {folder} is missing; rebuild the release with `lockstep build`")
+        encoder = BiEncoder.load(folder, device=device)
+        if encoder.fingerprint != ref.fingerprint:
+            raise IntegrityError(
+                f"model at {folder} has fingerprint {encoder.fingerprint}, but the release was built with "
+                f"{ref.fingerprint}; refusing to serve vectors of one model with another. "
+                "Rebuild the release (`lockstep build --activate`) or restore the original model files"
+            )
+        return encoder

@@ -1,0 +1,115 @@
+"""Building a release: embed the whole corpus with one model into a new index, publish it.
+
+The corpus is read as one consistent snapshot whose change sequence goes into the
+manifest; writes that land during the build are caught up by whoever serves the
+release. The release is assembled in a staging folder and only renamed into place
+once complete, so an interrupted build leaves nothing listed and the active release
+untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from indexer.corpus_store import CorpusStore
+from indexer.manifest import Manifest, NormStats
+from indexer.model_store import ModelStore
+from indexer.release_store import ReleaseStore, new_release_id
+from indexer.vector_index import VectorIndex
+from training.errors import InvalidInput
+from training.pooling import Pooling
+
+BuildProgress = Callable[[str, int, int], None]
+ENCODE_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What to build a release with."""
+
+    model_path: Path
+    model_name: str | None = None
+    index_type: str = "Flat"
+    batch_size: int = 64
+    pooling: Pooling | None = None
+    query_max_length: int | None = None
+    document_max_length: int | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_release(
+    corpus: CorpusStore,
+    releases: ReleaseStore,
+    options: BuildOptions,
+    *,
+    activate: bool = False,
+    show_progress: bool = False,
+    progress: BuildProgress | None = None,
+) -> Manifest:
+    """Re-embed the whole corpus into a new published release; optionally make it active."""
+    report = progress or (lambda stage, done, total: None)
+    report("model", 0, 1)
+    encoder, ref = ModelStore(releases.data_dir).put(
+        options.model_path,
+        name=options.model_name,
+        pooling=options.pooling,
+        query_max_length=options.query_max_length,
+        document_max_length=options.document_max_length,
+    )
+    seq, documents = corpus.snapshot()
+    if not documents:
+        raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
+    index = VectorIndex(encoder.dim, options.index_type)
+    release_id = new_release_id()
+    norm_chunks = []
+    bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
+    with releases.staging(release_id) as staging, bar:
+        for start in range(0, len(documents), ENCODE_CHUNK):
+            chunk = documents[start : start + ENCODE_CHUNK]
+
+            def advance(done: int, _total: int, offset: int = start) -> None:
+                bar.update(offset + done - bar.n)
+                report("encode", offset + done, len(documents))
+
+            encoded = encoder.encode_with_norms(
+                [doc.embedding_text() for doc in chunk],
+                "document",
+                batch_size=options.batch_size,
+                show_progress=False,
+                progress=advance,
+            )
+            norm_chunks.append(encoded.norms)
+            index.add([doc.id for doc in chunk], encoded.vectors)
+        report("index", 0, 1)
+        files = index.save(staging)
+        manifest = Manifest(
+            release_id=release_id,
+            created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            model=ref,
+            corpus_seq=seq,
+            doc_count=len(documents),
+            index_type=options.index_type,
+            dim=encoder.dim,
+            metric="inner_product",
+            document_norms=NormStats.of(np.concatenate(norm_chunks)),
+            files={path.name: _sha256(path) for path in files},
+        )
+        releases.publish(staging, manifest)
+    report("index", 1, 1)
+    if activate:
+        releases.activate(release_id)
+    return manifest

@@ -1,0 +1,43 @@
+"""Settings shared by the CLI, the service and the workers, read from `LOCKSTEP_*` variables.
+
+Embedded defaults need no server: data under `./lockstep-data`, the packaged
+all-MiniLM-L6-v2, an exact (Flat) index, serving on loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob Lockstep reads from the environment (prefix `LOCKSTEP_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCKSTEP_", extra="ignore")
+
+    data_dir: Path = Field(Path("./lockstep-data"), description="Where the corpus, models and releases live")
+    model: Path | None = Field(None, description="Model folder for new builds; default: packaged all-MiniLM-L6-v2")
+    index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
+    batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks for a new active release")
+    keep_releases: int = Field(5, ge=1, description="Releases kept by `lockstep releases gc`")
+    log_level: str = "info"
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.data_dir / "corpus.sqlite3"
+
+    def model_path(self) -> Path:
+        """The model folder new builds use."""
+        from training.default_model import default_model_path
+
+        return self.model or default_model_path()
+
+    def model_name(self) -> str | None:
+        from training.default_model import DEFAULT_MODEL_NAME
+
+        return None if self.model else DEFAULT_MODEL_NAME

@@ -1,0 +1,205 @@
+"""A FAISS inner-product index over unit vectors, addressed by document id.
+
+The index kind is a FAISS factory string: `Flat` (exact, the default), `HNSW32`,
+`IVF256,Flat`, `IVF256,PQ16`... Vectors are checked where they enter (float32,
+C-contiguous, right dimension, finite, unit norm within 1e-3) with errors that say
+how to fix them. Each document gets an int64 label; re-adding a document replaces it.
+Index kinds that cannot remove vectors (HNSW) hide removed labels from results
+instead; the next release build compacts them away.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from training.errors import InvalidInput
+
+NORM_TOLERANCE = 1e-3
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.json"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a document id and its inner-product (cosine) score."""
+
+    doc_id: str
+    score: float
+
+
+def check_vectors(vectors: object, dim: int, what: str = "vectors") -> np.ndarray:
+    """Return `vectors` if they are usable for inner-product search, else raise with the fix."""
+    if not isinstance(vectors, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(vectors).__name__}; use np.asarray(x, dtype=np.float32)")
+    if vectors.dtype != np.float32:
+        raise TypeError(f"{what} must be float32, got {vectors.dtype}; convert with x.astype(np.float32)")
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{what} must have shape (n, {dim}), got {vectors.shape}; encode with this index's model")
+    if not vectors.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous; pass np.ascontiguousarray(x)")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{what} contain NaN or infinite values; check the encoder output")
+    norms = np.linalg.norm(vectors, axis=1)
+    worst = float(np.abs(norms - 1.0).max()) if len(norms) else 0.0
+    if worst > NORM_TOLERANCE:
+        raise ValueError(
+            f"{what} must have unit L2 norm (within {NORM_TOLERANCE}) for inner-product search; "
+            f"worst deviation is {worst:.4g}; normalise with x / np.linalg.norm(x, axis=1, keepdims=True)"
+        )
+    return vectors
+
+
+def _build_faiss(dim: int, factory: str) -> faiss.Index:
+    try:
+        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InvalidInput(
+            f"index type {factory!r} is not a valid FAISS factory string (try 'Flat', 'HNSW32' or 'IVF256,Flat')"
+        ) from exc
+    try:
+        faiss.extract_index_ivf(base)
+    except RuntimeError:
+        return faiss.IndexIDMap2(base)
+    return base
+
+
+class VectorIndex:
+    """FAISS index plus the map between FAISS labels and document ids."""
+
+    def __init__(self, dim: int, factory: str = "Flat") -> None:
+        self.dim = dim
+        self.factory = factory
+        self._index = _build_faiss(dim, factory)
+        self._doc_of: list[str | None] = []
+        self._label_of: dict[str, int] = {}
+        self._hidden: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._label_of)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._label_of
+
+    def doc_ids(self) -> list[str]:
+        return list(self._label_of)
+
+    def _ivf(self) -> faiss.IndexIVF | None:
+        try:
+            return faiss.extract_index_ivf(self._index)
+        except RuntimeError:
+            return None
+
+    def _hnsw(self) -> faiss.IndexHNSW | None:
+        inner = faiss.downcast_index(self._index.index) if isinstance(self._index, faiss.IndexIDMap2) else None
+        return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Tune the recall/speed trade-off of HNSW (`ef_search`) or IVF (`nprobe`) indexes."""
+        if ef_search is not None and (hnsw := self._hnsw()) is not None:
+            hnsw.hnsw.efSearch = ef_search
+        if nprobe is not None and (ivf := self._ivf()) is not None:
+            ivf.nprobe = nprobe
+
+    def _train_if_needed(self, vectors: np.ndarray) -> None:
+        if self._index.is_trained:
+            return
+        ivf = self._ivf()
+        needed = ivf.nlist if ivf is not None else 1
+        if len(vectors) < needed:
+            raise InvalidInput(
+                f"index type {self.factory!r} needs at least {needed} vectors to train, got {len(vectors)}; "
+                "use fewer IVF lists or the 'Flat' index for a small corpus"
+            )
+        self._index.train(vectors)
+
+    def _drop(self, doc_ids: Sequence[str]) -> None:
+        labels = [self._label_of.pop(doc_id) for doc_id in doc_ids if doc_id in self._label_of]
+        if not labels:
+            return
+        for label in labels:
+            self._doc_of[label] = None
+        try:
+            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+        except RuntimeError:
+            self._hidden.update(labels)
+
+    def add(self, doc_ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Add or replace documents' vectors."""
+        check_vectors(vectors, self.dim)
+        if len(doc_ids) != len(vectors):
+            raise ValueError(f"got {len(doc_ids)} ids for {len(vectors)} vectors")
+        if len(set(doc_ids)) != len(doc_ids):
+            raise ValueError("document ids in one add must be unique")
+        if not doc_ids:
+            return
+        with self._lock:
+            self._train_if_needed(vectors)
+            self._drop(doc_ids)
+            first = len(self._doc_of)
+            labels = np.arange(first, first + len(doc_ids), dtype=np.int64)
+            self._index.add_with_ids(vectors, labels)
+            self._doc_of.extend(doc_ids)
+            self._label_of.update(zip(doc_ids, labels.tolist()))
+
+    def remove(self, doc_ids: Sequence[str]) -> None:
+        """Remove documents' vectors; unknown ids are ignored."""
+        with self._lock:
+            self._drop(doc_ids)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k documents per query by inner product, best first."""
+        check_vectors(queries, self.dim, "query vectors")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        with self._lock:
+            total = self._index.ntotal
+            if total == 0:
+                return [[] for _ in range(len(queries))]
+            fetch = min(k + len(self._hidden), total)
+            scores, labels = self._index.search(queries, fetch)
+            doc_of = self._doc_of
+        results = []
+        for row_scores, row_labels in zip(scores, labels):
+            hits = [
+                Hit(doc_of[label], float(score))
+                for score, label in zip(row_scores, row_labels)
+                if label >= 0 and doc_of[label] is not None
+            ]
+            results.append(hits[:k])
+        return results
+
+    def reconstruct(self, doc_id: str) -> np.ndarray:
+        """The stored vector of one document (Flat and HNSW indexes)."""
+        return self._index.reconstruct(self._label_of[doc_id])
+
+    def save(self, folder: Path) -> list[Path]:
+        """Write the index and id map into `folder`; returns the files written."""
+        folder = Path(folder)
+        with self._lock:
+            faiss.write_index(self._index, str(folder / INDEX_FILE))
+            ids = {"dim": self.dim, "factory": self.factory, "doc_ids": self._doc_of, "hidden": sorted(self._hidden)}
+        (folder / IDS_FILE).write_text(json.dumps(ids))
+        return [folder / INDEX_FILE, folder / IDS_FILE]
+
+    @classmethod
+    def load(cls, folder: Path) -> VectorIndex:
+        folder = Path(folder)
+        ids = json.loads((folder / IDS_FILE).read_text())
+        index = cls.__new__(cls)
+        index.dim, index.factory = ids["dim"], ids["factory"]
+        index._index = faiss.read_index(str(folder / INDEX_FILE))
+        index._doc_of = ids["doc_ids"]
+        index._label_of = {doc_id: label for label, doc_id in enumerate(index._doc_of) if doc_id is not None}
+        index._hidden = set(ids["hidden"])
+        index._lock = threading.Lock()
+        if index._index.d != index.dim:
+            raise ValueError(f"{folder}: index dimension {index._index.d} does not match id map dimension {index.dim}")
+        return index

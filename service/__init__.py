@@ -1,0 +1,1 @@
+"""The HTTP service and the `lockstep` command line."""

@@ -1,0 +1,254 @@
+"""The `lockstep` command line: ingest, build, releases, serve, search, eval, up.
+
+Each command parses its options, calls one domain function and prints the result;
+errors print `error: ...` (with file and line for bad input files) and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from indexer.corpus_store import CorpusStore
+from indexer.release_builder import BuildOptions, build_release
+from indexer.release_store import ReleaseStore
+from indexer.settings import Settings
+from training.errors import LockstepError
+
+app = typer.Typer(help="Lockstep: search whose model and index move in lockstep.", no_args_is_help=True)
+releases_app = typer.Typer(help="List, activate, roll back and clean up releases.", no_args_is_help=True)
+app.add_typer(releases_app, name="releases")
+
+
+def _fail_cleanly(command):
+    """Turn domain errors into a one-line message and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LockstepError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Data directory (default: $LOCKSTEP_DATA_DIR or ./lockstep-data)")] = None,
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = settings
+
+
+def _build(settings: Settings, model: Path | None, index_type: str | None, activate: bool) -> None:
+    corpus = CorpusStore(settings.corpus_path)
+    options = BuildOptions(
+        model_path=model or settings.model_path(),
+        model_name=None if model else settings.model_name(),
+        index_type=index_type or settings.index_type,
+        batch_size=settings.batch_size,
+    )
+    manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
+    state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
+    typer.echo(
+        f"built release {manifest.release_id}: {manifest.doc_count} documents, {manifest.index_type} index, "
+        f"model {manifest.model.name} ({manifest.model.fingerprint[:19]}), {state}"
+    )
+
+
+@app.command()
+@_fail_cleanly
+def ingest(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="BEIR corpus.jsonl or JSONL with id/title/text/metadata")]) -> None:
+    """Add or update documents from a JSONL file, all or nothing."""
+    from indexer.ingest import ingest_file
+
+    result = ingest_file(CorpusStore(_settings(ctx).corpus_path), path)
+    typer.echo(f"{path}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged (seq {result.seq})")
+
+
+@app.command()
+@_fail_cleanly
+def build(
+    ctx: typer.Context,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the packaged all-MiniLM-L6-v2)")] = None,
+    index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string: Flat, HNSW32, IVF256,Flat ...")] = None,
+    activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
+) -> None:
+    """Re-embed the whole corpus into a new release."""
+    _build(_settings(ctx), model, index_type, activate)
+
+
+@releases_app.command("list")
+@_fail_cleanly
+def releases_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print manifests as JSON")] = False) -> None:
+    """Every release, oldest first; the active one is marked with *."""
+    store = ReleaseStore(_settings(ctx).data_dir)
+    manifests, active = store.list(), store.active()
+    if as_json:
+        typer.echo(json.dumps([json.loads(m.to_json()) | {"active": m.release_id == active} for m in manifests], indent=2))
+        return
+    if not manifests:
+        typer.echo("no releases yet; run `lockstep build --activate`")
+    for m in manifests:
+        mark = "*" if m.release_id == active else " "
+        typer.echo(f"{mark} {m.release_id}  {m.created}  {m.doc_count:>8} docs  {m.index_type:<12} {m.model.name}  {m.model.fingerprint[:19]}")
+
+
+@releases_app.command("activate")
+@_fail_cleanly
+def releases_activate(ctx: typer.Context, release_id: str) -> None:
+    """Make a release active (running services switch within their poll interval)."""
+    pointer = ReleaseStore(_settings(ctx).data_dir).activate(release_id)
+    typer.echo(f"active release: {pointer.active}")
+
+
+@releases_app.command("rollback")
+@_fail_cleanly
+def releases_rollback(ctx: typer.Context) -> None:
+    """Re-activate the release that was active before the current one."""
+    pointer = ReleaseStore(_settings(ctx).data_dir).rollback()
+    typer.echo(f"rolled back; active release: {pointer.active}")
+
+
+@releases_app.command("delete")
+@_fail_cleanly
+def releases_delete(ctx: typer.Context, release_id: str) -> None:
+    """Delete a release that is not active."""
+    ReleaseStore(_settings(ctx).data_dir).delete(release_id)
+    typer.echo(f"deleted release {release_id}")
+
+
+@releases_app.command("gc")
+@_fail_cleanly
+def releases_gc(ctx: typer.Context, keep: Annotated[Optional[int], typer.Option(help="Releases to keep")] = None) -> None:
+    """Delete old releases (never the active one) and models no release uses."""
+    settings = _settings(ctx)
+    removed = ReleaseStore(settings.data_dir).gc(keep or settings.keep_releases)
+    typer.echo(f"removed {len(removed)} release(s): {' '.join(removed) or '-'}")
+
+
+def _load_active(settings: Settings):
+    from indexer.live_release import LiveRelease
+    from training.errors import NotReady
+
+    releases = ReleaseStore(settings.data_dir)
+    active = releases.active()
+    if active is None:
+        raise NotReady("no release is active; run `lockstep build --activate` first")
+    corpus = CorpusStore(settings.corpus_path)
+    live = LiveRelease.load(releases, active, batch_size=settings.batch_size)
+    live.catch_up(corpus)
+    return live, corpus
+
+
+@app.command()
+@_fail_cleanly
+def search(
+    ctx: typer.Context,
+    text: str,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many results")] = 10,
+) -> None:
+    """Search the active release from the command line (no server needed)."""
+    live, corpus = _load_active(_settings(ctx))
+    outcome = live.search(corpus, text, k)
+    typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
+    for rank, hit in enumerate(outcome.hits, start=1):
+        snippet = " ".join(hit.document.text.split())[:100]
+        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.document.id}  {hit.document.title[:60]}  {snippet}")
+
+
+@app.command("eval")
+@_fail_cleanly
+def evaluate(
+    ctx: typer.Context,
+    queries: Annotated[Path, typer.Option(help="Queries JSONL (BEIR queries.jsonl)")],
+    qrels: Annotated[Path, typer.Option(help="Relevance judgements (BEIR qrels TSV or TREC)")],
+    split_fraction: Annotated[Optional[float], typer.Option(help="Evaluate only this seeded fraction of the judged queries (a dev split)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the dev split")] = 13,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON")] = False,
+) -> None:
+    """nDCG@10, Recall@100 and MRR@10 of the active release (trec_eval definitions)."""
+    from indexer.retrieval_eval import evaluate_release
+    from training.eval_data import load_qrels, load_queries, split_queries
+
+    query_texts, judgements = load_queries(queries), load_qrels(qrels)
+    if split_fraction is not None:
+        _, dev = split_queries(list(judgements), split_fraction, seed)
+        judgements = {query_id: judgements[query_id] for query_id in dev}
+    live, _ = _load_active(_settings(ctx))
+    metrics = evaluate_release(live, query_texts, judgements)
+    if as_json:
+        typer.echo(json.dumps({key: metrics[key] for key in ("ndcg@10", "recall@100", "mrr@10")}))
+        return
+    typer.echo(f"release {live.release_id}, {metrics['queries']} queries")
+    for key in ("ndcg@10", "recall@100", "mrr@10"):
+        typer.echo(f"  {key:<11} {metrics[key]:.4f}")
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    typer.echo(f"Lockstep is serving at http://{settings.host}:{settings.port} (API docs at /docs)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+@app.command()
+@_fail_cleanly
+def serve(
+    ctx: typer.Context,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to bind")] = None,
+) -> None:
+    """Serve the HTTP API over the active release."""
+    settings = _settings(ctx)
+    _serve(settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}))
+
+
+@app.command()
+@_fail_cleanly
+def up(
+    ctx: typer.Context,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to bind")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Ingest this JSONL corpus (default: a demo corpus when empty)")] = None,
+) -> None:
+    """Everything on embedded defaults: ingest, build and activate if needed, then serve."""
+    from indexer.demo_corpus import stdlib_documents
+    from indexer.ingest import ingest_file
+
+    settings = _settings(ctx)
+    settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    store = CorpusStore(settings.corpus_path)
+    if corpus is not None:
+        result = ingest_file(store, corpus)
+        typer.echo(f"{corpus}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
+    elif store.count() == 0:
+        result = store.upsert(stdlib_documents())
+        typer.echo(f"empty corpus: ingested {result.inserted} Python standard library docstrings as a demo")
+    releases = ReleaseStore(settings.data_dir)
+    if releases.active() is None or corpus is not None:
+        _build(settings, None, None, activate=True)
+    _serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

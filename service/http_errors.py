@@ -1,0 +1,83 @@
+"""One error body everywhere: `{"error": message, "error_type": kind}`, mapped from domain errors.
+
+Statuses follow text-embeddings-inference's contract: empty input 400, invalid
+input 422, missing 404, conflict 409, refused stored data 424, not ready 503.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from training.errors import Conflict, EmptyInput, IntegrityError, InvalidInput, LockstepError, NotFound, NotReady
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[LockstepError], int, str]] = [
+    (EmptyInput, 400, "empty"),
+    (InvalidInput, 422, "validation"),
+    (NotFound, 404, "not_found"),
+    (Conflict, 409, "conflict"),
+    (IntegrityError, 424, "integrity"),
+    (NotReady, 503, "unhealthy"),
+]
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: str
+    error_type: str
+
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorBody, "description": "Empty input"},
+    404: {"model": ErrorBody, "description": "No such document or release"},
+    422: {"model": ErrorBody, "description": "Invalid input; the message says what to fix"},
+    503: {"model": ErrorBody, "description": "No release loaded yet"},
+}
+
+
+def error_response(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "error_type": kind})
+
+
+def status_of(exc: LockstepError) -> tuple[int, str]:
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            return status, kind
+    return 500, "internal"
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request body is invalid"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LockstepError)
+    async def _domain(_: Request, exc: LockstepError) -> JSONResponse:
+        status, kind = status_of(exc)
+        return error_response(status, str(exc), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, _describe_validation(exc), "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "http"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "internal")

@@ -1,0 +1,78 @@
+"""Holds the release being served and swaps it when the active pointer moves.
+
+A new release is loaded completely (model, index, catch-up) before the reference
+is switched in one assignment; a request that already took the old reference
+finishes on it, so no query mixes two releases. A release that fails to load is
+reported and the current one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from indexer.corpus_store import CorpusStore, Document, WriteResult
+from indexer.live_release import LiveRelease
+from indexer.release_store import ReleaseStore
+from training.errors import LockstepError, NotReady
+
+log = logging.getLogger(__name__)
+
+
+class ReleaseHolder:
+    """The live release of one process, kept in step with the data dir's active pointer."""
+
+    def __init__(self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64) -> None:
+        self.releases = releases
+        self.corpus = corpus
+        self.batch_size = batch_size
+        self.current: LiveRelease | None = None
+        self.last_error: str | None = None
+        self._refresh_lock = threading.Lock()
+
+    def require(self) -> LiveRelease:
+        """The live release, or NotReady explaining how to get one."""
+        live = self.current
+        if live is None:
+            reason = self.last_error or "no release is active; build one with `lockstep build --activate`"
+            raise NotReady(reason)
+        return live
+
+    def refresh(self) -> bool:
+        """Load the active release if it is not the one served, and catch up corpus writes. True if swapped."""
+        with self._refresh_lock:
+            active = self.releases.active()
+            live = self.current
+            swapped = False
+            if active is not None and (live is None or live.release_id != active):
+                try:
+                    candidate = LiveRelease.load(self.releases, active, batch_size=self.batch_size)
+                    candidate.catch_up(self.corpus)
+                except LockstepError as exc:
+                    self.last_error = f"release {active} could not be loaded: {exc}"
+                    log.error("%s; still serving %s", self.last_error, live.release_id if live else "nothing")
+                    return False
+                self.current = candidate
+                self.last_error = None
+                swapped = True
+                log.info("now serving release %s", active)
+            elif live is not None:
+                live.catch_up(self.corpus)
+            return swapped
+
+    def write(self, documents: list[Document]) -> tuple[WriteResult, str | None]:
+        """Upsert documents into the corpus, then into the live index with the live model."""
+        result = self.corpus.upsert(documents)
+        return result, self._apply_to_live()
+
+    def delete(self, doc_id: str) -> tuple[int, str | None]:
+        """Delete a document from the corpus and from the live index."""
+        seq = self.corpus.delete(doc_id)
+        return seq, self._apply_to_live()
+
+    def _apply_to_live(self) -> str | None:
+        live = self.current
+        if live is None:
+            return None
+        live.catch_up(self.corpus)
+        return live.release_id

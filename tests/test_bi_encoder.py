@@ -1,0 +1,118 @@
+"""The bi-encoder: loading rules, batching invariance, normalisation, saving, fingerprints."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
+
+from training.bi_encoder import BiEncoder
+from training.errors import InvalidInput
+from training.pooling import Pooling
+
+TEXTS = [
+    "the quick brown fox",
+    "protein study of cancer cells and genes in a large trial of patients with risk",
+    "apple",
+    "a vector index answers a query with a document " * 10,
+]
+
+
+def test_vectors_are_unit_float32_in_input_order(tiny_encoder):
+    vectors = tiny_encoder.encode(TEXTS)
+    assert vectors.dtype == np.float32 and vectors.shape == (4, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    singles = np.stack([tiny_encoder.encode([text])[0] for text in TEXTS])
+    assert np.allclose(vectors, singles, atol=1e-5), "sorting and per-batch padding changed the vectors"
+
+
+def test_batch_size_does_not_change_vectors(tiny_encoder):
+    """Guards against padding or sorting bugs that make a text's vector depend on its batch."""
+    assert np.allclose(tiny_encoder.encode(TEXTS, batch_size=1), tiny_encoder.encode(TEXTS, batch_size=3), atol=1e-5)
+
+
+def test_query_and_document_max_lengths_are_separate(tiny_model_dir):
+    encoder = BiEncoder.load(tiny_model_dir, query_max_length=8, document_max_length=64)
+    long_text = TEXTS[3]
+    assert len(encoder.tokenize([long_text], "query")[0]) == 8
+    assert len(encoder.tokenize([long_text], "document")[0]) == 64
+    assert not np.allclose(encoder.encode([long_text], "query"), encoder.encode([long_text], "document"))
+
+
+def test_norms_are_reported_before_normalisation(tiny_encoder):
+    encoded = tiny_encoder.encode_with_norms(TEXTS)
+    raw = []
+    with torch.inference_mode():
+        for text in TEXTS:
+            batch = tiny_encoder.tokenizer([text], return_tensors="pt", truncation=True, max_length=128)
+            raw.append(tiny_encoder.embed(batch["input_ids"], batch["attention_mask"]).norm().item())
+    assert np.allclose(encoded.norms, raw, rtol=1e-4)
+    assert encoded.tokens == sum(len(ids) for ids in tiny_encoder.tokenize(TEXTS, "document"))
+
+
+def test_saved_model_loads_in_sentence_transformers_with_identical_outputs(tiny_encoder, tmp_path):
+    """Guards against a layout sentence-transformers reads differently (pooling, normalisation)."""
+    tiny_encoder.save(tmp_path / "saved")
+    oracle = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    theirs = oracle.encode(TEXTS[:3], normalize_embeddings=True, convert_to_numpy=True)
+    assert np.allclose(tiny_encoder.encode(TEXTS[:3]), theirs, atol=1e-5)
+
+
+def test_save_then_load_keeps_fingerprint(tiny_encoder, tmp_path):
+    tiny_encoder.save(tmp_path / "again")
+    assert BiEncoder.load(tmp_path / "again").fingerprint == tiny_encoder.fingerprint
+
+
+def test_fingerprint_changes_with_weights_pooling_and_lengths(tiny_model_dir, tiny_model_copy):
+    base = BiEncoder.load(tiny_model_dir).fingerprint
+    assert BiEncoder.load(tiny_model_dir, pooling=Pooling.CLS).fingerprint != base
+    assert BiEncoder.load(tiny_model_dir, query_max_length=16).fingerprint != base
+    assert BiEncoder.load(tiny_model_dir, document_max_length=100).fingerprint != base
+    weights = load_file(tiny_model_copy / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-3
+    save_file(weights, tiny_model_copy / "model.safetensors", metadata={"format": "pt"})
+    assert BiEncoder.load(tiny_model_copy).fingerprint != base
+
+
+def test_pooling_is_read_from_the_folder(tiny_model_copy):
+    config = tiny_model_copy / "1_Pooling" / "config.json"
+    data = json.loads(config.read_text())
+    data.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    config.write_text(json.dumps(data))
+    assert BiEncoder.load(tiny_model_copy).settings.pooling is Pooling.CLS
+
+
+def test_refuses_folders_without_safetensors(tiny_model_copy):
+    """Guards against loading pickled weights (arbitrary code on load)."""
+    (tiny_model_copy / "model.safetensors").unlink()
+    with pytest.raises(InvalidInput, match="safetensors"):
+        BiEncoder.load(tiny_model_copy)
+
+
+def test_refuses_missing_folder(tmp_path):
+    with pytest.raises(InvalidInput, match="does not exist"):
+        BiEncoder.load(tmp_path / "nope")
+
+
+def test_refuses_max_length_beyond_the_model(tiny_model_dir):
+    with pytest.raises(InvalidInput, match="max length"):
+        BiEncoder.load(tiny_model_dir, document_max_length=4096)
+
+
+def test_single_string_is_refused(tiny_encoder):
+    with pytest.raises(InvalidInput, match="list of texts"):
+        tiny_encoder.encode("just one string")
+
+
+def test_empty_list_gives_empty_matrix(tiny_encoder):
+    assert tiny_encoder.encode([]).shape == (0, 32)
+
+
+def test_copied_folder_keeps_name(tiny_model_dir, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "renamed")
+    assert BiEncoder.load(copy).name == "tiny-bert-0"

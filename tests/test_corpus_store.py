@@ -1,0 +1,68 @@
+"""The corpus store: upserts, deletes, the change sequence and catch-up reads."""
+
+import pytest
+
+from indexer.corpus_store import CorpusStore, Document
+from training.errors import NotFound
+from tests.conftest import SAMPLE_DOCS
+
+
+def test_upsert_counts_and_sequence(corpus):
+    first = corpus.upsert(SAMPLE_DOCS)
+    assert (first.inserted, first.updated, first.unchanged, first.seq) == (5, 0, 0, 5)
+    again = corpus.upsert(SAMPLE_DOCS)
+    assert (again.inserted, again.unchanged, again.seq) == (0, 5, 5), "identical writes must not bump the sequence"
+    changed = corpus.upsert([Document(id="d1", title="Quick fox", text="a different text")])
+    assert (changed.updated, changed.seq) == (1, 6)
+    assert corpus.get("d1").text == "a different text"
+    assert corpus.count() == 5
+
+
+def test_delete_leaves_a_tombstone_in_the_change_log(corpus):
+    corpus.upsert(SAMPLE_DOCS)
+    seq = corpus.delete("d2")
+    assert seq == 6
+    with pytest.raises(NotFound):
+        corpus.get("d2")
+    with pytest.raises(NotFound):
+        corpus.delete("d2")
+    changes = corpus.changes_since(5)
+    assert [(c.doc_id, c.document) for c in changes] == [("d2", None)]
+
+
+def test_changes_since_returns_latest_state_in_order(corpus):
+    corpus.upsert(SAMPLE_DOCS[:2])
+    corpus.upsert([Document(id="d1", text="new one")])
+    corpus.upsert([SAMPLE_DOCS[2]])
+    changes = corpus.changes_since(2)
+    assert [c.doc_id for c in changes] == ["d1", "d3"]
+    assert changes[0].document.text == "new one"
+
+
+def test_failed_batch_commits_nothing(corpus):
+    """Guards against half-applied batches when one document fails mid-transaction."""
+
+    class Broken(Document):
+        @property
+        def content_hash(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        corpus.upsert([SAMPLE_DOCS[0], Broken(id="bad", text="x")])
+    assert corpus.count() == 0 and corpus.seq == 0
+
+
+def test_snapshot_is_consistent_and_survives_reopen(data_dir, corpus):
+    corpus.upsert(SAMPLE_DOCS)
+    corpus.delete("d5")
+    seq, docs = corpus.snapshot()
+    assert seq == 6 and [d.id for d in docs] == ["d1", "d2", "d3", "d4"]
+    reopened = CorpusStore(data_dir / "corpus.sqlite3")
+    assert reopened.seq == 6 and reopened.get("d1") == SAMPLE_DOCS[0]
+    reopened.close()
+
+
+def test_metadata_round_trips_and_get_many_skips_missing(corpus):
+    corpus.upsert(SAMPLE_DOCS)
+    found = corpus.get_many(["d5", "nope", "d1"])
+    assert set(found) == {"d5", "d1"} and found["d5"].metadata == {"lang": "py"}

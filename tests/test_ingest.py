@@ -1,0 +1,65 @@
+"""Ingesting JSONL corpora: formats accepted, and malformed files refused with file:line, committing nothing."""
+
+import json
+
+import pytest
+
+from indexer.ingest import ingest_file, read_corpus
+from training.errors import InvalidInput
+
+
+def _write(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_beir_and_plain_jsonl(tmp_path, corpus):
+    path = _write(
+        tmp_path / "c.jsonl",
+        [
+            {"_id": "a", "title": "T", "text": "alpha", "metadata": {}},
+            {"id": 7, "text": "seven"},
+            "",
+            {"id": "m", "title": "only a title", "metadata": {"k": 1}},
+        ],
+    )
+    result = ingest_file(corpus, path)
+    assert result.inserted == 3
+    assert corpus.get("7").text == "seven" and corpus.get("m").metadata == {"k": 1}
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps({"title": "x", "text": "y"}), "missing document id"),
+        (json.dumps({"id": "x", "text": 5}), '"text" of document'),
+        (json.dumps({"id": "x"}), "neither"),
+        (json.dumps({"id": "x", "text": "t", "metadata": [1]}), '"metadata"'),
+        (json.dumps(["a"]), "expected a JSON object"),
+        (json.dumps({"id": "a", "text": "dup"}), "duplicate id 'a' (first at line 1)"),
+    ],
+)
+def test_malformed_line_names_file_and_line_and_commits_nothing(tmp_path, corpus, bad_line, message):
+    """Guards against partial ingests: the good first line must not be committed either."""
+    path = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "fine"}, {"id": "b", "text": "fine"}, bad_line])
+    with pytest.raises(InvalidInput) as raised:
+        ingest_file(corpus, path)
+    assert str(raised.value).startswith(f"{path}:3: ")
+    assert message in str(raised.value)
+    assert corpus.count() == 0 and corpus.seq == 0
+
+
+def test_invalid_utf8_is_reported_with_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "\xff"}\n')
+    with pytest.raises(InvalidInput, match=r"c\.jsonl:2: not valid UTF-8"):
+        read_corpus(path)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(InvalidInput, match="no such file"):
+        read_corpus(tmp_path / "absent.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(InvalidInput, match="no documents"):
+        read_corpus(tmp_path / "empty.jsonl")

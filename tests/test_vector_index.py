@@ -1,0 +1,108 @@
+"""The FAISS index wrapper: entry checks, recall against brute force, add/remove, save/load."""
+
+import numpy as np
+import pytest
+
+from indexer.vector_index import VectorIndex, check_vectors
+from training.errors import InvalidInput
+
+DIM = 16
+
+
+def unit(rows: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_top(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :k]
+
+
+def recall(index: VectorIndex, base: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    truth = exact_top(base, queries, k)
+    found = index.search(queries, k)
+    hits = sum(len({f"doc{j}" for j in row} & {h.doc_id for h in res}) for row, res in zip(truth, found))
+    return hits / (k * len(queries))
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (unit(3).astype(np.float64), TypeError, "float32"),
+        ([[1.0] * DIM], TypeError, "numpy array"),
+        (unit(3)[:, :8].copy(), ValueError, "shape"),
+        (np.asfortranarray(unit(3)), ValueError, "C-contiguous"),
+        (unit(3) * 2, ValueError, "unit L2 norm"),
+        (np.full((1, DIM), np.nan, dtype=np.float32), ValueError, "NaN"),
+    ],
+)
+def test_vectors_are_checked_on_entry(bad, error, message):
+    """Guards against silently indexing vectors that make inner product differ from cosine."""
+    with pytest.raises(error, match=message):
+        check_vectors(bad, DIM)
+
+
+@pytest.mark.parametrize(("factory", "minimum"), [("Flat", 1.0), ("HNSW32", 0.95), ("IVF16,Flat", 0.8)])
+def test_recall_against_exact_search(factory, minimum):
+    base, queries = unit(2000), unit(50, seed=1)
+    index = VectorIndex(DIM, factory)
+    index.set_search_params(ef_search=64, nprobe=8)
+    index.add([f"doc{i}" for i in range(len(base))], base)
+    assert recall(index, base, queries) >= minimum
+
+
+def test_scores_are_inner_products_best_first():
+    base = unit(20)
+    index = VectorIndex(DIM)
+    index.add([f"doc{i}" for i in range(20)], base)
+    hits = index.search(base[:1], 5)[0]
+    assert hits[0].doc_id == "doc0" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    expected = sorted((base @ base[0]).tolist(), reverse=True)[:5]
+    assert [h.score for h in hits] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
+def test_replace_and_remove(factory):
+    """Guards against stale vectors surviving an update or delete (HNSW cannot remove natively)."""
+    base = unit(40)
+    index = VectorIndex(DIM, factory)
+    index.set_search_params(nprobe=4)
+    ids = [f"doc{i}" for i in range(40)]
+    index.add(ids, base)
+    index.add(["doc0"], base[1:2].copy())
+    index.remove(["doc1", "unknown"])
+    assert len(index) == 39 and "doc1" not in index
+    hits = index.search(base[1:2].copy(), 3)[0]
+    assert hits[0].doc_id == "doc0" and "doc1" not in {h.doc_id for h in hits}
+    assert len(index.search(base[:1], 39)[0]) == 39
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_save_and_load_round_trip(tmp_path, factory):
+    base = unit(30)
+    index = VectorIndex(DIM, factory)
+    index.add([f"doc{i}" for i in range(30)], base)
+    index.remove(["doc3"])
+    index.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path)
+    assert loaded.factory == factory and len(loaded) == 29 and "doc3" not in loaded
+    assert [h.doc_id for h in loaded.search(base[:5], 4)[2]] == [h.doc_id for h in index.search(base[:5], 4)[2]]
+
+
+def test_invalid_factory_and_untrainable_ivf():
+    with pytest.raises(InvalidInput, match="factory string"):
+        VectorIndex(DIM, "NotAnIndex")
+    with pytest.raises(InvalidInput, match="at least 64 vectors"):
+        VectorIndex(DIM, "IVF64,Flat").add(["a", "b"], unit(2))
+
+
+def test_add_rejects_mismatched_or_duplicate_ids():
+    index = VectorIndex(DIM)
+    with pytest.raises(ValueError, match="ids for"):
+        index.add(["a"], unit(2))
+    with pytest.raises(ValueError, match="unique"):
+        index.add(["a", "a"], unit(2))
+
+
+def test_empty_index_returns_no_hits():
+    assert VectorIndex(DIM).search(unit(2), 3) == [[], []]

@@ -1,0 +1,1 @@
+"""Models and everything that changes their weights: bi-encoder, pooling, evaluation."""

@@ -1,0 +1,222 @@
+"""The bi-encoder: one transformer that embeds queries and documents independently.
+
+Loads a Hugging Face or sentence-transformers folder (safetensors only, never remote
+code), pools token outputs, and returns L2-normalised float32 vectors so inner product
+equals cosine. Encoding sorts texts by token length and pads per batch, so short texts
+do not pay for long ones. `save` writes sentence-transformers' layout, so
+`SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
+Left out here: training loops and precision tricks (they live in their own modules).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from training.errors import InvalidInput
+from training.fingerprint import model_fingerprint
+from training.pooling import Pooling, pool, read_pooling, write_pooling
+
+TextKind = Literal["query", "document"]
+ProgressCallback = Callable[[int, int], None]
+
+LOCKSTEP_CONFIG = "lockstep.json"
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PROGRESS_BAR_MIN_TEXTS = 512
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """What, besides weights and tokenizer, decides a model's vectors."""
+
+    pooling: Pooling
+    query_max_length: int
+    document_max_length: int
+
+    def max_length(self, kind: TextKind) -> int:
+        return self.query_max_length if kind == "query" else self.document_max_length
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Unit vectors, the norms they had before normalisation (a drift signal), and tokens read."""
+
+    vectors: np.ndarray
+    norms: np.ndarray
+    tokens: int = 0
+
+
+def _require_safetensors(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise InvalidInput(f"model folder {model_dir} does not exist; pass a folder holding config.json and model.safetensors")
+    if not any((model_dir / name).exists() for name in SAFETENSORS_FILES):
+        raise InvalidInput(
+            f"{model_dir} has no model.safetensors; Lockstep loads safetensors only "
+            "(convert with `model.save_pretrained(path, safe_serialization=True)`)"
+        )
+
+
+def _folder_max_length(model_dir: Path, model: PreTrainedModel) -> int:
+    st_config = model_dir / "sentence_bert_config.json"
+    limit = getattr(model.config, "max_position_embeddings", 512)
+    if st_config.exists():
+        return min(int(json.loads(st_config.read_text()).get("max_seq_length", limit)), limit)
+    return min(512, limit)
+
+
+class BiEncoder:
+    """A transformer plus pooling that maps texts to unit vectors."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: EncoderSettings,
+        name: str = "model",
+    ) -> None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        for kind in ("query", "document"):
+            length = settings.max_length(kind)
+            if length < 2 or (limit is not None and length > limit):
+                raise InvalidInput(f"{kind} max length {length} must be between 2 and the model's limit {limit}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.name = name
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        pooling: Pooling | None = None,
+        query_max_length: int | None = None,
+        document_max_length: int | None = None,
+        name: str | None = None,
+        device: str = "cpu",
+    ) -> BiEncoder:
+        """Load a model folder; explicit arguments override what the folder declares."""
+        model_dir = Path(path)
+        _require_safetensors(model_dir)
+        model = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        declared = {}
+        if (model_dir / LOCKSTEP_CONFIG).exists():
+            declared = json.loads((model_dir / LOCKSTEP_CONFIG).read_text())
+        default_length = _folder_max_length(model_dir, model)
+        settings = EncoderSettings(
+            pooling=pooling or read_pooling(model_dir) or Pooling(declared.get("pooling", Pooling.MEAN.value)),
+            query_max_length=query_max_length or declared.get("query_max_length", default_length),
+            document_max_length=document_max_length or declared.get("document_max_length", default_length),
+        )
+        return cls(model, tokenizer, settings, name=name or declared.get("name", model_dir.name))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over weights, tokenizer, pooling and max lengths; computed once per load."""
+        return model_fingerprint(self.model, self.tokenizer, self.settings)
+
+    def tokenize(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
+        """Token ids per text, truncated to the kind's max length, unpadded."""
+        return self.tokenizer(
+            list(texts), truncation=True, max_length=self.settings.max_length(kind), padding=False
+        )["input_ids"]
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled, not yet normalised embeddings; differentiable (training calls this)."""
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return pool(output.last_hidden_state, attention_mask, self.settings.pooling)
+
+    def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids in batch)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def encode_with_norms(
+        self,
+        texts: Sequence[str],
+        kind: TextKind = "document",
+        *,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Encoded:
+        """Encode texts in length-sorted batches; returns unit vectors in input order and raw norms."""
+        if isinstance(texts, str):
+            raise InvalidInput("encode takes a list of texts, not a single string")
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        norms = np.zeros(len(texts), dtype=np.float32)
+        if not texts:
+            return Encoded(vectors, norms)
+        token_ids = self.tokenize(texts, kind)
+        tokens = sum(len(ids) for ids in token_ids)
+        order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
+        if show_progress is None:
+            show_progress = len(texts) >= PROGRESS_BAR_MIN_TEXTS
+        bar = tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text", disable=not show_progress)
+        with torch.inference_mode(), bar:
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                input_ids, attention_mask = self._pad([token_ids[i] for i in rows])
+                pooled = self.embed(input_ids, attention_mask).float()
+                batch_norms = pooled.norm(dim=1)
+                vectors[rows] = (pooled / batch_norms.clamp(min=1e-12).unsqueeze(1)).cpu().numpy()
+                norms[rows] = batch_norms.cpu().numpy()
+                bar.update(len(rows))
+                if progress is not None:
+                    progress(min(start + batch_size, len(texts)), len(texts))
+        return Encoded(vectors, norms, tokens)
+
+    def encode(self, texts: Sequence[str], kind: TextKind = "document", **kwargs) -> np.ndarray:
+        """Unit float32 vectors `(len(texts), dim)`, in input order."""
+        return self.encode_with_norms(texts, kind, **kwargs).vectors
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model in sentence-transformers' folder layout (safetensors weights)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        write_pooling(out, self.settings.pooling, self.dim)
+        (out / "2_Normalize").mkdir(exist_ok=True)
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (out / "modules.json").write_text(json.dumps(modules, indent=2))
+        st_config = {"max_seq_length": self.settings.document_max_length, "do_lower_case": False}
+        (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
+        (out / "config_sentence_transformers.json").write_text(
+            json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
+        )
+        lockstep = {
+            "name": self.name,
+            "pooling": self.settings.pooling.value,
+            "query_max_length": self.settings.query_max_length,
+            "document_max_length": self.settings.document_max_length,
+        }
+        (out / LOCKSTEP_CONFIG).write_text(json.dumps(lockstep, indent=2))
+        return out
