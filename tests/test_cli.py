@@ -1,0 +1,86 @@
+"""The `lockstep` command line: ingest, build, releases, search, eval, with clean errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+
+
+def _corpus_file(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [
+        {"_id": "d1", "title": "Fox", "text": "the quick brown fox jumps"},
+        {"_id": "d2", "title": "Cells", "text": "protein study of cancer cells"},
+        {"_id": "d3", "title": "Fruit", "text": "apple banana cherry"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def run(data_dir, *args):
+    return runner.invoke(app, ["--data-dir", str(data_dir), *args])
+
+
+def test_ingest_build_search_releases_eval(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    result = run(data, "ingest", str(_corpus_file(tmp_path)))
+    assert result.exit_code == 0 and "3 inserted" in result.output
+    result = run(data, "build", "--model", str(tiny_model_dir), "--activate")
+    assert result.exit_code == 0, result.output
+    assert "built release r-" in result.output and "active" in result.output
+    first = result.output.split("built release ")[1].split(":")[0]
+    second = run(data, "build", "--model", str(tiny_model_dir)).output.split("built release ")[1].split(":")[0]
+
+    listing = run(data, "releases", "list").output
+    assert f"* {first}" in listing and f"  {second}" in listing
+    assert run(data, "releases", "activate", second).exit_code == 0
+    assert json.loads(run(data, "releases", "list", "--json").output)[1]["active"] is True
+    assert f"active release: {first}" in run(data, "releases", "rollback").output
+
+    hits = run(data, "search", "Fruit apple banana cherry", "-k", "2")
+    assert hits.exit_code == 0 and f"release {first}" in hits.output
+    assert hits.output.splitlines()[1].split()[2] == "d3"
+
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"_id": "q1", "text": "Fruit apple banana cherry"}\n{"_id": "q2", "text": "Fox the quick brown fox jumps"}\n')
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td3\t1\nq2\td1\t1\n")
+    metrics = run(data, "eval", "--queries", str(queries), "--qrels", str(qrels), "--json")
+    assert metrics.exit_code == 0, metrics.output
+    assert json.loads(metrics.output) == {"ndcg@10": 1.0, "recall@100": 1.0, "mrr@10": 1.0}
+    table = run(data, "eval", "--queries", str(queries), "--qrels", str(qrels), "--split-fraction", "0.5")
+    assert "1 queries" in table.output and "ndcg@10" in table.output
+
+    assert "removed 0 release(s)" in run(data, "releases", "gc", "--keep", "1").output, "the active one stays"
+    assert run(data, "releases", "delete", second).exit_code == 0
+    assert second not in run(data, "releases", "list").output
+
+
+def test_malformed_ingest_prints_file_and_line_and_commits_nothing(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"_id": "a", "text": "ok"}\n{"_id": "b", "text": }\n')
+    result = run(tmp_path / "data", "ingest", str(bad))
+    assert result.exit_code == 1
+    assert f"error: {bad}:2: invalid JSON" in result.output
+    assert "Traceback" not in result.output
+    from indexer.corpus_store import CorpusStore
+
+    assert CorpusStore(tmp_path / "data" / "corpus.sqlite3").count() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build"], "corpus is empty"),
+        (["search", "x"], "no release is active"),
+        (["releases", "rollback"], "no earlier release"),
+        (["releases", "activate", "../x"], "not a release id"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path, args, message):
+    result = run(tmp_path / "data", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

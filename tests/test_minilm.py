@@ -1,0 +1,86 @@
+"""The packaged all-MiniLM-L6-v2 against sentence-transformers, and SciFact end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sentence_transformers import SentenceTransformer
+from typer.testing import CliRunner
+
+from indexer.corpus_store import Document
+from indexer.settings import Settings
+from service.app import create_app
+from service.cli import app as cli
+from training.bi_encoder import BiEncoder
+from training.default_model import default_model_path
+from tests.conftest import require_shared
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "What is the role of p53 in tumour suppression?",
+    "Vitamin D deficiency is associated with an increased risk of respiratory infections in adults.",
+    "short",
+    "The quick brown fox jumps over the lazy dog. " * 60,
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> BiEncoder:
+    return BiEncoder.load(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def oracle() -> SentenceTransformer:
+    return SentenceTransformer(str(default_model_path()), device="cpu")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_embeddings_match_sentence_transformers(minilm, oracle):
+    """Guards against pooling, truncation or padding differences from the reference implementation."""
+    ours = minilm.encode(TEXTS, "document")
+    theirs = oracle.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    assert _cosines(ours, theirs).min() >= 0.9999
+
+
+def test_scifact_documents_match_sentence_transformers(minilm, oracle):
+    lines = require_shared("scifact", "corpus.jsonl").read_text().splitlines()[:200]
+    texts = [Document(id=r["_id"], title=r["title"], text=r["text"]).embedding_text() for r in map(json.loads, lines)]
+    ours = minilm.encode(texts, "document", batch_size=32)
+    theirs = oracle.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32)
+    assert _cosines(ours, theirs).min() >= 0.9999
+
+
+def test_a_model_we_save_loads_in_sentence_transformers_identically(minilm, tmp_path):
+    minilm.save(tmp_path / "saved")
+    reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    theirs = reloaded.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.allclose(minilm.encode(TEXTS), theirs, atol=1e-5)
+    assert BiEncoder.load(tmp_path / "saved").fingerprint == minilm.fingerprint
+
+
+def test_scifact_ingest_build_eval_and_search(tmp_path):
+    """Reproduces the base model's SciFact quality through the CLI, then answers over HTTP."""
+    scifact = require_shared("scifact")
+    data = tmp_path / "data"
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(cli, ["--data-dir", str(data), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "5183 inserted" in run("ingest", str(scifact / "corpus.jsonl"))
+    assert "5183 documents" in run("build", "--activate")
+    output = run("eval", "--queries", str(scifact / "queries.jsonl"), "--qrels", str(scifact / "qrels" / "train.tsv"), "--json")
+    metrics = json.loads(output.strip().splitlines()[-1])
+    assert 0.62 <= metrics["ndcg@10"] <= 0.72, metrics
+    assert metrics["recall@100"] >= 0.88, metrics
+
+    with TestClient(create_app(Settings(data_dir=data))) as client:
+        body = client.post("/v1/search", json={"query": "0-dimensional biomaterials show inductive properties.", "k": 10}).json()
+        assert len(body["results"]) == 10 and body["results"][0]["score"] > 0.3

@@ -1,0 +1,167 @@
+"""The HTTP API in-process: search, embeddings, document writes, health, errors."""
+
+import base64
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.release_builder import BuildOptions, build_release
+from indexer.settings import Settings
+from service.app import create_app
+from tests.conftest import SAMPLE_DOCS
+
+
+@pytest.fixture
+def built(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    return build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+
+
+@pytest.fixture
+def client(data_dir, built):
+    with TestClient(create_app(Settings(data_dir=data_dir, poll_interval_s=0.1))) as client:
+        yield client
+
+
+def test_search_answers_from_the_active_release(client, built):
+    response = client.post("/v1/search", json={"query": "Fruit apple banana cherry red green", "k": 3})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["release"] == built.release_id
+    assert body["results"][0] == {
+        "id": "d3",
+        "score": pytest.approx(1.0, abs=1e-4),
+        "title": "Fruit",
+        "text": "apple banana cherry red green",
+    }
+    assert len(body["results"]) == 3 and set(body["timings_ms"]) == {"encode", "search", "fetch", "total"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "fragment"),
+    [
+        ({"query": "   "}, 400, "query is empty"),
+        ({"query": "x", "k": 0}, 422, "k: Input should be greater than or equal to 1"),
+        ({"query": "x", "k": 1001}, 422, "less than or equal to 1000"),
+        ({"query": "x" * 5000}, 422, "query: String should have at most 4096"),
+        ({"k": 3}, 422, "query: Field required"),
+        ({"query": "x", "unknown": 1}, 422, "unknown: Extra inputs"),
+        ({"query": "x", "rerank": True}, 422, "no cross-encoder"),
+    ],
+)
+def test_bad_search_input_is_a_4xx_that_says_what_to_fix(client, payload, status, fragment):
+    response = client.post("/v1/search", json=payload)
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"error", "error_type"} and fragment in body["error"]
+
+
+def test_malformed_json_is_a_422_not_a_500(client):
+    response = client.post("/v1/search", content=b"{nope", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "error" in response.json()
+
+
+def test_embeddings_are_openai_compatible_and_match_the_release_model(client, tiny_model_dir):
+    from training.bi_encoder import BiEncoder
+
+    response = client.post("/v1/embeddings", json={"input": ["apple banana", "quick fox"], "model": "anything"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "list" and body["model"] == "tiny-bert-0"
+    assert [item["index"] for item in body["data"]] == [0, 1]
+    expected = BiEncoder.load(tiny_model_dir).encode(["apple banana", "quick fox"], "query")
+    assert np.allclose([item["embedding"] for item in body["data"]], expected, atol=1e-5)
+    assert body["usage"]["prompt_tokens"] > 0
+    single = client.post("/v1/embeddings", json={"input": "apple banana", "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(single["data"][0]["embedding"]), dtype=np.float32)
+    assert np.allclose(decoded, expected[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [({"input": []}, 400), ({"input": [""]}, 400), ({"input": ["x"] * 257}, 422), ({"input": 5}, 422)],
+)
+def test_bad_embedding_input(client, payload, status):
+    response = client.post("/v1/embeddings", json=payload)
+    assert response.status_code == status and response.json()["error"]
+
+
+def test_document_writes_reach_the_live_index(client, built):
+    """Guards against writes that land in the corpus but never become searchable (or deletable)."""
+    doc = {"id": "new", "title": "Berries", "text": "cherry cherry red small", "metadata": {"src": "test"}}
+    response = client.put("/v1/documents", json={"documents": [doc]})
+    assert response.status_code == 200
+    assert response.json() == {"inserted": 1, "updated": 0, "unchanged": 0, "seq": 6, "release": built.release_id}
+    assert client.get("/v1/documents/new").json() == doc
+    top = client.post("/v1/search", json={"query": "Berries cherry cherry red small", "k": 1}).json()
+    assert top["results"][0]["id"] == "new"
+    assert client.delete("/v1/documents/new").json() == {"deleted": "new", "seq": 7, "release": built.release_id}
+    hits = client.post("/v1/search", json={"query": "Berries cherry cherry red small", "k": 10}).json()["results"]
+    assert "new" not in {hit["id"] for hit in hits}
+    assert client.get("/v1/documents/new").status_code == 404
+    assert client.delete("/v1/documents/new").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"documents": []}, "documents is empty"),
+        ({"documents": [{"id": "x"}]}, "documents[0]: document 'x' has neither"),
+        ({"documents": [{"id": "x", "text": "t"}] * 513}, "at most 512"),
+        ({"documents": [{"id": "", "text": "t"}]}, "documents.0.id"),
+    ],
+)
+def test_bad_document_writes_change_nothing(client, payload, fragment, corpus):
+    before = corpus.seq
+    response = client.put("/v1/documents", json=payload)
+    assert 400 <= response.status_code < 500 and fragment in response.json()["error"]
+    assert corpus.seq == before
+
+
+def test_health_readiness_metrics(client, built):
+    assert client.get("/healthz").json() == {"status": "ok", "release": None}
+    assert client.get("/readyz").json() == {"status": "ready", "release": built.release_id}
+    client.post("/v1/search", json={"query": "apple"})
+    metrics = client.get("/metrics").text
+    assert f'lockstep_active_release{{release="{built.release_id}"}} 1.0' in metrics
+    assert 'lockstep_http_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
+    assert "lockstep_index_documents 5.0" in metrics
+
+
+def test_not_ready_until_a_release_is_active(data_dir, corpus, releases, tiny_model_dir):
+    with TestClient(create_app(Settings(data_dir=data_dir, poll_interval_s=0.05))) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503 and "lockstep build --activate" in response.json()["error"]
+        assert client.post("/v1/search", json={"query": "apple"}).status_code == 503
+        corpus.upsert(SAMPLE_DOCS)
+        client.put("/v1/documents", json={"documents": [{"id": "late", "text": "green apple"}]})
+        manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+        _wait_for(lambda: client.get("/readyz").status_code == 200)
+        assert client.post("/v1/search", json={"query": "apple"}).json()["release"] == manifest.release_id
+
+
+def test_activation_by_another_process_is_picked_up(client, built, corpus, releases, other_model_dir):
+    """Guards against a service that keeps serving an old release after `lockstep releases activate`."""
+    newer = build_release(corpus, releases, BuildOptions(model_path=other_model_dir), activate=True)
+    _wait_for(lambda: client.get("/readyz").json()["release"] == newer.release_id)
+    body = client.post("/v1/search", json={"query": "Fruit apple banana cherry red green", "k": 1}).json()
+    assert body["release"] == newer.release_id and body["results"][0]["id"] == "d3"
+    releases.rollback()
+    _wait_for(lambda: client.get("/readyz").json()["release"] == built.release_id)
+
+
+def test_unknown_route_uses_the_error_shape(client):
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error_type"] == "not_found"
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
