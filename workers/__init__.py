@@ -1,0 +1,1 @@
+"""Background jobs (Celery): retraining and re-embedding run here once the lifecycle lands."""
