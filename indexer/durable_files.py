@@ -1,4 +1,4 @@
-"""Crash-safe file writes: fsync file and folder, then replace atomically.
+"""Crash-safe file writes (fsync file and folder, then replace atomically) and file checksums.
 
 A reader sees either the old content or the new, never a torn file, even if the
 process or the machine dies mid-write.
@@ -6,6 +6,7 @@ process or the machine dies mid-write.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +46,12 @@ def write_atomic(path: Path, data: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ made to the corpus since the release was built are caught up with the same model
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.corpus_store import CorpusStore, Document
+from indexer.durable_files import sha256_file
 from indexer.manifest import Manifest
 from indexer.model_store import ModelStore
 from indexer.release_store import ReleaseStore
@@ -50,11 +50,7 @@ def _verify_files(folder: Path, manifest: Manifest) -> None:
         path = folder / name
         if not path.is_file():
             raise IntegrityError(f"release {manifest.release_id} is missing {name}; rebuild it")
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
+        if sha256_file(path) != expected:
             raise IntegrityError(
                 f"release {manifest.release_id}: {name} does not match its manifest checksum; "
                 "the release was modified after it was built; rebuild it or activate another"

@@ -9,7 +9,6 @@ untouched.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from indexer.corpus_store import CorpusStore
+from indexer.durable_files import sha256_file
 from indexer.manifest import Manifest, NormStats
 from indexer.model_store import ModelStore
 from indexer.release_store import ReleaseStore, new_release_id
@@ -41,14 +41,6 @@ class BuildOptions:
     pooling: Pooling | None = None
     query_max_length: int | None = None
     document_max_length: int | None = None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_release(
@@ -106,7 +98,7 @@ def build_release(
             dim=encoder.dim,
             metric="inner_product",
             document_norms=NormStats.of(np.concatenate(norm_chunks)),
-            files={path.name: _sha256(path) for path in files},
+            files={path.name: sha256_file(path) for path in files},
         )
         releases.publish(staging, manifest)
     report("index", 1, 1)

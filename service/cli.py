@@ -238,14 +238,15 @@ def up(
     settings = _settings(ctx)
     settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
     store = CorpusStore(settings.corpus_path)
+    changed = False
     if corpus is not None:
         result = ingest_file(store, corpus)
+        changed = bool(result.inserted or result.updated)
         typer.echo(f"{corpus}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
     elif store.count() == 0:
         result = store.upsert(stdlib_documents())
         typer.echo(f"empty corpus: ingested {result.inserted} Python standard library docstrings as a demo")
-    releases = ReleaseStore(settings.data_dir)
-    if releases.active() is None or corpus is not None:
+    if ReleaseStore(settings.data_dir).active() is None or changed:
         _build(settings, None, None, activate=True)
     _serve(settings)
 

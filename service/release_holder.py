@@ -56,8 +56,8 @@ class ReleaseHolder:
                 self.last_error = None
                 swapped = True
                 log.info("now serving release %s", active)
-            elif live is not None:
-                live.catch_up(self.corpus)
+            if self.current is not None:
+                self.current.catch_up(self.corpus)
             return swapped
 
     def write(self, documents: list[Document]) -> tuple[WriteResult, str | None]:
