@@ -19,7 +19,7 @@ from indexer.corpus_store import CorpusStore
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
-from training.errors import LockstepError
+from training.errors import InvalidInput, LockstepError
 
 app = typer.Typer(help="Lockstep: search whose model and index move in lockstep.", no_args_is_help=True)
 releases_app = typer.Typer(help="List, activate, roll back and clean up releases.", no_args_is_help=True)
@@ -200,6 +200,95 @@ def evaluate(
     typer.echo(f"release {live.release_id}, {metrics['queries']} queries")
     for key in ("ndcg@10", "recall@100", "mrr@10"):
         typer.echo(f"  {key:<11} {metrics[key]:.4f}")
+
+
+def _training_data(queries: Path | None, qrels: Path | None, corpus: Path | None, pairs: Path | None):
+    from indexer.ingest import read_corpus
+    from training.eval_data import load_qrels, load_queries
+    from training.examples import load_pairs
+    from training.fine_tune import TrainingData
+
+    if pairs is not None:
+        data = TrainingData.from_examples(load_pairs(pairs))
+        if corpus is not None:
+            data.documents.update({doc.id: doc.embedding_text() for doc in read_corpus(corpus)})
+        return data
+    if not (queries and qrels and corpus):
+        raise InvalidInput("pass --queries, --qrels and --corpus (BEIR files), or --pairs with a pairs/triplets JSONL file")
+    documents = {doc.id: doc.embedding_text() for doc in read_corpus(corpus)}
+    return TrainingData(load_queries(queries), load_qrels(qrels), documents)
+
+
+@app.command()
+@_fail_cleanly
+def train(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for the trained model (sentence-transformers layout)")],
+    queries: Annotated[Optional[Path], typer.Option(help="Queries JSONL (BEIR queries.jsonl)")] = None,
+    qrels: Annotated[Optional[Path], typer.Option(help="Training judgements (BEIR qrels TSV)")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Corpus JSONL the judgements refer to")] = None,
+    pairs: Annotated[Optional[Path], typer.Option(help="Pairs/triplets JSONL instead of qrels")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML (default: the shipped three-stage recipe)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model to start from (default: the packaged all-MiniLM-L6-v2)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Where the metrics log and report go (default: OUT.run)")] = None,
+) -> None:
+    """Fine-tune the bi-encoder with a recipe; prints dev quality before and after, and any alerts."""
+    from training.fine_tune import fine_tune
+    from training.recipe import load_recipe
+    from training.report import render_report
+
+    settings = _settings(ctx)
+    data = _training_data(queries, qrels, corpus, pairs)
+    run_dir = run_dir or out.with_name(out.name + ".run")
+    summary = fine_tune(model or settings.model_path(), data, load_recipe(recipe), out, run_dir, show_progress=True)
+    report = render_report(run_dir)
+    typer.echo(f"dev nDCG@10 {summary.base['ndcg@10']:.4f} -> {summary.final['ndcg@10']:.4f} ({summary.dev_queries} dev queries)")
+    for stage in summary.stages:
+        outcome = "rolled back: no dev gain" if stage["gated"] else f"best at step {stage['best_step']}"
+        typer.echo(f"  stage {stage['name']}: {stage['steps']} steps, {outcome}")
+    for alert in summary.alerts:
+        typer.secho(f"  alert {alert['mode']}: {alert['message']}; remedy: {alert['remedy']}", fg=typer.colors.YELLOW)
+    typer.echo(f"model: {out}\nreport: {report}")
+
+
+@app.command("train-reranker")
+@_fail_cleanly
+def train_reranker(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for the trained cross-encoder")],
+    queries: Annotated[Optional[Path], typer.Option(help="Queries JSONL")] = None,
+    qrels: Annotated[Optional[Path], typer.Option(help="Training judgements (BEIR qrels TSV)")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Corpus JSONL")] = None,
+    pairs: Annotated[Optional[Path], typer.Option(help="Pairs/triplets JSONL instead of qrels")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="BERT-like folder to start from (default: the packaged MiniLM)")] = None,
+    loss: Annotated[str, typer.Option(help="listwise or bce")] = "listwise",
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    negatives: Annotated[int, typer.Option(min=1, max=20, help="Mined negatives per query")] = 7,
+) -> None:
+    """Train a cross-encoder reranker on negatives mined by the bi-encoder."""
+    from training.bi_encoder import BiEncoder
+    from training.examples import examples_from_qrels, known_positives
+    from training.precision import resolve
+    from training.recipe import TeacherConfig
+    from training.teacher import train_teacher
+
+    settings = _settings(ctx)
+    data = _training_data(queries, qrels, corpus, pairs)
+    encoder = BiEncoder.load(settings.model_path())
+    examples = examples_from_qrels(data.queries, data.qrels, data.documents)
+    config = TeacherConfig(init=str(init or ""), loss=loss, epochs=epochs, negatives=negatives)
+    train_teacher(config, encoder, examples, data.documents, known_positives(examples, data.qrels), out,
+                  resolve("auto", encoder.device), show_progress=True)
+    typer.echo(f"reranker: {out}")
+
+
+@app.command()
+@_fail_cleanly
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by `lockstep train`")]) -> None:
+    """Render a training run's curves and diagnostics to RUN_DIR/report.html."""
+    from training.report import render_report
+
+    typer.echo(f"report: {render_report(run_dir)}")
 
 
 def _serve(settings: Settings) -> None:

@@ -84,3 +84,28 @@ def test_malformed_ingest_prints_file_and_line_and_commits_nothing(tmp_path):
 def test_errors_are_one_clear_line(tmp_path, args, message):
     result = run(tmp_path / "data", *args)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_train_and_report_commands(tmp_path, tiny_model_dir):
+    """Guards against the CLI training path drifting from the library (files in, model and report out)."""
+    from tests.training_data import synthetic_task
+
+    task = synthetic_task(48)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"_id": d, "title": "", "text": t}) for d, t in task.documents.items()) + "\n")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("\n".join(json.dumps({"_id": q, "text": t}) for q, t in task.queries.items()) + "\n")
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, ds in task.qrels.items() for d in ds))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[run]\nprecision = "fp32"\n[diagnostics]\ncollapse_max_mean_cosine = 0.99\n[[stage]]\nname = "mnr"\nepochs = 2\nlearning_rate = 1e-4\nbatch_size = 8\n')
+    out = tmp_path / "trained"
+    result = run(tmp_path / "data", "train", "--out", str(out), "--queries", str(queries), "--qrels", str(qrels),
+                 "--corpus", str(corpus), "--recipe", str(recipe), "--model", str(tiny_model_dir))
+    assert result.exit_code == 0, result.output
+    assert "dev nDCG@10" in result.output and "stage mnr" in result.output
+    assert (out / "model.safetensors").exists() and (tmp_path / "trained.run" / "report.html").exists()
+    again = run(tmp_path / "data", "report", str(tmp_path / "trained.run"))
+    assert again.exit_code == 0 and "report.html" in again.output
+    bad = run(tmp_path / "data", "train", "--out", str(out), "--queries", str(queries))
+    assert bad.exit_code == 1 and "--qrels" in bad.output

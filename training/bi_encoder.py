@@ -144,6 +144,10 @@ class BiEncoder:
         output = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return pool(output.last_hidden_state, attention_mask, self.settings.pooling)
 
+    def token_batch(self, texts: Sequence[str], kind: TextKind) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise and pad texts into `(input_ids, attention_mask)` on the model's device (for training)."""
+        return self._pad(self.tokenize(texts, kind))
+
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids in batch)
         pad_id = self.tokenizer.pad_token_id or 0

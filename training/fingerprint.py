@@ -1,9 +1,10 @@
 """A model fingerprint: one sha256 that changes whenever the vectors could change.
 
 It covers the weights (names, dtypes, shapes, bytes), the tokenizer's vocabulary and
-normalisation, the architecture settings that affect outputs, the pooling and both max
-lengths. Release manifests record it, and the service refuses a release whose model
-no longer hashes to it. Deliberately left out: file timestamps, library versions and
+normalisation, the architecture settings that affect outputs, and the model's own
+output settings: pooling and both max lengths for the bi-encoder, the pair max length
+for the cross-encoder. Release manifests record it, and the service refuses a release
+whose model no longer hashes to it. Deliberately left out: file timestamps, library versions and
 config keys that do not change outputs, so a re-save of the same model keeps its name.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,24 +55,30 @@ def _tokenizer_description(tokenizer: "PreTrainedTokenizerBase") -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def model_fingerprint(
-    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", settings: "EncoderSettings"
+def compute_fingerprint(
+    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", settings: Mapping[str, object]
 ) -> str:
-    """The fingerprint string `sha256:<hex>` of a loaded model with its encoder settings."""
+    """`sha256:<hex>` over weights, architecture, tokenizer and `settings` (JSON values that change outputs)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         _update_tensor(digest, name, tensor)
     config = model.config.to_dict()
     digest.update(json.dumps({k: config.get(k) for k in _ARCHITECTURE_KEYS}, sort_keys=True).encode())
     digest.update(_tokenizer_description(tokenizer).encode())
-    digest.update(
-        json.dumps(
-            {
-                "pooling": settings.pooling.value,
-                "query_max_length": settings.query_max_length,
-                "document_max_length": settings.document_max_length,
-            },
-            sort_keys=True,
-        ).encode()
-    )
+    digest.update(json.dumps(dict(settings), sort_keys=True).encode())
     return "sha256:" + digest.hexdigest()
+
+
+def model_fingerprint(
+    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", settings: "EncoderSettings"
+) -> str:
+    """The fingerprint string `sha256:<hex>` of a loaded model with its encoder settings."""
+    return compute_fingerprint(
+        model,
+        tokenizer,
+        {
+            "pooling": settings.pooling.value,
+            "query_max_length": settings.query_max_length,
+            "document_max_length": settings.document_max_length,
+        },
+    )

@@ -1,0 +1,309 @@
+"""The cross-encoder: loading rules, batching invariance, sentence-transformers parity, training, teacher cache."""
+
+import random
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sentence_transformers import CrossEncoder as SentenceTransformersCrossEncoder
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from tests.conftest import WORDS
+from training.bi_encoder import BiEncoder
+from training.cross_encoder import CrossEncoder
+from training.cross_encoder_training import (
+    CrossEncoderTrainingConfig,
+    RerankGroup,
+    bce_loss,
+    group_scores,
+    listwise_loss,
+    train_cross_encoder,
+)
+from training.default_model import default_model_path
+from training.errors import InvalidInput
+from training.teacher_cache import TeacherScoreCache
+
+PAIRS = [
+    ("quick fox", "the quick brown fox jumps over the lazy dog"),
+    ("protein", "protein study of cancer cells and genes in a large trial of patients with risk " * 6),
+    ("apple", "apple"),
+    ("search index", "a vector index answers a query with a document"),
+    ("python error", "python library function class error data"),
+]
+CONTENT_WORDS = [word for word in WORDS if len(word) > 3]
+
+
+@pytest.fixture
+def reranker(tiny_model_dir) -> CrossEncoder:
+    return CrossEncoder.load(tiny_model_dir)
+
+
+def _synthetic_groups(count: int = 40, seed: int = 0) -> list[RerankGroup]:
+    """Query: one of six words. Positive: three words, one of them the query. Negatives: two docs without it."""
+    rng = random.Random(seed)
+    groups = []
+    for _ in range(count):
+        query = rng.choice(CONTENT_WORDS[:6])
+        others = [word for word in CONTENT_WORDS if word != query]
+        positive = rng.sample(others, 2)
+        positive.insert(rng.randrange(3), query)
+        negatives = tuple(" ".join(rng.sample(others, 3)) for _ in range(2))
+        groups.append(RerankGroup(query, " ".join(positive), negatives))
+    return groups
+
+
+def _ranking_accuracy(model: CrossEncoder, groups: list[RerankGroup]) -> float:
+    """Share of groups whose positive scores above every one of its negatives."""
+    wins = [(scores := model.score(group.pairs()))[0] > scores[1:].max() for group in groups]
+    return float(np.mean(wins))
+
+
+def test_scores_are_float32_in_input_order_and_independent_of_batch_size(reranker):
+    """Guards against length sorting or per-batch padding returning a pair's score at another pair's position."""
+    scores = reranker.score(PAIRS, batch_size=2)
+    assert scores.dtype == np.float32 and scores.shape == (len(PAIRS),)
+    singles = np.array([reranker.score([pair])[0] for pair in PAIRS])
+    assert np.allclose(scores, singles, atol=1e-5)
+    assert np.allclose(reranker.score(PAIRS, batch_size=1), reranker.score(PAIRS, batch_size=32), atol=1e-5)
+    assert reranker.score([]).shape == (0,)
+
+
+def test_single_pair_or_string_is_refused(reranker):
+    """Guards against a bare (query, document) tuple being scored as two malformed pairs of characters."""
+    with pytest.raises(InvalidInput, match="list of"):
+        reranker.score(("quick fox", "the quick brown fox"))
+    with pytest.raises(InvalidInput, match="pair 1"):
+        reranker.score([("a", "b"), ("only one",)])
+    with pytest.raises(InvalidInput, match="batch_size"):
+        reranker.score(PAIRS, batch_size=0)
+
+
+def test_long_pairs_are_truncated_from_the_longer_side(tiny_model_dir):
+    """Guards against long documents overflowing the position limit or cutting the query away."""
+    model = CrossEncoder.load(tiny_model_dir, max_length=16)
+    batch = model.batch([PAIRS[1]])
+    assert batch.input_ids.shape == (1, 16)
+    query_tokens = len(model.tokenizer.tokenize(PAIRS[1][0]))
+    assert int((batch.token_type_ids[0] == 0).sum()) == query_tokens + 2, "the query lost tokens to truncation"
+    assert np.isfinite(model.score([PAIRS[1]])).all()
+
+
+def test_rerank_returns_document_indices_best_first(reranker):
+    """Guards against rerank reporting positions in the sorted list instead of indices into the caller's docs."""
+    docs = [doc for _, doc in PAIRS]
+    scores = reranker.score([("quick fox", doc) for doc in docs])
+    ranked = reranker.rerank("quick fox", docs)
+    assert [index for index, _ in ranked] == list(np.argsort(-scores, kind="stable"))
+    assert np.allclose([score for _, score in ranked], np.sort(scores)[::-1], atol=1e-6)
+    assert len(reranker.rerank("quick fox", docs, top_n=2)) == 2
+    with pytest.raises(InvalidInput, match="top_n"):
+        reranker.rerank("quick fox", docs, top_n=0)
+
+
+def test_saved_model_loads_in_sentence_transformers_with_identical_scores(tiny_model_dir, tmp_path):
+    """Guards against a saved folder that sentence-transformers truncates, activates or pools differently."""
+    ours = CrossEncoder.load(tiny_model_dir, max_length=32, seed=5)
+    ours.save(tmp_path / "reranker")
+    oracle = SentenceTransformersCrossEncoder(str(tmp_path / "reranker"), device="cpu")
+    assert oracle.num_labels == 1 and oracle.max_seq_length == 32
+    theirs = oracle.predict(PAIRS, batch_size=2, convert_to_numpy=True, show_progress_bar=False)
+    assert np.allclose(ours.score(PAIRS), theirs, atol=1e-5)
+
+
+def test_save_then_load_keeps_fingerprint_and_scores(tiny_model_dir, tmp_path):
+    """Guards against a save that drops the head or the max length, so the reloaded reranker is another model."""
+    original = CrossEncoder.load(tiny_model_dir, max_length=48, seed=2)
+    reloaded = CrossEncoder.load(original.save(tmp_path / "again"))
+    assert reloaded.max_length == 48
+    assert reloaded.fingerprint == original.fingerprint
+    assert np.array_equal(reloaded.score(PAIRS), original.score(PAIRS))
+
+
+def test_refuses_folders_without_safetensors(tiny_model_copy):
+    """Guards against loading pickled weights (arbitrary code on load) or a folder with no weights at all."""
+    (tiny_model_copy / "model.safetensors").unlink()
+    with pytest.raises(InvalidInput, match="safetensors"):
+        CrossEncoder.load(tiny_model_copy)
+    with pytest.raises(InvalidInput, match="does not exist"):
+        CrossEncoder.load(tiny_model_copy / "missing")
+
+
+def test_refuses_weights_that_do_not_fit_the_encoder(tiny_model_copy):
+    """Guards against transformers silently re-initialising encoder layers whose names it does not recognise."""
+    weights = load_file(tiny_model_copy / "model.safetensors")
+    renamed = {f"renamed.{name}": tensor for name, tensor in weights.items()}
+    save_file(renamed, tiny_model_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InvalidInput, match="encoder weights"):
+        CrossEncoder.load(tiny_model_copy)
+
+
+def test_refuses_a_classifier_with_several_labels(tiny_model_dir, tmp_path):
+    """Guards against turning an NLI-style classifier into a reranker by silently dropping its trained head."""
+    config = BertConfig.from_pretrained(tiny_model_dir, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "nli")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "nli")
+    with pytest.raises(InvalidInput, match="3 labels"):
+        CrossEncoder.load(tmp_path / "nli")
+
+
+def test_bi_encoder_folder_keeps_encoder_and_seeds_new_head(tiny_model_dir):
+    """Guards against a randomly initialised encoder, or a fresh head that differs between identical runs."""
+    first = CrossEncoder.load(tiny_model_dir, seed=7)
+    again = CrossEncoder.load(tiny_model_dir, seed=7)
+    other = CrossEncoder.load(tiny_model_dir, seed=8)
+    assert torch.equal(first.model.classifier.weight, again.model.classifier.weight)
+    assert not torch.equal(first.model.classifier.weight, other.model.classifier.weight)
+    encoder = BiEncoder.load(tiny_model_dir).model.state_dict()
+    for name, tensor in first.model.base_model.state_dict().items():
+        assert torch.equal(tensor, encoder[name]), f"{name} was not loaded from the bi-encoder folder"
+
+
+def test_fingerprint_follows_in_place_weight_changes_and_max_length(tiny_model_dir):
+    """Guards against a cached fingerprint that still names the model as it was before training."""
+    model = CrossEncoder.load(tiny_model_dir)
+    before = model.fingerprint
+    assert CrossEncoder.load(tiny_model_dir, max_length=64).fingerprint != before
+    with torch.no_grad():
+        model.model.classifier.bias.add_(1.0)
+    assert model.fingerprint != before
+
+
+def test_listwise_loss_matches_a_per_group_cross_entropy_loop():
+    """Guards against -inf padding of ragged groups leaking into the softmax or the mean."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [3, 2, 4]
+    flat = torch.randn(sum(sizes), generator=generator, requires_grad=True)
+    loss = listwise_loss(*group_scores(flat, sizes))
+    expected, start = [], 0
+    for size in sizes:
+        expected.append(F.cross_entropy(flat[start : start + size].unsqueeze(0), torch.tensor([0])))
+        start += size
+    assert torch.allclose(loss, torch.stack(expected).mean())
+    loss.backward()
+    assert torch.isfinite(flat.grad).all()
+
+
+def test_bce_loss_labels_each_positive_one_and_each_negative_zero():
+    """Guards against padded slots being scored as negatives or the positive sitting in the wrong column."""
+    generator = torch.Generator().manual_seed(1)
+    sizes = [3, 2, 4]
+    flat = torch.randn(sum(sizes), generator=generator, requires_grad=True)
+    labels = torch.cat([torch.tensor([1.0] + [0.0] * (size - 1)) for size in sizes])
+    loss = bce_loss(*group_scores(flat, sizes))
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(flat, labels))
+    loss.backward()
+    assert torch.isfinite(flat.grad).all()
+
+
+@pytest.mark.parametrize("loss", ["bce", "listwise"])
+def test_training_ranks_positives_above_negatives(tiny_model_dir, loss):
+    """Guards against a loss wired to the wrong target, sign or group so that training changes nothing useful."""
+    model = CrossEncoder.load(tiny_model_dir)
+    groups = _synthetic_groups()
+    before = _ranking_accuracy(model, groups)
+    config = CrossEncoderTrainingConfig(loss=loss, epochs=60, learning_rate=5e-3, batch_size=8)
+    started = time.perf_counter()
+    history = train_cross_encoder(model, groups, config)
+    assert time.perf_counter() - started < 15
+    after = _ranking_accuracy(model, groups)
+    assert before < 0.5, "the untrained model should be near chance (1 in 3)"
+    assert after >= 0.9, f"{loss}: ranking accuracy {before:.2f} -> {after:.2f}"
+    assert len(history) == 60 * 5 and [record["step"] for record in history] == list(range(1, 301))
+    assert not model.model.training, "training left dropout switched on"
+
+
+def test_same_seed_gives_identical_weights(tiny_model_dir):
+    """Guards against unseeded shuffling or dropout that makes a training run impossible to reproduce."""
+    groups = _synthetic_groups(count=12)
+
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        model = CrossEncoder.load(tiny_model_dir)
+        config = CrossEncoderTrainingConfig(epochs=2, learning_rate=1e-3, batch_size=4, seed=seed)
+        calls = []
+        train_cross_encoder(model, groups, config, progress=lambda step, total, loss: calls.append((step, total)))
+        assert calls[-1] == (6, 6)
+        return model.model.state_dict()
+
+    first, again, other = trained(13), trained(13), trained(14)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_learning_rate_warms_up_then_decays(reranker):
+    """Guards against a schedule that starts at the full rate or never decays."""
+    config = CrossEncoderTrainingConfig(epochs=5, learning_rate=1e-3, batch_size=4, warmup_ratio=0.2)
+    rates = [record["lr"] for record in train_cross_encoder(reranker, _synthetic_groups(count=8), config)]
+    assert len(rates) == 10
+    assert rates[0] < rates[1] and max(rates) <= 1e-3 and rates[-1] < rates[2]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"loss": "pairwise"},
+        {"epochs": 0},
+        {"learning_rate": 0.0},
+        {"learning_rate": float("nan")},
+        {"batch_size": 0},
+        {"warmup_ratio": 1.0},
+        {"weight_decay": -0.1},
+        {"max_grad_norm": 0.0},
+    ],
+)
+def test_invalid_training_settings_are_refused(settings):
+    """Guards against settings that train nothing or diverge being accepted and failing deep inside a run."""
+    with pytest.raises(ValueError):
+        CrossEncoderTrainingConfig(**settings)
+
+
+def test_invalid_groups_are_refused():
+    """Guards against groups that give the listwise loss nothing to compare, or teach a positive to lose."""
+    with pytest.raises(ValueError, match="at least one negative"):
+        RerankGroup("q", "positive", ())
+    with pytest.raises(ValueError, match="among the negatives"):
+        RerankGroup("q", "positive", ("other", "positive"))
+    with pytest.raises(ValueError, match="not a single string"):
+        RerankGroup("q", "positive", "negative")
+    assert RerankGroup("q", "p", ["n"]).negatives == ("n",)
+
+
+def test_teacher_cache_scores_each_pair_once(reranker, tmp_path):
+    """Guards against a cache that re-scores what it holds, or answers with scores of a different teacher."""
+    path = tmp_path / "teacher.sqlite3"
+    with TeacherScoreCache(path) as cache:
+        first = cache.get_or_score(reranker, PAIRS[:3])
+        assert np.array_equal(first, reranker.score(PAIRS[:3]))
+        assert len(cache) == 3
+        # A tampered row proves the second call reads the cache instead of scoring again.
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE teacher_scores SET score = 42.0 WHERE query_sha256 = (SELECT query_sha256 FROM "
+                       "teacher_scores LIMIT 1)")
+        mixed = cache.get_or_score(reranker, [PAIRS[0], *PAIRS[3:], PAIRS[3]])
+        assert len(cache) == 5, "only the two new pairs may be inserted, the repeated one once"
+        assert mixed[0] in (first[0], 42.0) and mixed[2] == mixed[3]
+        assert 42.0 in cache.get_or_score(reranker, PAIRS[:3])
+        with torch.no_grad():
+            reranker.model.classifier.bias.add_(1.0)
+        retrained = cache.get_or_score(reranker, PAIRS[:3])
+        assert len(cache) == 8 and 42.0 not in retrained, "a changed teacher must not reuse old scores"
+    with TeacherScoreCache(path) as reopened:
+        assert np.array_equal(reopened.get_or_score(reranker, PAIRS[:3]), retrained)
+        assert len(reopened) == 8
+
+
+@pytest.mark.integration
+def test_minilm_bi_encoder_folder_initialises_a_reranker():
+    """Guards against the packaged MiniLM losing its encoder weights when loaded with a classification head."""
+    model = CrossEncoder.load(default_model_path(), seed=0)
+    assert model.max_length == 512
+    encoder = BiEncoder.load(default_model_path()).model.state_dict()
+    for name, tensor in model.model.base_model.state_dict().items():
+        assert torch.equal(tensor, encoder[name]), name
+    scores = model.score([("What causes scurvy?", "Scurvy is caused by a lack of vitamin C."), ("a", "b")])
+    assert scores.dtype == np.float32 and np.isfinite(scores).all()
+    assert np.array_equal(scores, CrossEncoder.load(default_model_path(), seed=0).score(
+        [("What causes scurvy?", "Scurvy is caused by a lack of vitamin C."), ("a", "b")]))

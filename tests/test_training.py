@@ -1,0 +1,166 @@
+"""Training end to end on a tiny model: stages, gates, early stopping, collapse abort, checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from training.batch_sampler import no_duplicate_batches
+from training.bi_encoder import BiEncoder
+from training.diagnostics import Thresholds
+from training.examples import TrainingExample, load_pairs
+from training.errors import InvalidInput
+from training.fine_tune import TrainingData, fine_tune
+from training.losses import Candidate
+from training.metrics_log import read_log
+from training.recipe import load_recipe, parse_recipe
+from training.trainer import TrainingAborted
+from tests.training_data import synthetic_task
+
+
+TINY = Thresholds(collapse_max_mean_cosine=0.99, collapse_min_dim_std=0.001)
+
+
+def _recipe(*stages, **run):
+    return parse_recipe({"run": {"seed": 3, "dev_fraction": 0.25, "precision": "fp32", **run}, "stage": list(stages)})
+
+
+def test_in_batch_recipe_improves_dev_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
+    """Guards against a trainer that runs but does not learn, or saves something sentence-transformers cannot load."""
+    data = synthetic_task()
+    recipe = _recipe({"name": "mnr", "loss": "infonce", "epochs": 6, "learning_rate": 5e-4, "batch_size": 16, "symmetric": True})
+    summary = fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    assert summary.final["ndcg@10"] > summary.base["ndcg@10"] + 0.05
+    assert summary.stages[0]["gated"] is False
+    records = read_log(tmp_path / "run")
+    kinds = {r["type"] for r in records}
+    assert {"eval", "step", "stage", "summary", "stage_start", "stage_end"} <= kinds
+    step = next(r for r in records if r["type"] == "step")
+    assert {"loss", "lr", "masked", "grad_norm", "negatives_above_positive"} <= set(step)
+    evaluation = next(r for r in records if r["type"] == "eval" and r["stage"] == "mnr")
+    for signal in ("mean_dim_std", "mean_pairwise_cosine", "ndcg@10_low_overlap", "ndcg@10_high_overlap", "ndcg@10_train", "query_norm_mean", "doc_norm_mean"):
+        assert signal in evaluation
+    trained = BiEncoder.load(tmp_path / "model")
+    theirs = SentenceTransformer(str(tmp_path / "model"), device="cpu").encode(["apple banana"], normalize_embeddings=True)
+    assert np.allclose(trained.encode(["apple banana"]), theirs, atol=1e-5)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["ndcg@10"] == summary.final["ndcg@10"]
+
+
+def test_training_is_reproducible(tiny_model_dir, tmp_path):
+    data = synthetic_task(40)
+    recipe = _recipe({"name": "mnr", "epochs": 1, "learning_rate": 1e-4, "batch_size": 8})
+    first = fine_tune(tiny_model_dir, data, recipe, tmp_path / "a", tmp_path / "ra", thresholds=TINY)
+    second = fine_tune(tiny_model_dir, data, recipe, tmp_path / "b", tmp_path / "rb", thresholds=TINY)
+    assert BiEncoder.load(tmp_path / "a").fingerprint == BiEncoder.load(tmp_path / "b").fingerprint
+    assert first.final == second.final
+
+
+def test_mined_and_cached_stages_run_and_report_mining(tiny_model_dir, tmp_path):
+    data = synthetic_task()
+    recipe = _recipe(
+        {"name": "mnr", "epochs": 3, "learning_rate": 5e-4, "batch_size": 16},
+        {"name": "mined", "negatives": "mined", "hard_negatives": 2, "epochs": 1, "learning_rate": 1e-4,
+         "batch_size": 16, "mini_batch_size": 5, "mine_window_start": 1, "mine_window_end": 20},
+        {"name": "triplet", "loss": "triplet", "negatives": "mined", "hard_negatives": 1, "epochs": 1,
+         "learning_rate": 1e-4, "batch_size": 8, "mine_window_start": 1, "mine_window_end": 20},
+    )
+    summary = fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    assert [s["name"] for s in summary.stages] == ["mnr", "mined", "triplet"]
+    mining = [r for r in read_log(tmp_path / "run") if r["type"] == "mining"]
+    assert len(mining) == 2 and mining[0]["kept"] > 0
+    assert mining[0]["dropped_known_positive"] + mining[0]["dropped_too_close"] + mining[0]["kept"] <= mining[0]["candidates"]
+    assert summary.final["ndcg@10"] >= summary.base["ndcg@10"], "gates keep only improvements"
+
+
+def test_a_stage_that_hurts_is_rolled_back(tiny_model_dir, tmp_path):
+    """Guards against a later stage silently undoing an earlier stage's gains."""
+    data = synthetic_task()
+    recipe = _recipe(
+        {"name": "good", "epochs": 6, "learning_rate": 5e-4, "batch_size": 16},
+        {"name": "harmful", "epochs": 1, "learning_rate": 5e-2, "batch_size": 16, "temperature": 5.0, "warmup_ratio": 0.0},
+    )
+    summary = fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    good, harmful = summary.stages
+    assert harmful["gated"] is True and harmful["best_step"] == 0
+    assert summary.final["ndcg@10"] == pytest.approx(good["ndcg@10"])
+    evaluated = BiEncoder.load(tmp_path / "model")
+    assert evaluated.fingerprint != BiEncoder.load(tiny_model_dir).fingerprint
+
+
+def test_collapse_is_detected_and_aborts(tiny_model_dir, tmp_path):
+    """Guards against a collapsing run finishing 'successfully' with a useless model."""
+    data = synthetic_task()
+    recipe = _recipe({"name": "collapse", "epochs": 6, "learning_rate": 0.5, "batch_size": 16, "eval_every": 2, "warmup_ratio": 0.0})
+    with pytest.raises(TrainingAborted, match="representation collapse"):
+        fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    alerts = [r for r in read_log(tmp_path / "run") if r["type"] == "alert"]
+    assert alerts and alerts[0]["mode"] == "collapse" and "temperature" in alerts[0]["remedy"]
+
+
+def test_batches_never_repeat_a_document_or_text():
+    examples = [
+        TrainingExample(f"q{i}", f"query {i}", Candidate(f"d{i % 5}", f"text {i % 5}"), (Candidate(f"n{i % 7}", f"neg {i % 7}"),))
+        for i in range(40)
+    ]
+    seen = []
+    for batch in no_duplicate_batches(examples, 4, seed=1):
+        ids = [examples[i].positive.doc_id for i in batch] + [n.doc_id for i in batch for n in examples[i].negatives]
+        assert len(ids) == len(set(ids))
+        seen.extend(batch)
+    assert sorted(seen) == list(range(40)), "every example is used exactly once per epoch"
+
+
+def test_pairs_and_triplets_files(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        '{"query": "q one", "positive": "doc one", "negatives": ["doc two"]}\n'
+        '{"anchor": "q two", "positive": "doc two", "negative": "doc one"}\n'
+        '{"query_id": "7", "query": "q", "positive_id": "d7", "positive": "p"}\n'
+    )
+    examples = load_pairs(path)
+    assert [len(e.negatives) for e in examples] == [1, 1, 0]
+    assert examples[0].negatives[0].doc_id == examples[1].positive.doc_id, "same text, same id"
+    assert examples[2].query_id == "7" and examples[2].positive.doc_id == "d7"
+    data = TrainingData.from_examples(examples)
+    assert data.qrels["7"] == {"d7": 1} and len(data.documents) == 3
+    path.write_text('{"query": "q", "positive": ""}\n')
+    with pytest.raises(InvalidInput, match=r"pairs\.jsonl:1: "):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"loss": "nope"}, "loss must be one of"),
+        ({"loss": "margin_mse", "hard_negatives": 1, "negatives": "mined"}, "'teacher'"),
+        ({"temperature": 0}, "temperature must be a positive"),
+        ({"hard_negatives": 21, "negatives": "mined"}, "between 0 and 20"),
+        ({"typo_field": 1}, "unknown settings ['typo_field']"),
+    ],
+)
+def test_bad_recipes_are_refused_with_the_field(stage, message):
+    with pytest.raises(InvalidInput) as raised:
+        _recipe({"name": "s", **stage})
+    assert message in str(raised.value)
+
+
+def test_shipped_default_recipe_parses():
+    recipe = load_recipe()
+    assert [s.name for s in recipe.stages] == ["in-batch", "hard-negatives", "distill"]
+    assert recipe.teacher is not None and recipe.stages[-1].loss == "margin_mse"
+
+
+def test_report_renders_every_diagnostic(tiny_model_dir, tmp_path):
+    """Guards against a report that silently omits a failure-mode plot."""
+    from training.report import render_report
+
+    data = synthetic_task(40)
+    recipe = _recipe({"name": "mnr", "epochs": 2, "learning_rate": 1e-4, "batch_size": 8})
+    fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    page = render_report(tmp_path / "run").read_text()
+    for caption in ("Loss", "Overfitting", "Collapse", "Collapse (cosine)", "False negatives", "Shortcut learning", "Drift"):
+        assert f"<figcaption>{caption}</figcaption>" in page
+    assert page.count("data:image/png;base64,") >= 8 and "Remedies by failure mode" in page
+    with pytest.raises(InvalidInput, match="no metrics.jsonl"):
+        render_report(tmp_path / "nothing")

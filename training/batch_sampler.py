@@ -1,0 +1,57 @@
+"""Batches without duplicates: no document id and no text appears twice in one batch.
+
+A duplicate in a batch becomes a false negative for in-batch contrastive losses
+(the same document is both the target and a negative). Examples that would clash
+are deferred to a later batch rather than dropped. Shuffling is seeded per epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+from training.examples import TrainingExample
+
+
+def _keys(example: TrainingExample) -> set[str]:
+    keys = {f"q:{example.query.strip()}"}
+    for candidate in (example.positive, *example.negatives):
+        keys.add(f"id:{candidate.doc_id}")
+        keys.add(f"text:{candidate.text.strip()}")
+    return keys
+
+
+def no_duplicate_batches(
+    examples: Sequence[TrainingExample], batch_size: int, seed: int, epoch: int = 0, drop_last: bool = False
+) -> Iterator[list[int]]:
+    """Yield lists of example indices; within a list no query text, document id or document text repeats."""
+    if batch_size < 2:
+        raise ValueError("batch_size must be at least 2 for in-batch negatives")
+    order = list(range(len(examples)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    keys = [_keys(example) for example in examples]
+    pending = order
+    while pending:
+        batch: list[int] = []
+        seen: set[str] = set()
+        deferred: list[int] = []
+        yielded_full = False
+        for index in pending:
+            if keys[index] & seen:
+                deferred.append(index)
+                continue
+            batch.append(index)
+            seen |= keys[index]
+            if len(batch) == batch_size:
+                yield batch
+                yielded_full = True
+                batch, seen = [], set()
+        if batch and deferred and yielded_full:
+            deferred = batch + deferred
+        elif batch and not (drop_last and len(batch) < batch_size):
+            yield batch
+        pending = deferred
+
+
+def batches_per_epoch(examples: Sequence[TrainingExample], batch_size: int, seed: int) -> int:
+    return sum(1 for _ in no_duplicate_batches(examples, batch_size, seed))

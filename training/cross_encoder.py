@@ -1,0 +1,244 @@
+"""The cross-encoder (reranker): one transformer reads a query and a document together.
+
+A bi-encoder embeds query and document apart, so document vectors can be precomputed;
+a cross-encoder reads the pair `[CLS] query [SEP] document [SEP]` with full cross-attention
+and returns one relevance logit. It is more accurate on close candidates and cannot
+precompute anything, so it only reranks a short list the bi-encoder retrieved.
+
+Loading follows the bi-encoder's rules (safetensors only, never remote code) and accepts
+any BERT-like folder: a trained reranker, or a bi-encoder such as all-MiniLM-L6-v2, whose
+encoder weights are kept and whose classification head is initialised from `seed`. A
+folder whose encoder weights do not match the architecture is refused rather than
+silently re-initialised. Scoring sorts pairs by token length and pads per batch, like
+the bi-encoder. `save` writes a plain Hugging Face folder that
+`sentence_transformers.CrossEncoder(path)` loads and scores identically: it declares the
+identity activation, so both return raw logits, not sigmoid probabilities.
+Left out here: training (`training.cross_encoder_training`), teacher score caching
+(`training.teacher_cache`) and precision tricks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BatchEncoding,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from training.bi_encoder import PROGRESS_BAR_MIN_TEXTS, _require_safetensors
+from training.errors import InvalidInput
+from training.fingerprint import compute_fingerprint
+
+Pair = tuple[str, str]
+
+DEFAULT_MAX_LENGTH = 512
+MIN_MAX_LENGTH = 8
+# What sentence-transformers' CrossEncoder applies to the logits; identity keeps them raw.
+SCORE_ACTIVATION = "torch.nn.modules.linear.Identity"
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Tokenised, right-padded (query, document) pairs on the model's device."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+
+
+def as_pairs(pairs: Sequence[tuple[str, str]]) -> list[Pair]:
+    """Check that `pairs` is a list of (query, document) string pairs and return it as a list."""
+    if isinstance(pairs, (str, bytes)) or (
+        isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(part, str) for part in pairs)
+    ):
+        raise InvalidInput("pass a list of (query, document) pairs, not a single pair or string")
+    checked = []
+    for position, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise InvalidInput(f"pair {position} must be a (query, document) tuple of two strings, got {pair!r:.80}")
+        checked.append((pair[0], pair[1]))
+    return checked
+
+
+def _classifier_config(model_dir: Path) -> PretrainedConfig:
+    """The folder's config with one output label; refuses classifiers trained for more labels."""
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    is_classifier = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or ())
+    if is_classifier and config.num_labels != 1:
+        raise InvalidInput(
+            f"{model_dir} is a classifier with {config.num_labels} labels; a reranker needs one relevance "
+            "logit (num_labels=1). Start from its encoder by loading a folder without the classification head."
+        )
+    config.num_labels = 1
+    return config
+
+
+def _default_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
+    """The tokenizer's declared length (what `save` writes and sentence-transformers reads), else 512; capped by positions."""
+    declared = tokenizer.model_max_length
+    length = declared if declared < 1_000_000 else DEFAULT_MAX_LENGTH
+    return min(length, getattr(config, "max_position_embeddings", length))
+
+
+def _update_json(path: Path, **values: object) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class CrossEncoder:
+    """A sequence-classification transformer with one output: the relevance logit of a (query, document) pair."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        if model.config.num_labels != 1:
+            raise InvalidInput(f"a cross-encoder needs num_labels=1, the model has {model.config.num_labels}")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if max_length < MIN_MAX_LENGTH or (limit is not None and max_length > limit):
+            raise InvalidInput(f"max length {max_length} must be between {MIN_MAX_LENGTH} and the model's limit {limit}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self._max_length = max_length
+        self._fingerprint: tuple[tuple[int, ...], str] | None = None
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, max_length: int | None = None, seed: int = 0, device: str = "cpu"
+    ) -> CrossEncoder:
+        """Load a reranker or any BERT-like encoder folder; a missing head is initialised from `seed`."""
+        model_dir = Path(path)
+        _require_safetensors(model_dir)
+        config = _classifier_config(model_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+            )
+        prefix = f"{model.base_model_prefix}."
+        missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix) and ".pooler." not in k)
+        if missing or info["mismatched_keys"]:
+            raise InvalidInput(
+                f"{model_dir}/model.safetensors does not hold this architecture's encoder weights "
+                f"(missing {missing[:3]}, mismatched {sorted(info['mismatched_keys'])[:3]}); "
+                "pass a folder saved from the same architecture as its config.json"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        return cls(model.to(device), tokenizer, max_length or _default_max_length(tokenizer, config))
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per (query, document) pair, special tokens included; longer pairs are truncated."""
+        return self._max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over weights, tokenizer and max length; recomputed only after the weights change in place."""
+        # Every in-place write to a tensor (optimiser steps, load_state_dict) bumps its version counter.
+        versions = tuple(tensor._version for tensor in self.model.state_dict().values())
+        if self._fingerprint is None or self._fingerprint[0] != versions:
+            settings = {"kind": "cross-encoder", "max_length": self.max_length}
+            self._fingerprint = (versions, compute_fingerprint(self.model, self.tokenizer, settings))
+        return self._fingerprint[1]
+
+    def _tokenize(self, pairs: list[Pair]) -> BatchEncoding:
+        queries, documents = zip(*pairs)
+        return self.tokenizer(
+            list(queries), list(documents), truncation="longest_first", max_length=self.max_length, padding=False
+        )
+
+    def _pad(self, encoded: BatchEncoding, rows: Sequence[int]) -> PairBatch:
+        width = max(len(encoded["input_ids"][row]) for row in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        has_types = "token_type_ids" in encoded
+        token_type_ids = torch.zeros((len(rows), width), dtype=torch.long) if has_types else None
+        for out, row in enumerate(rows):
+            ids = encoded["input_ids"][row]
+            input_ids[out, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[out, : len(ids)] = 1
+            if token_type_ids is not None:
+                token_type_ids[out, : len(ids)] = torch.tensor(encoded["token_type_ids"][row], dtype=torch.long)
+        return PairBatch(
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            None if token_type_ids is None else token_type_ids.to(self.device),
+        )
+
+    def batch(self, pairs: Sequence[tuple[str, str]]) -> PairBatch:
+        """Tokenise and pad pairs, in the given order, for one forward pass (training calls this)."""
+        checked = as_pairs(pairs)
+        if not checked:
+            raise InvalidInput("a batch needs at least one (query, document) pair")
+        return self._pad(self._tokenize(checked), range(len(checked)))
+
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One relevance logit per row, shape `(batch,)`; differentiable (training calls this)."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return output.logits.squeeze(-1)
+
+    def score(
+        self, pairs: Sequence[tuple[str, str]], batch_size: int = 32, show_progress: bool | None = None
+    ) -> np.ndarray:
+        """Raw float32 logits, one per pair, in input order; higher means more relevant."""
+        checked = as_pairs(pairs)
+        if batch_size < 1:
+            raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
+        scores = np.zeros(len(checked), dtype=np.float32)
+        if not checked:
+            return scores
+        encoded = self._tokenize(checked)
+        order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
+        if show_progress is None:
+            show_progress = len(checked) >= PROGRESS_BAR_MIN_TEXTS
+        bar = tqdm(total=len(checked), desc="scoring pairs", unit="pair", disable=not show_progress)
+        with torch.inference_mode(), bar:
+            for start in range(0, len(checked), batch_size):
+                rows = order[start : start + batch_size]
+                batch = self._pad(encoded, rows)
+                logits = self.logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+                scores[rows] = logits.float().cpu().numpy()
+                bar.update(len(rows))
+        return scores
+
+    def rerank(self, query: str, docs: Sequence[str], top_n: int | None = None) -> list[tuple[int, float]]:
+        """`(index into docs, score)` best first; ties keep the documents' order; at most `top_n` entries."""
+        if isinstance(docs, str):
+            raise InvalidInput("rerank takes a list of documents, not a single string")
+        if top_n is not None and top_n < 1:
+            raise InvalidInput(f"top_n must be at least 1 or None for all documents, got {top_n}")
+        scores = self.score([(query, doc) for doc in docs])
+        order = np.argsort(-scores, kind="stable")[:top_n]
+        return [(int(i), float(scores[i])) for i in order]
+
+    def save(self, path: str | Path) -> Path:
+        """Write a Hugging Face folder that `sentence_transformers.CrossEncoder(path)` scores identically."""
+        out = Path(path)
+        if (out / "modules.json").exists():
+            raise InvalidInput(
+                f"{out} holds a sentence-transformers pipeline (modules.json); save the cross-encoder to an empty folder"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        _update_json(out / "config.json", sentence_transformers={"activation_fn": SCORE_ACTIVATION})
+        _update_json(out / "tokenizer_config.json", model_max_length=self.max_length)
+        return out

@@ -1,0 +1,121 @@
+"""Training examples: a query, its positive document and optional hard negatives.
+
+Read from pairs/triplets JSONL or built from BEIR queries + qrels + corpus. Each
+line of a JSONL file is one of
+`{"query": str, "positive": str, "negatives": [str, ...]}` (ids optional:
+`"query_id"`, `"positive_id"`, `"negative_ids"`), or sentence-transformers'
+triplet columns `{"anchor": str, "positive": str, "negative": str}`. Errors name
+the file and line. Documents carry ids so false negatives can be recognised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from training.errors import InvalidInput
+from training.losses.false_negatives import Candidate
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One query with one positive document, zero or more hard negatives, and optional teacher scores.
+
+    `teacher_scores`, when present, holds the teacher's score of the positive followed
+    by one score per negative (for MarginMSE and KL distillation).
+    """
+
+    query_id: str
+    query: str
+    positive: Candidate
+    negatives: tuple[Candidate, ...] = ()
+    teacher_scores: tuple[float, ...] = ()
+
+    def with_negatives(self, negatives: Sequence[Candidate]) -> TrainingExample:
+        return replace(self, negatives=tuple(negatives), teacher_scores=())
+
+    def with_teacher_scores(self, scores: Sequence[float]) -> TrainingExample:
+        if len(scores) != 1 + len(self.negatives):
+            raise ValueError(f"need {1 + len(self.negatives)} teacher scores (positive, then negatives), got {len(scores)}")
+        return replace(self, teacher_scores=tuple(float(s) for s in scores))
+
+
+def _text_id(text: str) -> str:
+    return "text:" + hashlib.sha256(text.strip().encode()).hexdigest()[:16]
+
+
+def _parse_line(obj: object) -> TrainingExample:
+    if not isinstance(obj, dict):
+        raise InvalidInput("expected a JSON object")
+    query = obj.get("query", obj.get("anchor"))
+    positive = obj.get("positive")
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput('needs a non-empty "query" (or "anchor") string')
+    if not isinstance(positive, str) or not positive.strip():
+        raise InvalidInput('needs a non-empty "positive" string')
+    negatives = obj.get("negatives", [obj["negative"]] if "negative" in obj else [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        raise InvalidInput('"negatives" must be a list of non-empty strings')
+    negative_ids = obj.get("negative_ids") or [_text_id(n) for n in negatives]
+    if len(negative_ids) != len(negatives):
+        raise InvalidInput('"negative_ids" must have one id per negative')
+    return TrainingExample(
+        query_id=str(obj.get("query_id") or _text_id(query)),
+        query=query,
+        positive=Candidate(str(obj.get("positive_id") or _text_id(positive)), positive),
+        negatives=tuple(Candidate(str(i), t) for i, t in zip(negative_ids, negatives)),
+    )
+
+
+def load_pairs(path: str | Path) -> list[TrainingExample]:
+    """Examples from a pairs/triplets JSONL file; raises InvalidInput as `file:line: problem`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file; pass a JSONL file of query/positive pairs")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(_parse_line(json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            except InvalidInput as exc:
+                raise InvalidInput(f"{path}:{number}: {exc}") from exc
+    if not examples:
+        raise InvalidInput(f"{path}: the file holds no training pairs")
+    return examples
+
+
+def examples_from_qrels(
+    queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]], documents: Mapping[str, str]
+) -> list[TrainingExample]:
+    """One example per (query, relevant document) judgement; `documents` maps doc id to embedding text."""
+    examples = []
+    missing = 0
+    for query_id in sorted(qrels):
+        if query_id not in queries:
+            missing += 1
+            continue
+        for doc_id, relevance in sorted(qrels[query_id].items()):
+            if relevance > 0 and doc_id in documents:
+                examples.append(TrainingExample(query_id, queries[query_id], Candidate(doc_id, documents[doc_id])))
+    if not examples:
+        raise InvalidInput(
+            "no training pairs: none of the judged query/document ids were found in the queries and corpus files"
+        )
+    return examples
+
+
+def known_positives(examples: Sequence[TrainingExample], qrels: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, set[str]]:
+    """Every document known to be relevant to each query (from the examples and, if given, the qrels)."""
+    positives: dict[str, set[str]] = {}
+    for example in examples:
+        positives.setdefault(example.query_id, set()).add(example.positive.doc_id)
+    for query_id, labels in (qrels or {}).items():
+        positives.setdefault(query_id, set()).update(doc_id for doc_id, rel in labels.items() if rel > 0)
+    return positives

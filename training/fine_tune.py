@@ -1,0 +1,144 @@
+"""Running a recipe end to end: split, evaluate the base model, train each stage behind its gate, save.
+
+Inputs are plain mappings (queries, qrels, document texts) so the caller decides where
+they come from (BEIR files, uploaded pairs, the corpus store). Each stage starts from
+the previous stage's best weights and keeps only improvements on dev nDCG@10: a
+stage that does not beat its starting point is rolled back and reported as gated.
+The run directory gets the metrics log, the recipe, the mining reports and a
+summary with the last diagnostics and the remedies of any alert that fired.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from training.bi_encoder import BiEncoder
+from training.dev_eval import DevSet
+from training.diagnostics import Thresholds, alert_dicts, alerts_for
+from training.eval_data import split_queries
+from training.examples import TrainingExample, examples_from_qrels, known_positives
+from training.metrics_log import MetricsLog
+from training.mining import MiningConfig, mine_hard_negatives
+from training.precision import resolve
+from training.recipe import Recipe
+from training.sts import load_sts
+from training.teacher import obtain_teacher
+from training.trainer import Progress, TrainingContext, train_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Queries, their judgements and the corpus texts (doc id -> title and text as the encoder sees it)."""
+
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    documents: dict[str, str]
+
+    @classmethod
+    def from_examples(cls, examples: list[TrainingExample]) -> TrainingData:
+        """Treat pairs/triplets as judgements: each positive is relevant, every text is a document."""
+        documents = {}
+        for e in examples:
+            documents[e.positive.doc_id] = e.positive.text
+            documents.update((n.doc_id, n.text) for n in e.negatives)
+        qrels: dict[str, dict[str, int]] = {}
+        for e in examples:
+            qrels.setdefault(e.query_id, {})[e.positive.doc_id] = 1
+        return cls({e.query_id: e.query for e in examples}, qrels, documents)
+
+
+@dataclass
+class RunSummary:
+    """What a run produced."""
+
+    model_dir: str
+    run_dir: str
+    precision: str
+    base: dict
+    final: dict
+    stages: list[dict] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
+    dev_queries: int = 0
+    train_examples: int = 0
+
+
+def fine_tune(
+    model_path: str | Path,
+    data: TrainingData,
+    recipe: Recipe,
+    out_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    show_progress: bool = False,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    thresholds: Thresholds | None = None,
+) -> RunSummary:
+    """Fine-tune the bi-encoder at `model_path` with `recipe`; the best model is saved to `out_dir`."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    encoder = BiEncoder.load(model_path)
+    precision = resolve(recipe.run.precision, encoder.device)
+    train_ids, dev_ids = split_queries(list(data.qrels), recipe.run.dev_fraction, recipe.run.seed)
+    train_qrels = {q: data.qrels[q] for q in train_ids}
+    dev_qrels = {q: data.qrels[q] for q in dev_ids}
+    examples = examples_from_qrels(data.queries, train_qrels, data.documents)
+    positives = known_positives(examples, data.qrels)
+    sts = load_sts(recipe.run.sts_probe) if recipe.run.sts_probe else None
+    dev = DevSet.build(
+        data.queries, dev_qrels, train_qrels, data.documents,
+        seed=recipe.run.seed, corpus_limit=recipe.run.dev_corpus_limit, train_probe=recipe.run.train_probe, sts=sts,
+    )
+    metrics = MetricsLog(run_dir)
+    (run_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
+    ctx = TrainingContext(
+        encoder=encoder, log=metrics, dev=dev, known_positives=positives, precision=precision,
+        seed=recipe.run.seed, thresholds=thresholds or recipe.diagnostics, eval_batch_size=recipe.run.eval_batch_size,
+        show_progress=show_progress, progress=progress, should_stop=should_stop,
+    )
+    base = ctx.evaluate()
+    ctx.baseline = base
+    metrics.write("eval", stage="base", step=0, global_step=0, **base)
+    log.info("base model: dev nDCG@10 %.4f on %d queries", base["ndcg@10"], len(dev.queries))
+    teacher, teacher_cache = None, None
+    current = base
+    stages = []
+    for stage in recipe.stages:
+        stage_examples = examples
+        if stage.negatives != "in_batch":
+            if stage.negatives == "teacher" and teacher is None:
+                teacher, teacher_cache = obtain_teacher(recipe.teacher, encoder, examples, data.documents, positives, run_dir, precision, show_progress)
+            stage_examples, report = mine_hard_negatives(
+                encoder, examples, data.documents, positives,
+                MiningConfig(
+                    count=stage.hard_negatives, window_start=stage.mine_window_start, window_end=stage.mine_window_end,
+                    margin=stage.mine_margin, relative_margin=stage.mine_relative_margin,
+                    teacher_margin=stage.mine_teacher_margin, seed=recipe.run.seed,
+                ),
+                teacher=teacher if stage.negatives == "teacher" else None,
+                teacher_cache=teacher_cache if stage.negatives == "teacher" else None,
+                precision=precision, show_progress=show_progress,
+            )
+            metrics.write("mining", stage=stage.name, **report.as_dict())
+        result = train_stage(ctx, stage_examples, stage, current)
+        gated = result.best_step == 0
+        stages.append({"name": stage.name, "steps": result.steps, "best_step": result.best_step, "gated": gated,
+                       "stopped_early": result.stopped_early, "examples": result.examples_used,
+                       "ndcg@10": result.best.get("ndcg@10")})
+        metrics.write("stage", **stages[-1])
+        if gated:
+            log.warning("stage %s did not improve dev nDCG@10 (%.4f); rolled back", stage.name, current.get("ndcg@10", 0.0))
+        current = result.best
+    encoder.save(out_dir)
+    alerts = alert_dicts(alerts_for(current, base, ctx.thresholds))
+    summary = RunSummary(str(out_dir), str(run_dir), precision, base, current, stages, alerts, len(dev.queries), len(examples))
+    metrics.write("summary", **asdict(summary))
+    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+

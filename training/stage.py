@@ -1,0 +1,91 @@
+"""One training stage's settings: which loss, which negatives, and the optimisation knobs.
+
+A recipe is a list of stages; each is validated when it is built, so a bad recipe
+fails before any training starts with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from training.errors import InvalidInput
+
+LossName = Literal["infonce", "triplet", "margin_mse", "kl"]
+NegativeSource = Literal["in_batch", "mined", "teacher"]
+LOSSES = ("infonce", "triplet", "margin_mse", "kl")
+NEGATIVE_SOURCES = ("in_batch", "mined", "teacher")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Settings of one stage. `negatives`: in-batch only, mined with the current model, or mined and teacher-scored."""
+
+    name: str = "stage"
+    loss: LossName = "infonce"
+    negatives: NegativeSource = "in_batch"
+    hard_negatives: int = 0
+    epochs: int = 1
+    learning_rate: float = 2e-5
+    temperature: float = 0.05
+    batch_size: int = 32
+    mini_batch_size: int = 0
+    symmetric: bool = False
+    mask_false_negatives: bool = True
+    teacher_mask_threshold: float | None = None
+    triplet_margin: float = 0.2
+    distill_scale: float = 1.0
+    kl_temperature: float = 1.0
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    patience: int = 0
+    mine_window_start: int = 10
+    mine_window_end: int = 100
+    mine_margin: float = 0.05
+    mine_relative_margin: float | None = None
+    mine_teacher_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str) -> InvalidInput:
+            return InvalidInput(f"stage {self.name!r}: {field} must be {expected}, got {getattr(self, field)!r}")
+
+        if self.loss not in LOSSES:
+            raise bad("loss", f"one of {', '.join(LOSSES)}")
+        if self.negatives not in NEGATIVE_SOURCES:
+            raise bad("negatives", f"one of {', '.join(NEGATIVE_SOURCES)}")
+        if not 0 <= self.hard_negatives <= 20:
+            raise bad("hard_negatives", "between 0 and 20")
+        if self.negatives != "in_batch" and self.hard_negatives < 1:
+            raise bad("hard_negatives", f"at least 1 when negatives = {self.negatives!r}")
+        if self.negatives == "in_batch" and self.hard_negatives:
+            raise bad("negatives", "'mined' or 'teacher' when hard_negatives > 0 (in-batch stages mine nothing)")
+        if self.loss in ("triplet", "margin_mse", "kl") and self.hard_negatives < 1:
+            raise bad("hard_negatives", f"at least 1 for the {self.loss} loss")
+        if self.loss in ("margin_mse", "kl") and self.negatives != "teacher":
+            raise bad("negatives", f"'teacher' for the {self.loss} loss (it needs teacher scores)")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, "at least 1")
+        if self.batch_size < 2:
+            raise bad("batch_size", "at least 2")
+        for name in ("learning_rate", "temperature", "kl_temperature", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise bad(name, "a positive finite number")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "in [0, 1)")
+        if self.mini_batch_size < 0 or self.eval_every < 0 or self.patience < 0 or self.weight_decay < 0:
+            raise InvalidInput(f"stage {self.name!r}: mini_batch_size, eval_every, patience and weight_decay must be >= 0")
+        if not 0 <= self.mine_window_start < self.mine_window_end:
+            raise bad("mine_window_start", f"in [0, mine_window_end={self.mine_window_end})")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StageConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInput(f"stage {data.get('name', '?')!r}: unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**data)

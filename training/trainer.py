@@ -1,0 +1,259 @@
+"""The bi-encoder trainer: one stage of contrastive training with evaluation, early stopping and diagnostics.
+
+AdamW with linear warmup then cosine decay, gradient clipping, bf16 autocast where the
+hardware supports it, seeded batches without duplicates, false negatives masked
+inside the loss. The dev set is evaluated every `eval_every` steps (and at the end
+of each epoch); the best weights are kept and restored at the end, training stops
+early after `patience` evaluations without improvement, and a run whose embeddings
+collapse for `collapse_patience` evaluations in a row is aborted with the remedy.
+Every step and evaluation is appended to the run's metrics log.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.batch_sampler import batches_per_epoch, no_duplicate_batches
+from training.bi_encoder import BiEncoder
+from training.dev_eval import DevSet, evaluate_encoder
+from training.diagnostics import (
+    REMEDIES,
+    CollapseStats,
+    Thresholds,
+    alert_dicts,
+    alerts_for,
+    is_collapsed,
+    negatives_above_positive,
+)
+from training.errors import LockstepError
+from training.examples import TrainingExample
+from training.losses import (
+    CachedInfoNCELoss,
+    InfoNCELoss,
+    KLDistillationLoss,
+    MarginMSELoss,
+    TokenBatch,
+    TripletLoss,
+    false_negative_mask,
+)
+from training.losses.output import LossOutput
+from training.metrics_log import MetricsLog
+from training.precision import autocast
+from training.schedule import build_optimizer, warmup_cosine
+from training.stage import StageConfig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+class TrainingAborted(LockstepError):
+    """Training stopped because a failure mode persisted (e.g. representation collapse)."""
+
+
+class TrainingCancelled(LockstepError):
+    """Training stopped because the caller asked it to."""
+
+
+@dataclass
+class TrainingContext:
+    """What every stage of a run shares."""
+
+    encoder: BiEncoder
+    log: MetricsLog
+    dev: DevSet | None = None
+    known_positives: Mapping[str, set[str]] = field(default_factory=dict)
+    precision: str = "fp32"
+    seed: int = 13
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    baseline: dict = field(default_factory=dict)
+    eval_batch_size: int = 64
+    show_progress: bool = False
+    progress: Progress | None = None
+    should_stop: Callable[[], bool] | None = None
+    step_offset: int = 0
+
+    def evaluate(self) -> dict:
+        if self.dev is None:
+            return {}
+        return evaluate_encoder(self.encoder, self.dev, batch_size=self.eval_batch_size, precision=self.precision)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """How a stage ended."""
+
+    name: str
+    steps: int
+    best: dict
+    best_step: int
+    stopped_early: bool
+    examples_used: int
+
+
+def _usable(examples: Sequence[TrainingExample], stage: StageConfig) -> list[TrainingExample]:
+    """Examples with enough negatives (and teacher scores) for the stage, negatives truncated to `hard_negatives`."""
+    usable = []
+    for example in examples:
+        if len(example.negatives) < stage.hard_negatives:
+            continue
+        if stage.negatives == "teacher" and len(example.teacher_scores) < 1 + stage.hard_negatives:
+            continue
+        trimmed = example.with_negatives(example.negatives[: stage.hard_negatives])
+        if stage.negatives == "teacher":
+            trimmed = trimmed.with_teacher_scores(example.teacher_scores[: 1 + stage.hard_negatives])
+        usable.append(trimmed)
+    return usable
+
+
+class _StageStep:
+    """Computes one optimisation step's loss and gradients for a batch."""
+
+    def __init__(self, ctx: TrainingContext, stage: StageConfig) -> None:
+        self.ctx, self.stage = ctx, stage
+        self.encoder = ctx.encoder
+        device = self.encoder.device
+        self.device = device
+
+        def embed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            with autocast(ctx.precision, device):
+                return self.encoder.embed(input_ids, attention_mask).float()
+
+        self.embed = embed
+        if stage.loss == "infonce" and stage.mini_batch_size:
+            self.cached = CachedInfoNCELoss(embed, stage.temperature, stage.symmetric, stage.mini_batch_size)
+        self.infonce = InfoNCELoss(stage.temperature, stage.symmetric)
+        self.triplet = TripletLoss(stage.triplet_margin)
+        self.margin_mse = MarginMSELoss(stage.distill_scale)
+        self.kl = KLDistillationLoss(stage.kl_temperature)
+
+    def _tokens(self, texts: list[str], kind: str) -> TokenBatch:
+        input_ids, attention_mask = self.encoder.token_batch(texts, kind)
+        return TokenBatch(input_ids, attention_mask)
+
+    def __call__(self, batch: list[TrainingExample]) -> tuple[LossOutput, torch.Tensor | None]:
+        """Back-propagate one batch; returns the loss output and the false-negative mask used (if any)."""
+        stage, h = self.stage, self.stage.hard_negatives
+        mask = None
+        queries = self._tokens([e.query for e in batch], "query")
+        positives = self._tokens([e.positive.text for e in batch], "document")
+        negatives = self._tokens([n.text for e in batch for n in e.negatives], "document") if h else None
+        if stage.loss == "infonce":
+            if stage.mask_false_negatives:
+                mask = false_negative_mask(
+                    [e.query_id for e in batch],
+                    [e.positive for e in batch],
+                    [list(e.negatives) for e in batch] if h else None,
+                    known_positives=self.ctx.known_positives,
+                ).to(self.device)
+            if stage.mini_batch_size:
+                return self.cached.backward(queries, positives, negatives, mask), mask
+            q, p = self.embed(queries.input_ids, queries.attention_mask), self.embed(positives.input_ids, positives.attention_mask)
+            n = self.embed(negatives.input_ids, negatives.attention_mask).view(len(batch), h, -1) if h else None
+            out = self.infonce.compute_loss_from_embeddings(q, p, n, mask)
+        else:
+            q, p = self.embed(queries.input_ids, queries.attention_mask), self.embed(positives.input_ids, positives.attention_mask)
+            n = self.embed(negatives.input_ids, negatives.attention_mask).view(len(batch), h, -1)
+            if stage.loss == "triplet":
+                out = self.triplet.compute_loss_from_embeddings(q, p, n)
+            else:
+                teacher = torch.tensor([e.teacher_scores for e in batch], dtype=torch.float32, device=self.device)
+                if stage.loss == "margin_mse":
+                    out = self.margin_mse.compute_loss_from_embeddings(q, p, n, teacher[:, :1] - teacher[:, 1:])
+                else:
+                    out = self.kl.compute_loss_from_embeddings(q, torch.cat([p.unsqueeze(1), n], dim=1), teacher)
+        out.loss.backward()
+        return out, mask
+
+
+def _snapshot(encoder: BiEncoder) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in encoder.model.state_dict().items()}
+
+
+def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage: StageConfig, start_eval: dict) -> StageResult:
+    """Train one stage; restores the best weights seen (including the stage's starting point) before returning."""
+    usable = _usable(examples, stage)
+    if len(usable) < stage.batch_size:
+        raise TrainingAborted(
+            f"stage {stage.name!r} has {len(usable)} usable examples (of {len(examples)}) but a batch needs {stage.batch_size}; "
+            "lower batch_size or hard_negatives, or add training pairs"
+        )
+    model = ctx.encoder.model
+    steps_per_epoch = batches_per_epoch(usable, stage.batch_size, ctx.seed)
+    total = steps_per_epoch * stage.epochs
+    optimizer = build_optimizer(model, stage.learning_rate, stage.weight_decay)
+    scheduler = warmup_cosine(optimizer, int(total * stage.warmup_ratio), total)
+    compute = _StageStep(ctx, stage)
+    torch.manual_seed(ctx.seed)
+    best, best_step, best_state = dict(start_eval), 0, _snapshot(ctx.encoder)
+    evals_without_gain, collapsed_evals, step, stopped_early = 0, 0, 0, False
+    ctx.log.write("stage_start", stage=stage.name, examples=len(usable), steps=total, config=stage.__dict__)
+    bar = tqdm(total=total, desc=f"training {stage.name}", unit="step", disable=not ctx.show_progress)
+    started = time.monotonic()
+    model.train()
+    with bar:
+        for epoch in range(stage.epochs):
+            for indices in no_duplicate_batches(usable, stage.batch_size, ctx.seed, epoch):
+                if ctx.should_stop is not None and ctx.should_stop():
+                    raise TrainingCancelled(f"training cancelled during stage {stage.name!r} at step {step}")
+                batch = [usable[i] for i in indices]
+                out, mask = compute(batch)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss = float(out.loss.detach())
+                if not np.isfinite(loss):
+                    raise TrainingAborted(f"stage {stage.name!r}: loss became {loss} at step {step}; {REMEDIES['collapse']}")
+                record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "masked": out.masked, "batch": len(batch)}
+                if out.scores is not None and stage.loss == "infonce":
+                    record["negatives_above_positive"] = negatives_above_positive(
+                        out.scores.float().cpu().numpy(), None if mask is None else mask.cpu().numpy()
+                    )
+                ctx.log.write("step", stage=stage.name, epoch=epoch, step=step, global_step=ctx.step_offset + step, **record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if ctx.progress is not None:
+                    ctx.progress(stage.name, step, total, {"loss": loss, "elapsed_s": time.monotonic() - started})
+                end_of_epoch = step % steps_per_epoch == 0
+                if ctx.dev is None or not (end_of_epoch or (stage.eval_every and step % stage.eval_every == 0)):
+                    continue
+                evaluation = ctx.evaluate()
+                evaluation["negatives_above_positive"] = record.get("negatives_above_positive")
+                alerts = alerts_for({k: v for k, v in evaluation.items() if v is not None}, ctx.baseline, ctx.thresholds)
+                ctx.log.write("eval", stage=stage.name, step=step, global_step=ctx.step_offset + step, **evaluation)
+                for alert in alert_dicts(alerts):
+                    ctx.log.write("alert", stage=stage.name, step=step, **alert)
+                stats = CollapseStats(evaluation.get("mean_dim_std", 1.0), evaluation.get("mean_pairwise_cosine", 0.0))
+                collapsed_evals = collapsed_evals + 1 if is_collapsed(stats, ctx.thresholds) else 0
+                if collapsed_evals >= ctx.thresholds.collapse_patience:
+                    ctx.encoder.model.load_state_dict(best_state)
+                    raise TrainingAborted(
+                        f"stage {stage.name!r}: representation collapse for {collapsed_evals} evaluations "
+                        f"(dim std {stats.mean_dim_std:.4f}, mean cosine {stats.mean_pairwise_cosine:.3f}); "
+                        f"best weights restored. Remedy: {REMEDIES['collapse']}"
+                    )
+                if evaluation["ndcg@10"] > best.get("ndcg@10", -1.0):
+                    best, best_step, best_state, evals_without_gain = evaluation, step, _snapshot(ctx.encoder), 0
+                else:
+                    evals_without_gain += 1
+                if stage.patience and evals_without_gain >= stage.patience:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+    if ctx.dev is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    ctx.log.write("stage_end", stage=stage.name, steps=step, best_step=best_step, stopped_early=stopped_early, best=best)
+    ctx.step_offset += step
+    return StageResult(stage.name, step, best, best_step, stopped_early, len(usable))
