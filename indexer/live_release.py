@@ -23,6 +23,7 @@ from indexer.model_store import ModelStore
 from indexer.release_store import ReleaseStore
 from indexer.vector_index import Hit, VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
+from training.cross_encoder import CrossEncoder
 from training.errors import EmptyInput, IntegrityError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,15 @@ def _verify_files(folder: Path, manifest: Manifest) -> None:
 class LiveRelease:
     """The model and index of one release, plus the corpus writes applied since it was built."""
 
-    def __init__(self, manifest: Manifest, encoder: BiEncoder, index: VectorIndex, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        encoder: BiEncoder,
+        index: VectorIndex,
+        batch_size: int = 64,
+        reranker: CrossEncoder | None = None,
+        rerank_candidates: int = 50,
+    ) -> None:
         if encoder.fingerprint != manifest.model.fingerprint:
             raise IntegrityError(
                 f"release {manifest.release_id} was built with model {manifest.model.fingerprint} "
@@ -72,6 +81,8 @@ class LiveRelease:
         self.encoder = encoder
         self.index = index
         self.batch_size = batch_size
+        self.reranker = reranker
+        self.rerank_candidates = rerank_candidates
         self.applied_seq = manifest.corpus_seq
         self._catch_up_lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -81,18 +92,28 @@ class LiveRelease:
         return self.manifest.release_id
 
     @classmethod
-    def load(cls, releases: ReleaseStore, release_id: str, *, batch_size: int = 64, device: str = "cpu") -> LiveRelease:
+    def load(
+        cls,
+        releases: ReleaseStore,
+        release_id: str,
+        *,
+        batch_size: int = 64,
+        rerank_candidates: int = 50,
+        device: str = "cpu",
+    ) -> LiveRelease:
         """Load and verify a release; raises IntegrityError if it does not match its manifest."""
         manifest = releases.manifest(release_id)
         folder = releases.path(release_id)
         _verify_files(folder, manifest)
-        encoder = ModelStore(releases.data_dir).load(manifest.model, device=device)
+        models = ModelStore(releases.data_dir)
+        encoder = models.load(manifest.model, device=device)
+        reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
         index = VectorIndex.load(folder)
         if len(index) != manifest.doc_count:
             raise IntegrityError(
                 f"release {release_id}: index holds {len(index)} vectors but the manifest says {manifest.doc_count}"
             )
-        return cls(manifest, encoder, index, batch_size=batch_size)
+        return cls(manifest, encoder, index, batch_size, reranker, rerank_candidates)
 
     def catch_up(self, corpus: CorpusStore) -> int:
         """Apply corpus writes made after this release's sequence; returns how many were applied."""
@@ -128,25 +149,35 @@ class LiveRelease:
         return self.index.search(vectors, k)
 
     def search(self, corpus: CorpusStore, query: str, k: int, rerank: bool = False) -> SearchOutcome:
-        """Encode one query with this release's model and search this release's index."""
+        """Encode one query with this release's model, search this release's index, optionally rerank."""
         if not query.strip():
             raise EmptyInput("query is empty; send the text to search for")
-        if rerank:
+        if rerank and self.reranker is None:
             raise InvalidInput(
-                f"release {self.release_id} has no cross-encoder to rerank with; send rerank=false"
+                f"release {self.release_id} has no cross-encoder to rerank with; send rerank=false "
+                "or build a release with `lockstep build --reranker PATH`"
             )
-        started = time.perf_counter()
+        clock = [time.perf_counter()]
         vector = self.encode_queries([query])
-        encoded = time.perf_counter()
-        hits = self.index.search(vector, k)[0]
-        searched = time.perf_counter()
+        clock.append(time.perf_counter())
+        hits = self.index.search(vector, max(k, self.rerank_candidates) if rerank else k)[0]
+        clock.append(time.perf_counter())
         documents = corpus.get_many([hit.doc_id for hit in hits])
         scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
-        done = time.perf_counter()
-        timings = {
-            "encode": (encoded - started) * 1e3,
-            "search": (searched - encoded) * 1e3,
-            "fetch": (done - searched) * 1e3,
-            "total": (done - started) * 1e3,
-        }
-        return SearchOutcome(self.release_id, scored, {key: round(value, 3) for key, value in timings.items()})
+        clock.append(time.perf_counter())
+        names = ["encode", "search", "fetch"]
+        if rerank:
+            scored = self._rerank(query, scored)
+            clock.append(time.perf_counter())
+            names.append("rerank")
+        timings = {name: (clock[i + 1] - clock[i]) * 1e3 for i, name in enumerate(names)}
+        timings["total"] = (clock[-1] - clock[0]) * 1e3
+        return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()})
+
+    def _rerank(self, query: str, hits: list[SearchHit]) -> list[SearchHit]:
+        if not hits:
+            return hits
+        with self._encode_lock:
+            scores = self.reranker.score([(query, hit.document.embedding_text()) for hit in hits], batch_size=self.batch_size)
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])
+        return [SearchHit(float(scores[i]), hits[i].document) for i in order]

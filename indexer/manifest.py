@@ -31,6 +31,16 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class RerankerRef:
+    """The cross-encoder a release reranks with, stored like the bi-encoder."""
+
+    fingerprint: str
+    path: str
+    name: str
+    max_length: int
+
+
+@dataclass(frozen=True)
 class NormStats:
     """Distribution of vector norms before L2 normalisation."""
 
@@ -73,6 +83,7 @@ class Manifest:
     document_norms: NormStats
     files: dict[str, str]
     evaluation: dict[str, float] = field(default_factory=dict)
+    reranker: RerankerRef | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -83,6 +94,8 @@ class Manifest:
         data = dict(data)
         data["model"] = ModelRef(**data["model"])
         data["document_norms"] = NormStats(**data["document_norms"])
+        if data.get("reranker") is not None:
+            data["reranker"] = RerankerRef(**data["reranker"])
         return cls(**data)
 
     @classmethod

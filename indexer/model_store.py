@@ -1,4 +1,4 @@
-"""Content-addressed model copies: `models/<fingerprint>/`, shared by the releases built with them.
+"""Content-addressed model copies (bi-encoders and rerankers): `models/<fingerprint>/`, shared by releases.
 
 A model is stored by loading it, saving it in sentence-transformers' layout, and
 re-loading the saved copy to fingerprint it, so the fingerprint in a manifest is the
@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 
 from indexer.durable_files import fsync_dir, fsync_tree
-from indexer.manifest import ModelRef
+from indexer.manifest import ModelRef, RerankerRef
 from training.bi_encoder import BiEncoder
+from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, NotFound
 from training.pooling import Pooling
 
@@ -68,16 +69,46 @@ class ModelStore:
         try:
             original.save(staging)
             stored = BiEncoder.load(staging)
-            folder = self.models_dir / _folder_name(stored.fingerprint)
-            if folder.exists():
-                shutil.rmtree(staging)
-            else:
-                fsync_tree(staging)
-                staging.rename(folder)
-                fsync_dir(self.models_dir)
+            folder = self._publish(staging, stored.fingerprint)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return stored, model_ref(stored, f"models/{folder.name}")
+
+    def put_reranker(self, source: str | Path, *, max_length: int | None = None) -> tuple[CrossEncoder, RerankerRef]:
+        """Store a cross-encoder by fingerprint and return it loaded from the store."""
+        original = CrossEncoder.load(source, max_length=max_length)
+        staging = self.models_dir / f".staging-{secrets.token_hex(4)}"
+        try:
+            original.save(staging)
+            stored = CrossEncoder.load(staging)
+            folder = self._publish(staging, stored.fingerprint)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        ref = RerankerRef(stored.fingerprint, f"models/{folder.name}", Path(source).name, stored.max_length)
+        return stored, ref
+
+    def load_reranker(self, ref: RerankerRef, device: str = "cpu") -> CrossEncoder:
+        """Load a stored cross-encoder and refuse it unless it still hashes to `ref.fingerprint`."""
+        folder = self.data_dir / ref.path
+        if not folder.is_dir():
+            raise NotFound(f"reranker folder {folder} is missing; rebuild the release with `lockstep build --reranker PATH`")
+        reranker = CrossEncoder.load(folder, max_length=ref.max_length, device=device)
+        if reranker.fingerprint != ref.fingerprint:
+            raise IntegrityError(
+                f"reranker at {folder} has fingerprint {reranker.fingerprint}, but the release was built with "
+                f"{ref.fingerprint}; rebuild the release or restore the original reranker files"
+            )
+        return reranker
+
+    def _publish(self, staging: Path, fingerprint: str) -> Path:
+        folder = self.models_dir / _folder_name(fingerprint)
+        if folder.exists():
+            shutil.rmtree(staging)
+        else:
+            fsync_tree(staging)
+            staging.rename(folder)
+            fsync_dir(self.models_dir)
+        return folder
 
     def load(self, ref: ModelRef, device: str = "cpu") -> BiEncoder:
         """Load a stored model and refuse it unless it still hashes to `ref.fingerprint`."""

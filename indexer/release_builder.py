@@ -41,6 +41,7 @@ class BuildOptions:
     pooling: Pooling | None = None
     query_max_length: int | None = None
     document_max_length: int | None = None
+    reranker_path: Path | None = None
 
 
 def build_release(
@@ -62,6 +63,9 @@ def build_release(
         query_max_length=options.query_max_length,
         document_max_length=options.document_max_length,
     )
+    reranker_ref = None
+    if options.reranker_path is not None:
+        _, reranker_ref = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
     seq, documents = corpus.snapshot()
     if not documents:
         raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
@@ -99,6 +103,7 @@ def build_release(
             metric="inner_product",
             document_norms=NormStats.of(np.concatenate(norm_chunks)),
             files={path.name: sha256_file(path) for path in files},
+            reranker=reranker_ref,
         )
         releases.publish(staging, manifest)
     report("index", 1, 1)

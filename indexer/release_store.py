@@ -163,7 +163,7 @@ class ReleaseStore:
         for entry in self.releases_dir.glob(f"{STAGING_PREFIX}*"):
             if now - entry.stat().st_mtime > STALE_STAGING_SECONDS:
                 shutil.rmtree(entry, ignore_errors=True)
-        used = {Path(m.model.path).name for m in self.list()}
+        used = {Path(ref.path).name for m in self.list() for ref in (m.model, m.reranker) if ref is not None}
         for entry in self.models_dir.iterdir():
             if entry.name not in used and not entry.name.startswith("."):
                 shutil.rmtree(entry, ignore_errors=True)

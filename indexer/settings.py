@@ -19,6 +19,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./lockstep-data"), description="Where the corpus, models and releases live")
     model: Path | None = Field(None, description="Model folder for new builds; default: packaged all-MiniLM-L6-v2")
+    reranker: Path | None = Field(None, description="Cross-encoder folder new builds carry for `rerank: true`")
+    rerank_candidates: int = Field(50, ge=1, le=1000, description="Candidates the cross-encoder rescores per query")
     index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
     host: str = "127.0.0.1"

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         corpus = CorpusStore(settings.corpus_path)
         releases = ReleaseStore(settings.data_dir)
-        holder = ReleaseHolder(releases, corpus, batch_size=settings.batch_size)
+        holder = ReleaseHolder(releases, corpus, settings.batch_size, settings.rerank_candidates)
         await run_in_threadpool(holder.refresh)
         app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics)
         watcher = asyncio.create_task(_watch_releases(holder, settings.poll_interval_s))

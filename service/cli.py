@@ -57,13 +57,14 @@ def main(
     ctx.obj = settings
 
 
-def _build(settings: Settings, model: Path | None, index_type: str | None, activate: bool) -> None:
+def _build(settings: Settings, model: Path | None, index_type: str | None, activate: bool, reranker: Path | None = None) -> None:
     corpus = CorpusStore(settings.corpus_path)
     options = BuildOptions(
         model_path=model or settings.model_path(),
         model_name=None if model else settings.model_name(),
         index_type=index_type or settings.index_type,
         batch_size=settings.batch_size,
+        reranker_path=reranker or settings.reranker,
     )
     manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
@@ -90,9 +91,10 @@ def build(
     model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the packaged all-MiniLM-L6-v2)")] = None,
     index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string: Flat, HNSW32, IVF256,Flat ...")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
+    reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
 ) -> None:
     """Re-embed the whole corpus into a new release."""
-    _build(_settings(ctx), model, index_type, activate)
+    _build(_settings(ctx), model, index_type, activate, reranker)
 
 
 @releases_app.command("list")
@@ -153,7 +155,7 @@ def _load_active(settings: Settings):
     if active is None:
         raise NotReady("no release is active; run `lockstep build --activate` first")
     corpus = CorpusStore(settings.corpus_path)
-    live = LiveRelease.load(releases, active, batch_size=settings.batch_size)
+    live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_candidates=settings.rerank_candidates)
     live.catch_up(corpus)
     return live, corpus
 
@@ -164,10 +166,11 @@ def search(
     ctx: typer.Context,
     text: str,
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many results")] = 10,
+    rerank: Annotated[bool, typer.Option(help="Rerank with the release's cross-encoder")] = False,
 ) -> None:
     """Search the active release from the command line (no server needed)."""
     live, corpus = _load_active(_settings(ctx))
-    outcome = live.search(corpus, text, k)
+    outcome = live.search(corpus, text, k, rerank)
     typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
     for rank, hit in enumerate(outcome.hits, start=1):
         snippet = " ".join(hit.document.text.split())[:100]

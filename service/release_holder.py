@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 class ReleaseHolder:
     """The live release of one process, kept in step with the data dir's active pointer."""
 
-    def __init__(self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64) -> None:
+    def __init__(
+        self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64, rerank_candidates: int = 50
+    ) -> None:
         self.releases = releases
         self.corpus = corpus
         self.batch_size = batch_size
+        self.rerank_candidates = rerank_candidates
         self.current: LiveRelease | None = None
         self.last_error: str | None = None
         self._refresh_lock = threading.Lock()
@@ -46,7 +49,9 @@ class ReleaseHolder:
             swapped = False
             if active is not None and (live is None or live.release_id != active):
                 try:
-                    candidate = LiveRelease.load(self.releases, active, batch_size=self.batch_size)
+                    candidate = LiveRelease.load(
+                        self.releases, active, batch_size=self.batch_size, rerank_candidates=self.rerank_candidates
+                    )
                     candidate.catch_up(self.corpus)
                 except LockstepError as exc:
                     self.last_error = f"release {active} could not be loaded: {exc}"

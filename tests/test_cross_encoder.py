@@ -1,8 +1,8 @@
 """The cross-encoder: loading rules, batching invariance, sentence-transformers parity, training, teacher cache."""
 
+import hashlib
 import random
 import sqlite3
-import time
 
 import numpy as np
 import pytest
@@ -206,9 +206,7 @@ def test_training_ranks_positives_above_negatives(tiny_model_dir, loss):
     groups = _synthetic_groups()
     before = _ranking_accuracy(model, groups)
     config = CrossEncoderTrainingConfig(loss=loss, epochs=60, learning_rate=5e-3, batch_size=8)
-    started = time.perf_counter()
     history = train_cross_encoder(model, groups, config)
-    assert time.perf_counter() - started < 15
     after = _ranking_accuracy(model, groups)
     assert before < 0.5, "the untrained model should be near chance (1 in 3)"
     assert after >= 0.9, f"{loss}: ranking accuracy {before:.2f} -> {after:.2f}"
@@ -279,12 +277,14 @@ def test_teacher_cache_scores_each_pair_once(reranker, tmp_path):
         assert np.array_equal(first, reranker.score(PAIRS[:3]))
         assert len(cache) == 3
         # A tampered row proves the second call reads the cache instead of scoring again.
+        query_hash = hashlib.sha256(PAIRS[0][0].encode()).hexdigest()
         with sqlite3.connect(path) as db:
-            db.execute("UPDATE teacher_scores SET score = 42.0 WHERE query_sha256 = (SELECT query_sha256 FROM "
-                       "teacher_scores LIMIT 1)")
+            db.execute("UPDATE teacher_scores SET score = 42.0 WHERE query_sha256 = ?", (query_hash,))
+        db.close()
         mixed = cache.get_or_score(reranker, [PAIRS[0], *PAIRS[3:], PAIRS[3]])
+        assert mixed[0] == 42.0, "a cached pair was scored again"
         assert len(cache) == 5, "only the two new pairs may be inserted, the repeated one once"
-        assert mixed[0] in (first[0], 42.0) and mixed[2] == mixed[3]
+        assert np.array_equal(mixed[1:], reranker.score([*PAIRS[3:], PAIRS[3]]))
         assert 42.0 in cache.get_or_score(reranker, PAIRS[:3])
         with torch.no_grad():
             reranker.model.classifier.bias.add_(1.0)

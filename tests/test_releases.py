@@ -158,3 +158,16 @@ def test_model_store_reuses_a_stored_model(releases, tiny_model_dir):
     again, ref_again = store.put(releases.data_dir / ref.path)
     assert ref_again == ref and again.fingerprint == encoder.fingerprint
     assert store.load(ref).fingerprint == ref.fingerprint
+
+
+def test_a_tampered_reranker_is_refused(corpus, releases, tiny_model_dir, other_model_dir):
+    from training.cross_encoder import CrossEncoder
+
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir))
+    assert Manifest.read(releases.path(manifest.release_id)).reranker == manifest.reranker
+    stored = releases.data_dir / manifest.reranker.path
+    shutil.rmtree(stored)
+    CrossEncoder.load(other_model_dir).save(stored)
+    with pytest.raises(IntegrityError, match="reranker at"):
+        LiveRelease.load(releases, manifest.release_id)

@@ -165,3 +165,24 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_rerank_uses_the_release_cross_encoder(data_dir, corpus, releases, tiny_model_dir):
+    """Guards against `rerank: true` silently returning bi-encoder order, or a reranker from another release."""
+    from training.cross_encoder import CrossEncoder
+
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir)
+    manifest = build_release(corpus, releases, options, activate=True)
+    assert manifest.reranker is not None and manifest.reranker.path != manifest.model.path
+    reranker = CrossEncoder.load(releases.data_dir / manifest.reranker.path)
+    settings = Settings(data_dir=data_dir, rerank_candidates=4)
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/v1/search", json={"query": "apple banana", "k": 3, "rerank": True}).json()
+        plain = client.post("/v1/search", json={"query": "apple banana", "k": 4}).json()
+    assert "rerank" in body["timings_ms"] and len(body["results"]) == 3
+    candidates = {hit["id"]: hit for hit in plain["results"]}
+    texts = [f"{candidates[i]['title']} {candidates[i]['text']}" for i in candidates]
+    expected = sorted(zip(reranker.score([("apple banana", t) for t in texts]), candidates), reverse=True)[:3]
+    assert [hit["id"] for hit in body["results"]] == [doc_id for _, doc_id in expected]
+    assert [hit["score"] for hit in body["results"]] == pytest.approx([score for score, _ in expected], abs=1e-4)

@@ -1,0 +1,44 @@
+"""Quality of bi-encoder retrieval followed by cross-encoder reranking of the top candidates.
+
+The bi-encoder retrieves the top `candidates` documents per query (exact search); the
+cross-encoder rescores them and the reranked list is scored with the same trec_eval
+metrics as retrieval alone, so the two are directly comparable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.bi_encoder import BiEncoder
+from training.cross_encoder import CrossEncoder
+from training.dev_eval import DevSet
+from training.evaluation import evaluate_run
+from training.precision import autocast
+
+
+def evaluate_reranked(
+    encoder: BiEncoder,
+    reranker: CrossEncoder,
+    dev: DevSet,
+    *,
+    candidates: int = 50,
+    batch_size: int = 64,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """nDCG@10, Recall@100 and MRR@10 after reranking each dev query's top `candidates` documents."""
+    doc_ids = list(dev.documents)
+    query_ids = list(dev.queries)
+    with autocast(precision, encoder.device):
+        docs = encoder.encode([dev.documents[d] for d in doc_ids], "document", batch_size=batch_size, show_progress=False)
+        queries = encoder.encode([dev.queries[q] for q in query_ids], "query", batch_size=batch_size, show_progress=False)
+    scores = queries @ docs.T
+    depth = min(candidates, len(doc_ids))
+    top = np.argsort(-scores, axis=1)[:, :depth]
+    pairs = [(dev.queries[q], dev.documents[doc_ids[j]]) for q, row in zip(query_ids, top) for j in row]
+    with autocast(precision, reranker.device):
+        reranked = reranker.score(pairs, batch_size=batch_size)
+    run = {
+        q: {doc_ids[j]: float(reranked[i * depth + r]) for r, j in enumerate(row)}
+        for i, (q, row) in enumerate(zip(query_ids, top))
+    }
+    return evaluate_run(run, dev.qrels)
