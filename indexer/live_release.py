@@ -25,6 +25,7 @@ from indexer.vector_index import Hit, VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
 from training.cross_encoder import CrossEncoder
 from training.errors import EmptyInput, IntegrityError, InvalidInput
+from training.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class LiveRelease:
         if index.dim != manifest.dim or encoder.dim != manifest.dim:
             raise IntegrityError(f"release {manifest.release_id}: index or model dimension differs from manifest {manifest.dim}")
         self.manifest = manifest
+        encoder.precision = manifest.precision
         self.encoder = encoder
         self.index = index
         self.batch_size = batch_size
@@ -177,7 +179,7 @@ class LiveRelease:
     def _rerank(self, query: str, hits: list[SearchHit]) -> list[SearchHit]:
         if not hits:
             return hits
-        with self._encode_lock:
+        with self._encode_lock, autocast(self.manifest.precision, self.reranker.device):
             scores = self.reranker.score([(query, hit.document.embedding_text()) for hit in hits], batch_size=self.batch_size)
         order = sorted(range(len(hits)), key=lambda i: -scores[i])
         return [SearchHit(float(scores[i]), hits[i].document) for i in order]

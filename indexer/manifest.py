@@ -1,6 +1,7 @@
 """The release manifest: everything needed to serve, audit and compare a release.
 
-It names the exact model (fingerprint and content-addressed folder), the corpus
+It names the exact model (fingerprint and content-addressed folder) and the numeric
+precision its vectors were computed in (queries use the same), the corpus
 state the vectors reflect (change sequence, document count), the index (factory,
 dimension, metric), the document norms before normalisation (a drift signal),
 evaluation metrics if any, and a sha256 of every file in the release.
@@ -84,6 +85,7 @@ class Manifest:
     files: dict[str, str]
     evaluation: dict[str, float] = field(default_factory=dict)
     reranker: RerankerRef | None = None
+    precision: str = "fp32"
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -25,6 +25,7 @@ from indexer.release_store import ReleaseStore, new_release_id
 from indexer.vector_index import VectorIndex
 from training.errors import InvalidInput
 from training.pooling import Pooling
+from training.precision import Precision, resolve
 
 BuildProgress = Callable[[str, int, int], None]
 ENCODE_CHUNK = 4096
@@ -42,6 +43,7 @@ class BuildOptions:
     query_max_length: int | None = None
     document_max_length: int | None = None
     reranker_path: Path | None = None
+    precision: Precision = "auto"
 
 
 def build_release(
@@ -63,6 +65,7 @@ def build_release(
         query_max_length=options.query_max_length,
         document_max_length=options.document_max_length,
     )
+    encoder.precision = resolve(options.precision, encoder.device)
     reranker_ref = None
     if options.reranker_path is not None:
         _, reranker_ref = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
@@ -104,6 +107,7 @@ def build_release(
             document_norms=NormStats.of(np.concatenate(norm_chunks)),
             files={path.name: sha256_file(path) for path in files},
             reranker=reranker_ref,
+            precision=encoder.precision,
         )
         releases.publish(staging, manifest)
     report("index", 1, 1)

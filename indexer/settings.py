@@ -7,6 +7,7 @@ all-MiniLM-L6-v2, an exact (Flat) index, serving on loopback.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,9 @@ class Settings(BaseSettings):
     reranker: Path | None = Field(None, description="Cross-encoder folder new builds carry for `rerank: true`")
     rerank_candidates: int = Field(50, ge=1, le=1000, description="Candidates the cross-encoder rescores per query")
     index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Encoding precision of new builds: bf16 where the CPU or GPU supports it, else fp32"
+    )
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

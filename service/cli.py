@@ -57,7 +57,14 @@ def main(
     ctx.obj = settings
 
 
-def _build(settings: Settings, model: Path | None, index_type: str | None, activate: bool, reranker: Path | None = None) -> None:
+def _build(
+    settings: Settings,
+    model: Path | None,
+    index_type: str | None,
+    activate: bool,
+    reranker: Path | None = None,
+    precision: str | None = None,
+) -> None:
     corpus = CorpusStore(settings.corpus_path)
     options = BuildOptions(
         model_path=model or settings.model_path(),
@@ -65,11 +72,12 @@ def _build(settings: Settings, model: Path | None, index_type: str | None, activ
         index_type=index_type or settings.index_type,
         batch_size=settings.batch_size,
         reranker_path=reranker or settings.reranker,
+        precision=precision or settings.precision,
     )
     manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
     typer.echo(
-        f"built release {manifest.release_id}: {manifest.doc_count} documents, {manifest.index_type} index, "
+        f"built release {manifest.release_id}: {manifest.doc_count} documents, {manifest.index_type} index, {manifest.precision}, "
         f"model {manifest.model.name} ({manifest.model.fingerprint[:19]}), {state}"
     )
 
@@ -92,9 +100,10 @@ def build(
     index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string: Flat, HNSW32, IVF256,Flat ...")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32 or bf16")] = None,
 ) -> None:
     """Re-embed the whole corpus into a new release."""
-    _build(_settings(ctx), model, index_type, activate, reranker)
+    _build(_settings(ctx), model, index_type, activate, reranker, precision)
 
 
 @releases_app.command("list")

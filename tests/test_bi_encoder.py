@@ -116,3 +116,12 @@ def test_empty_list_gives_empty_matrix(tiny_encoder):
 def test_copied_folder_keeps_name(tiny_model_dir, tmp_path):
     copy = shutil.copytree(tiny_model_dir, tmp_path / "renamed")
     assert BiEncoder.load(copy).name == "tiny-bert-0"
+
+
+def test_bf16_encoding_agrees_with_fp32(tiny_encoder):
+    """Guards against a precision path that changes the vectors beyond rounding."""
+    reference = tiny_encoder.encode(TEXTS)
+    tiny_encoder.precision = "bf16"
+    lowered = tiny_encoder.encode(TEXTS)
+    assert lowered.dtype == np.float32 and np.allclose(np.linalg.norm(lowered, axis=1), 1.0, atol=1e-5)
+    assert (reference * lowered).sum(axis=1).min() >= 0.99

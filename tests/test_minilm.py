@@ -55,6 +55,19 @@ def test_scifact_documents_match_sentence_transformers(minilm, oracle):
     assert _cosines(ours, theirs).min() >= 0.9999
 
 
+def test_bf16_agrees_with_fp32_on_scifact(minilm):
+    """Guards against the default bf16 path drifting from fp32 beyond the 0.999 cosine budget."""
+    lines = require_shared("scifact", "corpus.jsonl").read_text().splitlines()[:200]
+    texts = [Document(id=r["_id"], title=r["title"], text=r["text"]).embedding_text() for r in map(json.loads, lines)]
+    reference = minilm.encode(texts, "document", batch_size=32)
+    minilm.precision = "bf16"
+    try:
+        lowered = minilm.encode(texts, "document", batch_size=32)
+    finally:
+        minilm.precision = "fp32"
+    assert _cosines(reference, lowered).min() >= 0.999
+
+
 def test_a_model_we_save_loads_in_sentence_transformers_identically(minilm, tmp_path):
     minilm.save(tmp_path / "saved")
     reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")

@@ -171,3 +171,13 @@ def test_a_tampered_reranker_is_refused(corpus, releases, tiny_model_dir, other_
     CrossEncoder.load(other_model_dir).save(stored)
     with pytest.raises(IntegrityError, match="reranker at"):
         LiveRelease.load(releases, manifest.release_id)
+
+
+def test_release_records_and_serves_its_precision(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    fp32 = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"))
+    bf16 = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="bf16"))
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert LiveRelease.load(releases, bf16.release_id).encoder.precision == "bf16"
+    with pytest.raises(InvalidInput, match="precision must be"):
+        build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp16"))

@@ -62,7 +62,7 @@ def test_malformed_json_is_a_422_not_a_500(client):
     assert response.status_code == 422 and "error" in response.json()
 
 
-def test_embeddings_are_openai_compatible_and_match_the_release_model(client, tiny_model_dir):
+def test_embeddings_are_openai_compatible_and_match_the_release_model(client, built, tiny_model_dir):
     from training.bi_encoder import BiEncoder
 
     response = client.post("/v1/embeddings", json={"input": ["apple banana", "quick fox"], "model": "anything"})
@@ -70,7 +70,9 @@ def test_embeddings_are_openai_compatible_and_match_the_release_model(client, ti
     body = response.json()
     assert body["object"] == "list" and body["model"] == "tiny-bert-0"
     assert [item["index"] for item in body["data"]] == [0, 1]
-    expected = BiEncoder.load(tiny_model_dir).encode(["apple banana", "quick fox"], "query")
+    release_model = BiEncoder.load(tiny_model_dir)
+    release_model.precision = built.precision
+    expected = release_model.encode(["apple banana", "quick fox"], "query")
     assert np.allclose([item["embedding"] for item in body["data"]], expected, atol=1e-5)
     assert body["usage"]["prompt_tokens"] > 0
     single = client.post("/v1/embeddings", json={"input": "apple banana", "encoding_format": "base64"}).json()
@@ -172,7 +174,7 @@ def test_rerank_uses_the_release_cross_encoder(data_dir, corpus, releases, tiny_
     from training.cross_encoder import CrossEncoder
 
     corpus.upsert(SAMPLE_DOCS)
-    options = BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir)
+    options = BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir, precision="fp32")
     manifest = build_release(corpus, releases, options, activate=True)
     assert manifest.reranker is not None and manifest.reranker.path != manifest.model.path
     reranker = CrossEncoder.load(releases.data_dir / manifest.reranker.path)
@@ -183,6 +185,7 @@ def test_rerank_uses_the_release_cross_encoder(data_dir, corpus, releases, tiny_
     assert "rerank" in body["timings_ms"] and len(body["results"]) == 3
     candidates = {hit["id"]: hit for hit in plain["results"]}
     texts = [f"{candidates[i]['title']} {candidates[i]['text']}" for i in candidates]
-    expected = sorted(zip(reranker.score([("apple banana", t) for t in texts]), candidates), reverse=True)[:3]
+    scores = reranker.score([("apple banana", t) for t in texts])
+    expected = sorted(zip(scores, candidates), reverse=True)[:3]
     assert [hit["id"] for hit in body["results"]] == [doc_id for _, doc_id in expected]
     assert [hit["score"] for hit in body["results"]] == pytest.approx([score for score, _ in expected], abs=1e-4)

@@ -5,7 +5,8 @@ code), pools token outputs, and returns L2-normalised float32 vectors so inner p
 equals cosine. Encoding sorts texts by token length and pads per batch, so short texts
 do not pay for long ones. `save` writes sentence-transformers' layout, so
 `SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
-Left out here: training loops and precision tricks (they live in their own modules).
+`precision` selects fp32 or bf16 autocast for encoding (see `training.precision`).
+Left out here: training loops (they live in their own modules).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from training.errors import InvalidInput
 from training.fingerprint import model_fingerprint
 from training.pooling import Pooling, pool, read_pooling, write_pooling
+from training.precision import ConcretePrecision, autocast
 
 TextKind = Literal["query", "document"]
 ProgressCallback = Callable[[int, int], None]
@@ -92,6 +94,7 @@ class BiEncoder:
         self.tokenizer = tokenizer
         self.settings = settings
         self.name = name
+        self.precision: ConcretePrecision = "fp32"
 
     @classmethod
     def load(
@@ -180,7 +183,7 @@ class BiEncoder:
         if show_progress is None:
             show_progress = len(texts) >= PROGRESS_BAR_MIN_TEXTS
         bar = tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text", disable=not show_progress)
-        with torch.inference_mode(), bar:
+        with torch.inference_mode(), autocast(self.precision, self.device), bar:
             for start in range(0, len(texts), batch_size):
                 rows = order[start : start + batch_size]
                 input_ids, attention_mask = self._pad([token_ids[i] for i in rows])

@@ -12,7 +12,10 @@ from typing import Literal
 
 import torch
 
+from training.errors import InvalidInput
+
 Precision = Literal["auto", "fp32", "bf16"]
+ConcretePrecision = Literal["fp32", "bf16"]
 
 
 def cpu_supports_bf16() -> bool:
@@ -24,10 +27,10 @@ def cpu_supports_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+def resolve(precision: Precision, device: torch.device) -> ConcretePrecision:
     """The concrete precision for `device`: `auto` picks bf16 where it is supported and fast."""
     if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        raise InvalidInput(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -35,7 +38,7 @@ def resolve(precision: Precision, device: torch.device) -> Literal["fp32", "bf16
     return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
 
 
-def autocast(precision: Literal["fp32", "bf16"], device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: ConcretePrecision, device: torch.device) -> contextlib.AbstractContextManager:
     """An autocast context for `precision` on `device` (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
