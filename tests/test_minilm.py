@@ -97,3 +97,11 @@ def test_scifact_ingest_build_eval_and_search(tmp_path):
     with TestClient(create_app(Settings(data_dir=data))) as client:
         body = client.post("/v1/search", json={"query": "0-dimensional biomaterials show inductive properties.", "k": 10}).json()
         assert len(body["results"]) == 10 and body["results"][0]["score"] > 0.3
+
+
+def test_a_folder_saved_by_sentence_transformers_loads_with_the_same_settings(minilm, oracle, tmp_path):
+    """Guards against misreading sentence-transformers 6's layout (pooling mode, max length in the tokenizer config)."""
+    oracle.save(str(tmp_path / "st-saved"))
+    loaded = BiEncoder.load(tmp_path / "st-saved")
+    assert loaded.settings == minilm.settings
+    assert loaded.fingerprint == minilm.fingerprint

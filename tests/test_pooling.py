@@ -40,3 +40,20 @@ def test_ambiguous_or_unsupported_config_is_refused(tmp_path):
 
 def test_missing_config_means_undeclared(tmp_path):
     assert read_pooling(tmp_path) is None
+
+
+@pytest.mark.parametrize(("value", "mode"), [("mean", Pooling.MEAN), ("cls", Pooling.CLS), ("max", Pooling.MAX)])
+def test_sentence_transformers_v6_pooling_format(tmp_path, value, mode):
+    """Guards against refusing (or misreading) folders saved by sentence-transformers 6."""
+    folder = tmp_path / "1_Pooling"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"embedding_dimension": 8, "pooling_mode": value}))
+    assert read_pooling(tmp_path) is mode
+
+
+def test_unsupported_v6_pooling_mode_is_refused(tmp_path):
+    folder = tmp_path / "1_Pooling"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    with pytest.raises(ValueError, match="not supported"):
+        read_pooling(tmp_path)

@@ -68,10 +68,14 @@ def _require_safetensors(model_dir: Path) -> None:
 
 
 def _folder_max_length(model_dir: Path, model: PreTrainedModel) -> int:
-    st_config = model_dir / "sentence_bert_config.json"
+    """sentence-transformers' `max_seq_length` (v5 and older), else the tokenizer's `model_max_length`
+    (where v6 keeps it), else 512; never beyond the model's position embeddings."""
     limit = getattr(model.config, "max_position_embeddings", 512)
-    if st_config.exists():
-        return min(int(json.loads(st_config.read_text()).get("max_seq_length", limit)), limit)
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = model_dir / name
+        value = json.loads(path.read_text()).get(key) if path.exists() else None
+        if isinstance(value, int) and 0 < value < 100_000:
+            return min(value, limit)
     return min(512, limit)
 
 

@@ -45,11 +45,19 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: Poo
 
 
 def read_pooling(model_dir: Path) -> Pooling | None:
-    """The pooling a sentence-transformers folder declares, or None if it declares none."""
+    """The pooling a sentence-transformers folder declares (either format: v6's `pooling_mode`, or the
+    older `pooling_mode_*_tokens` flags), or None if it declares none."""
     config_path = Path(model_dir) / POOLING_DIR / "config.json"
     if not config_path.exists():
         return None
     config = json.loads(config_path.read_text())
+    if "pooling_mode" in config:
+        try:
+            return Pooling(config["pooling_mode"])
+        except ValueError:
+            raise ValueError(
+                f"{config_path}: pooling_mode {config['pooling_mode']!r} is not supported; Lockstep supports mean, cls and max"
+            ) from None
     chosen = [mode for mode, key in _ST_KEYS.items() if config.get(key)]
     unsupported = [
         key
