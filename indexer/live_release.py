@@ -150,8 +150,8 @@ class LiveRelease:
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         return self.index.search(vectors, k)
 
-    def search(self, corpus: CorpusStore, query: str, k: int, rerank: bool = False) -> SearchOutcome:
-        """Encode one query with this release's model, search this release's index, optionally rerank."""
+    def check_search(self, query: str, rerank: bool) -> None:
+        """Refuse a search this release cannot answer, before any encoding."""
         if not query.strip():
             raise EmptyInput("query is empty; send the text to search for")
         if rerank and self.reranker is None:
@@ -159,21 +159,33 @@ class LiveRelease:
                 f"release {self.release_id} has no cross-encoder to rerank with; send rerank=false "
                 "or build a release with `lockstep build --reranker PATH`"
             )
-        clock = [time.perf_counter()]
+
+    def search(self, corpus: CorpusStore, query: str, k: int, rerank: bool = False) -> SearchOutcome:
+        """Encode one query with this release's model, search this release's index, optionally rerank."""
+        self.check_search(query, rerank)
+        started = time.perf_counter()
         vector = self.encode_queries([query])
-        clock.append(time.perf_counter())
+        return self.search_encoded(corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3)
+
+    def search_encoded(
+        self, corpus: CorpusStore, query: str, vector: np.ndarray, k: int, rerank: bool = False, encode_ms: float = 0.0
+    ) -> SearchOutcome:
+        """Search with a query vector this release's model produced (e.g. in a batch with other queries)."""
+        self.check_search(query, rerank)
+        clock = [time.perf_counter()]
         hits = self.index.search(vector, max(k, self.rerank_candidates) if rerank else k)[0]
         clock.append(time.perf_counter())
         documents = corpus.get_many([hit.doc_id for hit in hits])
         scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
         clock.append(time.perf_counter())
-        names = ["encode", "search", "fetch"]
+        names = ["search", "fetch"]
         if rerank:
             scored = self._rerank(query, scored)
             clock.append(time.perf_counter())
             names.append("rerank")
-        timings = {name: (clock[i + 1] - clock[i]) * 1e3 for i, name in enumerate(names)}
-        timings["total"] = (clock[-1] - clock[0]) * 1e3
+        timings = {"encode": encode_ms}
+        timings.update({name: (clock[i + 1] - clock[i]) * 1e3 for i, name in enumerate(names)})
+        timings["total"] = encode_ms + (clock[-1] - clock[0]) * 1e3
         return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()})
 
     def _rerank(self, query: str, hits: list[SearchHit]) -> list[SearchHit]:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
         "auto", description="Encoding precision of new builds: bf16 where the CPU or GPU supports it, else fp32"
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
+    dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")
+    batch_wait_ms: float = Field(2.0, ge=0, le=100, description="How long a query waits for others to batch with")
+    max_query_batch: int = Field(64, ge=1, le=1024, description="Most query texts encoded in one call")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks for a new active release")

@@ -21,6 +21,7 @@ from indexer.settings import Settings
 from service.deps import ServiceState
 from service.http_errors import install_error_handlers
 from service.metrics import ServiceMetrics, install_request_metrics
+from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
 from service.routes import documents, embeddings, health, search
 
@@ -47,11 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         releases = ReleaseStore(settings.data_dir)
         holder = ReleaseHolder(releases, corpus, settings.batch_size, settings.rerank_candidates)
         await run_in_threadpool(holder.refresh)
-        app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics)
+        batcher = QueryBatcher(
+            settings.dynamic_batching, settings.batch_wait_ms, settings.max_query_batch, metrics.encoder_batch.observe
+        )
+        await batcher.start()
+        app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics, batcher)
         watcher = asyncio.create_task(_watch_releases(holder, settings.poll_interval_s))
         try:
             yield
         finally:
+            await batcher.stop()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

@@ -12,6 +12,7 @@ from indexer.live_release import LiveRelease
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
 from service.metrics import ServiceMetrics
+from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
 
 
@@ -24,6 +25,7 @@ class ServiceState:
     releases: ReleaseStore
     holder: ReleaseHolder
     metrics: ServiceMetrics
+    batcher: QueryBatcher
 
 
 def get_state(request: Request) -> ServiceState:

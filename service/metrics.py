@@ -24,6 +24,12 @@ class ServiceMetrics:
         self.active_release = Gauge(
             "lockstep_active_release", "1 for the release this process serves", ["release"], registry=self.registry
         )
+        self.encoder_batch = Histogram(
+            "lockstep_encoder_batch_texts",
+            "Query texts per encoder call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.index_documents = Gauge("lockstep_index_documents", "Documents in the live index", registry=self.registry)
 
     def set_release(self, release_id: str | None, documents: int) -> None:

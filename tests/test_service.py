@@ -189,3 +189,32 @@ def test_rerank_uses_the_release_cross_encoder(data_dir, corpus, releases, tiny_
     expected = sorted(zip(scores, candidates), reverse=True)[:3]
     assert [hit["id"] for hit in body["results"]] == [doc_id for _, doc_id in expected]
     assert [hit["score"] for hit in body["results"]] == pytest.approx([score for score, _ in expected], abs=1e-4)
+
+
+def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_dir, corpus, releases, tiny_model_dir):
+    """Guards against batching changing answers, or mixing releases inside one encoder call."""
+    import asyncio
+
+    import httpx
+
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"), activate=True)
+    queries = [doc.embedding_text() for doc in SAMPLE_DOCS] * 4 + ["apple", "quick brown dog", "cancer genes"]
+
+    async def answers(batching: bool):
+        app = create_app(Settings(data_dir=data_dir, dynamic_batching=batching, batch_wait_ms=20.0))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                responses = await asyncio.gather(*(client.post("/v1/search", json={"query": q, "k": 3}) for q in queries))
+                metrics = (await client.get("/metrics")).text
+        return [r.json() for r in responses], metrics
+
+    batched, batched_metrics = asyncio.run(answers(True))
+    single, single_metrics = asyncio.run(answers(False))
+    for left, right in zip(batched, single):
+        assert [h["id"] for h in left["results"]] == [h["id"] for h in right["results"]]
+        assert [h["score"] for h in left["results"]] == pytest.approx([h["score"] for h in right["results"]], abs=1e-5)
+    batches = float(batched_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0])
+    assert batches < len(queries), "concurrent queries were not grouped"
+    assert float(single_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0]) == len(queries)

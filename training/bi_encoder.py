@@ -50,11 +50,18 @@ class EncoderSettings:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Unit vectors, the norms they had before normalisation (a drift signal), and tokens read."""
+    """Unit vectors, the norms they had before normalisation (a drift signal), and tokens read per text."""
 
     vectors: np.ndarray
     norms: np.ndarray
-    tokens: int = 0
+    lengths: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def rows(self, start: int, stop: int) -> Encoded:
+        return Encoded(self.vectors[start:stop], self.norms[start:stop], self.lengths[start:stop])
 
 
 def _require_safetensors(model_dir: Path) -> None:
@@ -180,10 +187,10 @@ class BiEncoder:
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         norms = np.zeros(len(texts), dtype=np.float32)
         if not texts:
-            return Encoded(vectors, norms)
+            return Encoded(vectors, norms, np.zeros(0, dtype=np.int64))
         token_ids = self.tokenize(texts, kind)
-        tokens = sum(len(ids) for ids in token_ids)
-        order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
+        lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
         if show_progress is None:
             show_progress = len(texts) >= PROGRESS_BAR_MIN_TEXTS
         bar = tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text", disable=not show_progress)
@@ -198,7 +205,7 @@ class BiEncoder:
                 bar.update(len(rows))
                 if progress is not None:
                     progress(min(start + batch_size, len(texts)), len(texts))
-        return Encoded(vectors, norms, tokens)
+        return Encoded(vectors, norms, lengths)
 
     def encode(self, texts: Sequence[str], kind: TextKind = "document", **kwargs) -> np.ndarray:
         """Unit float32 vectors `(len(texts), dim)`, in input order."""

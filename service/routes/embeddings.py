@@ -3,9 +3,8 @@
 import base64
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
-from service.deps import LiveDep
+from service.deps import LiveDep, StateDep
 from service.http_errors import ERROR_RESPONSES
 from service.schemas import MAX_EMBEDDING_INPUTS, MAX_QUERY_CHARS, EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, Usage
 from training.errors import EmptyInput, InvalidInput
@@ -26,8 +25,8 @@ def _texts(body: EmbeddingsRequest) -> list[str]:
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=ERROR_RESPONSES)
-async def embeddings(body: EmbeddingsRequest, live: LiveDep) -> EmbeddingsResponse:
-    encoded = await run_in_threadpool(live.embed_queries, _texts(body))
+async def embeddings(body: EmbeddingsRequest, live: LiveDep, state: StateDep) -> EmbeddingsResponse:
+    encoded = await state.batcher.embed(live, _texts(body))
     as_base64 = body.encoding_format == "base64"
     data = [
         EmbeddingItem(index=i, embedding=base64.b64encode(row.tobytes()).decode() if as_base64 else row.tolist())

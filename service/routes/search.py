@@ -1,5 +1,7 @@
 """`POST /v1/search`: the top-k documents for a query, from one release."""
 
+import time
+
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
@@ -12,7 +14,13 @@ router = APIRouter(tags=["search"])
 
 @router.post("/v1/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchResponse:
-    outcome = await run_in_threadpool(live.search, state.corpus, body.query, body.k, body.rerank)
+    live.check_search(body.query, body.rerank)
+    started = time.perf_counter()
+    encoded = await state.batcher.embed(live, [body.query])
+    encode_ms = (time.perf_counter() - started) * 1e3
+    outcome = await run_in_threadpool(
+        live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms
+    )
     return SearchResponse(
         release=outcome.release_id,
         results=[
