@@ -37,6 +37,15 @@ PAIRS = [
 CONTENT_WORDS = [word for word in WORDS if len(word) > 3]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine spinning threads make them 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def reranker(tiny_model_dir) -> CrossEncoder:
     return CrossEncoder.load(tiny_model_dir)
@@ -169,7 +178,12 @@ def test_fingerprint_follows_in_place_weight_changes_and_max_length(tiny_model_d
     assert CrossEncoder.load(tiny_model_dir, max_length=64).fingerprint != before
     with torch.no_grad():
         model.model.classifier.bias.add_(1.0)
-    assert model.fingerprint != before
+    edited = model.fingerprint
+    assert edited != before
+    train_cross_encoder(model, _synthetic_groups(count=4), CrossEncoderTrainingConfig(learning_rate=1e-3))
+    assert model.fingerprint != edited
+    with pytest.raises(InvalidInput, match="max length 0"):
+        CrossEncoder.load(tiny_model_dir, max_length=0)
 
 
 def test_listwise_loss_matches_a_per_group_cross_entropy_loop():

@@ -86,8 +86,11 @@ def _classifier_config(model_dir: Path) -> PretrainedConfig:
 
 
 def _default_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
-    """The tokenizer's declared length (what `save` writes and sentence-transformers reads), else 512; capped by positions."""
-    declared = tokenizer.model_max_length
+    """The tokenizer's declared length (what `save` writes, what sentence-transformers reads), else 512.
+
+    Capped by the model's position embeddings.
+    """
+    declared = tokenizer.model_max_length  # transformers reports ~1e30 when the folder declares none
     length = declared if declared < 1_000_000 else DEFAULT_MAX_LENGTH
     return min(length, getattr(config, "max_position_embeddings", length))
 
@@ -106,7 +109,9 @@ class CrossEncoder:
             raise InvalidInput(f"a cross-encoder needs num_labels=1, the model has {model.config.num_labels}")
         limit = getattr(model.config, "max_position_embeddings", None)
         if max_length < MIN_MAX_LENGTH or (limit is not None and max_length > limit):
-            raise InvalidInput(f"max length {max_length} must be between {MIN_MAX_LENGTH} and the model's limit {limit}")
+            raise InvalidInput(
+                f"max length {max_length} must be between {MIN_MAX_LENGTH} and the model's limit {limit}"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._max_length = max_length
@@ -134,7 +139,8 @@ class CrossEncoder:
                 "pass a folder saved from the same architecture as its config.json"
             )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        return cls(model.to(device), tokenizer, max_length or _default_max_length(tokenizer, config))
+        length = _default_max_length(tokenizer, config) if max_length is None else max_length
+        return cls(model.to(device), tokenizer, length)
 
     @property
     def max_length(self) -> int:
@@ -234,7 +240,8 @@ class CrossEncoder:
         out = Path(path)
         if (out / "modules.json").exists():
             raise InvalidInput(
-                f"{out} holds a sentence-transformers pipeline (modules.json); save the cross-encoder to an empty folder"
+                f"{out} holds a sentence-transformers pipeline (modules.json); "
+                "save the cross-encoder to an empty folder"
             )
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out, safe_serialization=True)

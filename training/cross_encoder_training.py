@@ -106,7 +106,9 @@ def group_scores(flat: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor
 def listwise_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over groups of cross-entropy with the positive (column 0) as target; padding is -inf."""
     if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape != mask.shape:
-        raise ValueError(f"scores must be (groups, 1 + negatives >= 2) with a mask of that shape, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must be (groups, 1 + negatives >= 2) with a mask of that shape, got {tuple(scores.shape)}"
+        )
     targets = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     return F.cross_entropy(scores.masked_fill(~mask, float("-inf")), targets)
 

@@ -1,11 +1,12 @@
-"""A model fingerprint: one sha256 that changes whenever the vectors could change.
+"""A model fingerprint: one sha256 that changes whenever the model's outputs could change.
 
 It covers the weights (names, dtypes, shapes, bytes), the tokenizer's vocabulary and
 normalisation, the architecture settings that affect outputs, and the model's own
 output settings: pooling and both max lengths for the bi-encoder, the pair max length
 for the cross-encoder. Release manifests record it, and the service refuses a release
-whose model no longer hashes to it. Deliberately left out: file timestamps, library versions and
-config keys that do not change outputs, so a re-save of the same model keeps its name.
+whose model no longer hashes to it. Deliberately left out: file timestamps, library
+versions and config keys that do not change outputs, so a re-save of the same model
+keeps its name.
 """
 
 from __future__ import annotations
