@@ -243,8 +243,11 @@ def train(
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML (default: the shipped three-stage recipe)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model to start from (default: the packaged all-MiniLM-L6-v2)")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Where the metrics log and report go (default: OUT.run)")] = None,
+    sts_probe: Annotated[Optional[Path], typer.Option(help="STS-B file for the out-of-domain probe (overrides the recipe)")] = None,
 ) -> None:
     """Fine-tune the bi-encoder with a recipe; prints dev quality before and after, and any alerts."""
+    import dataclasses
+
     from training.fine_tune import fine_tune
     from training.recipe import load_recipe
     from training.report import render_report
@@ -252,7 +255,10 @@ def train(
     settings = _settings(ctx)
     data = _training_data(queries, qrels, corpus, pairs)
     run_dir = run_dir or out.with_name(out.name + ".run")
-    summary = fine_tune(model or settings.model_path(), data, load_recipe(recipe), out, run_dir, show_progress=True)
+    loaded = load_recipe(recipe)
+    if sts_probe is not None:
+        loaded = dataclasses.replace(loaded, run=dataclasses.replace(loaded.run, sts_probe=str(sts_probe)))
+    summary = fine_tune(model or settings.model_path(), data, loaded, out, run_dir, show_progress=True)
     report = render_report(run_dir)
     typer.echo(f"dev nDCG@10 {summary.base['ndcg@10']:.4f} -> {summary.final['ndcg@10']:.4f} ({summary.dev_queries} dev queries)")
     for stage in summary.stages:

@@ -164,3 +164,32 @@ def test_report_renders_every_diagnostic(tiny_model_dir, tmp_path):
     assert page.count("data:image/png;base64,") >= 8 and "Remedies by failure mode" in page
     with pytest.raises(InvalidInput, match="no metrics.jsonl"):
         render_report(tmp_path / "nothing")
+
+
+def test_distillation_stages_train_a_teacher_and_use_its_cached_scores(tiny_model_dir, tmp_path):
+    """Guards against the teacher path (train teacher, mine, score, MarginMSE/KL) breaking unnoticed."""
+    from training.teacher_cache import TeacherScoreCache
+
+    data = synthetic_task(48)
+    recipe = parse_recipe({
+        "run": {"seed": 3, "dev_fraction": 0.25, "precision": "fp32"},
+        "teacher": {"init": str(tiny_model_dir), "epochs": 1, "batch_size": 8, "negatives": 3, "max_length": 64},
+        "stage": [
+            {"name": "margin", "loss": "margin_mse", "negatives": "teacher", "hard_negatives": 2, "epochs": 1,
+             "learning_rate": 1e-4, "batch_size": 8, "mine_window_start": 1, "mine_window_end": 20,
+             "mine_margin": -2.0, "mine_teacher_margin": -100.0},
+            {"name": "kl", "loss": "kl", "negatives": "teacher", "hard_negatives": 2, "epochs": 1,
+             "learning_rate": 1e-4, "batch_size": 8, "mine_window_start": 1, "mine_window_end": 20,
+             "mine_margin": -2.0, "mine_teacher_margin": -100.0},
+        ],
+    })
+    summary = fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    assert [s["name"] for s in summary.stages] == ["margin", "kl"]
+    assert all(s["examples"] > 0 for s in summary.stages)
+    assert (tmp_path / "run" / "teacher" / "model.safetensors").exists()
+    with TeacherScoreCache(tmp_path / "run" / "teacher_scores.sqlite3") as cache:
+        assert len(cache) > 0, "teacher scores were cached on disk"
+    for stage in ("margin", "kl"):
+        assert (tmp_path / "run" / "checkpoints" / stage / "modules.json").exists()
+    steps = [r for r in read_log(tmp_path / "run") if r["type"] == "step"]
+    assert {r["stage"] for r in steps} == {"margin", "kl"} and all(np.isfinite(r["loss"]) for r in steps)

@@ -4,8 +4,9 @@ Inputs are plain mappings (queries, qrels, document texts) so the caller decides
 they come from (BEIR files, uploaded pairs, the corpus store). Each stage starts from
 the previous stage's best weights and keeps only improvements on dev nDCG@10: a
 stage that does not beat its starting point is rolled back and reported as gated.
-The run directory gets the metrics log, the recipe, the mining reports and a
-summary with the last diagnostics and the remedies of any alert that fired.
+The run directory gets the metrics log, the recipe, the mining reports, each stage's
+best checkpoint (`checkpoints/<stage>/`, sentence-transformers layout) and a summary
+with the last diagnostics and the remedies of any alert that fired.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from training.teacher import obtain_teacher
 from training.trainer import Progress, TrainingContext, train_stage
 
 log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ def fine_tune(
             )
             metrics.write("mining", stage=stage.name, **report.as_dict())
         result = train_stage(ctx, stage_examples, stage, current)
+        encoder.save(run_dir / CHECKPOINTS_DIR / stage.name)
         gated = result.best_step == 0
         stages.append({"name": stage.name, "steps": result.steps, "best_step": result.best_step, "gated": gated,
                        "stopped_early": result.stopped_early, "examples": result.examples_used,
