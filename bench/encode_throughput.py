@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from training.bi_encoder import BiEncoder  # noqa: E402
 from training.default_model import default_model_path  # noqa: E402
-from training.precision import autocast, cpu_supports_bf16  # noqa: E402
+from training.precision import cpu_supports_bf16  # noqa: E402
 
 FLOP_PER_TOKEN = 24e6
 

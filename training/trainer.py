@@ -11,8 +11,6 @@ Every step and evaluation is appended to the run's metrics log.
 
 from __future__ import annotations
 
-import copy
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +47,6 @@ from training.metrics_log import MetricsLog
 from training.precision import autocast
 from training.schedule import build_optimizer, warmup_cosine
 from training.stage import StageConfig
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, dict], None]
 
