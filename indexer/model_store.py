@@ -65,25 +65,12 @@ class ModelStore:
             query_max_length=query_max_length,
             document_max_length=document_max_length,
         )
-        staging = self.models_dir / f".staging-{secrets.token_hex(4)}"
-        try:
-            original.save(staging)
-            stored = BiEncoder.load(staging)
-            folder = self._publish(staging, stored.fingerprint)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        stored, folder = self._store(original, BiEncoder.load)
         return stored, model_ref(stored, f"models/{folder.name}")
 
     def put_reranker(self, source: str | Path, *, max_length: int | None = None) -> tuple[CrossEncoder, RerankerRef]:
         """Store a cross-encoder by fingerprint and return it loaded from the store."""
-        original = CrossEncoder.load(source, max_length=max_length)
-        staging = self.models_dir / f".staging-{secrets.token_hex(4)}"
-        try:
-            original.save(staging)
-            stored = CrossEncoder.load(staging)
-            folder = self._publish(staging, stored.fingerprint)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        stored, folder = self._store(CrossEncoder.load(source, max_length=max_length), CrossEncoder.load)
         ref = RerankerRef(stored.fingerprint, f"models/{folder.name}", Path(source).name, stored.max_length)
         return stored, ref
 
@@ -100,15 +87,21 @@ class ModelStore:
             )
         return reranker
 
-    def _publish(self, staging: Path, fingerprint: str) -> Path:
-        folder = self.models_dir / _folder_name(fingerprint)
-        if folder.exists():
-            shutil.rmtree(staging)
-        else:
-            fsync_tree(staging)
-            staging.rename(folder)
-            fsync_dir(self.models_dir)
-        return folder
+    def _store(self, original, load):
+        """Save `original` to staging, re-load the saved copy with `load`, and move it to `models/<fingerprint>`
+        unless that folder exists; returns the re-loaded copy and its folder."""
+        staging = self.models_dir / f".staging-{secrets.token_hex(4)}"
+        try:
+            original.save(staging)
+            stored = load(staging)
+            folder = self.models_dir / _folder_name(stored.fingerprint)
+            if not folder.exists():
+                fsync_tree(staging)
+                staging.rename(folder)
+                fsync_dir(self.models_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return stored, folder
 
     def load(self, ref: ModelRef, device: str = "cpu") -> BiEncoder:
         """Load a stored model and refuse it unless it still hashes to `ref.fingerprint`."""
