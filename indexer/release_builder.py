@@ -54,8 +54,13 @@ def build_release(
     activate: bool = False,
     show_progress: bool = False,
     progress: BuildProgress | None = None,
+    release_id: str | None = None,
 ) -> Manifest:
-    """Re-embed the whole corpus into a new published release; optionally make it active."""
+    """Re-embed the whole corpus into a new published release; optionally make it active.
+
+    `release_id` lets a job fix the id up front, so a rerun after a crash rebuilds
+    the same release instead of leaving two behind.
+    """
     report = progress or (lambda stage, done, total: None)
     report("model", 0, 1)
     encoder, ref = ModelStore(releases.data_dir).put(
@@ -73,7 +78,7 @@ def build_release(
     if not documents:
         raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
     index = VectorIndex(encoder.dim, options.index_type)
-    release_id = new_release_id()
+    release_id = release_id or new_release_id()
     norm_chunks = []
     bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
     with releases.staging(release_id) as staging, bar:

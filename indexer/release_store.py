@@ -171,8 +171,14 @@ class ReleaseStore:
 
     @contextmanager
     def staging(self, release_id: str) -> Iterator[Path]:
-        """A private folder to build a release in; removed unless `publish` moved it."""
+        """A private folder to build a release in; removed unless `publish` moved it.
+
+        A leftover of the same id (a build killed mid-way) is cleared first.
+        """
+        if self.exists(release_id):
+            raise Conflict(f"release {release_id} is already published")
         folder = self.releases_dir / f"{STAGING_PREFIX}{release_id}"
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         try:
             yield folder

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,10 +35,34 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks for a new active release")
     keep_releases: int = Field(5, ge=1, description="Releases kept by `lockstep releases gc`")
     log_level: str = "info"
+    broker_url: str | None = Field(
+        None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; default: a SQLite broker in the data dir"
+    )
+    queue: str = Field("lockstep", description="Celery queue the jobs go to")
+    admin_token: SecretStr | None = Field(None, description="Bearer token the jobs and admin routes require")
+    dev_queries: Path | None = Field(None, description="Queries JSONL the promotion gate evaluates on")
+    dev_qrels: Path | None = Field(None, description="Judgements (BEIR qrels TSV) the promotion gate evaluates on")
+    gate_tolerance: float = Field(0.01, ge=0, le=1, description="How far below the live nDCG@10 a candidate may be")
+    job_stale_after_s: float = Field(300.0, gt=0, description="A running job without a heartbeat this long is lost")
+    job_max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it for good")
 
     @property
     def corpus_path(self) -> Path:
         return self.data_dir / "corpus.sqlite3"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    def broker(self) -> str:
+        """The Celery broker URL: `broker_url`, or a SQLite file in the data dir that needs no server."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
+
+    def redis_url(self) -> str | None:
+        """The broker URL when it is Redis (used for release notifications), else None."""
+        return self.broker_url if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")) else None
 
     def model_path(self) -> Path:
         """The model folder new builds use."""

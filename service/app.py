@@ -1,8 +1,9 @@
 """The FastAPI app factory. Heavy objects (corpus, model, index) load in the lifespan, never at import.
 
 A background task polls the active-release pointer and the corpus sequence, so a
-release activated by the CLI or another process, and documents written by another
-process, reach this one within `poll_interval_s`.
+release activated by the CLI, a worker or another process, and documents written by
+another process, reach this one within `poll_interval_s`. With a Redis broker the
+process also listens for release announcements and switches at once.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from indexer.corpus_store import CorpusStore
+from indexer.job_store import JobStore
+from indexer.release_events import listen
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
 from service.deps import ServiceState
 from service.http_errors import install_error_handlers
+from service.job_queue import JobQueue
 from service.metrics import ServiceMetrics, install_request_metrics
 from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
-from service.routes import documents, embeddings, health, search
+from service.routes import admin, documents, embeddings, health, jobs, search
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +56,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.dynamic_batching, settings.batch_wait_ms, settings.max_query_batch, metrics.encoder_batch.observe
         )
         await batcher.start()
-        app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics, batcher)
-        watcher = asyncio.create_task(_watch_releases(holder, settings.poll_interval_s))
+        job_store, queue = JobStore(settings.jobs_path), JobQueue(settings)
+        app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics, batcher, job_store, queue)
+
+        async def on_announcement(release_id: str) -> None:
+            log.info("release %s was announced; switching", release_id)
+            try:
+                await run_in_threadpool(holder.refresh)
+            except Exception:
+                log.exception("switching to announced release %s failed; polling will retry", release_id)
+
+        background = [
+            asyncio.create_task(_watch_releases(holder, settings.poll_interval_s)),
+            asyncio.create_task(listen(settings, on_announcement)),
+        ]
         try:
             yield
         finally:
             await batcher.stop()
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            queue.close()
+            job_store.close()
             corpus.close()
 
     app = FastAPI(
@@ -71,6 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_request_metrics(app, metrics)
-    for module in (search, embeddings, documents, health):
+    for module in (search, embeddings, documents, health, jobs, admin):
         app.include_router(module.router)
     return app

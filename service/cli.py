@@ -1,4 +1,4 @@
-"""The `lockstep` command line: ingest, build, releases, serve, search, eval, up.
+"""The `lockstep` command line: ingest, build, releases, serve, worker, search, eval, train, up.
 
 Each command parses its options, calls one domain function and prints the result;
 errors print `error: ...` (with file and line for bad input files) and exit 1.
@@ -215,20 +215,11 @@ def evaluate(
 
 
 def _training_data(queries: Path | None, qrels: Path | None, corpus: Path | None, pairs: Path | None):
-    from indexer.ingest import read_corpus
-    from training.eval_data import load_qrels, load_queries
-    from training.examples import load_pairs
-    from training.fine_tune import TrainingData
+    from indexer.training_inputs import load_training_data
 
-    if pairs is not None:
-        data = TrainingData.from_examples(load_pairs(pairs))
-        if corpus is not None:
-            data.documents.update({doc.id: doc.embedding_text() for doc in read_corpus(corpus)})
-        return data
-    if not (queries and qrels and corpus):
+    if pairs is None and not corpus:
         raise InvalidInput("pass --queries, --qrels and --corpus (BEIR files), or --pairs with a pairs/triplets JSONL file")
-    documents = {doc.id: doc.embedding_text() for doc in read_corpus(corpus)}
-    return TrainingData(load_queries(queries), load_qrels(qrels), documents)
+    return load_training_data(queries=queries, qrels=qrels, corpus_file=corpus, pairs=pairs)
 
 
 @app.command()
@@ -318,6 +309,21 @@ def _serve(settings: Settings) -> None:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a child process needs to read the same settings."""
+    import os
+
+    env = dict(os.environ)
+    env["LOCKSTEP_DATA_DIR"] = str(settings.data_dir.resolve())
+    if settings.admin_token is not None:
+        env["LOCKSTEP_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
+    return env
+
+
+def _worker_command(extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "workers", *extra]
+
+
 @app.command()
 @_fail_cleanly
 def serve(
@@ -330,6 +336,29 @@ def serve(
     _serve(settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Run a job worker (retrain, re-embed, evaluate, promote); extra options go to the Celery worker."""
+    import os
+
+    settings = _settings(ctx)
+    command = _worker_command(list(ctx.args))
+    os.execve(command[0], command, _settings_env(settings))
+
+
+def _admin_token(settings: Settings) -> Settings:
+    """On loopback with no admin token set, generate one for this run and print it."""
+    import secrets
+
+    from pydantic import SecretStr
+
+    if settings.admin_token is not None or settings.host not in ("127.0.0.1", "localhost", "::1"):
+        return settings
+    token = secrets.token_urlsafe(24)
+    typer.echo(f"admin token for this run (set LOCKSTEP_ADMIN_TOKEN to choose your own): {token}")
+    return settings.model_copy(update={"admin_token": SecretStr(token)})
+
+
 @app.command()
 @_fail_cleanly
 def up(
@@ -338,7 +367,9 @@ def up(
     port: Annotated[Optional[int], typer.Option(help="Port to bind")] = None,
     corpus: Annotated[Optional[Path], typer.Option(help="Ingest this JSONL corpus (default: a demo corpus when empty)")] = None,
 ) -> None:
-    """Everything on embedded defaults: ingest, build and activate if needed, then serve."""
+    """Everything on embedded defaults: ingest, build and activate if needed, then serve with a job worker."""
+    import subprocess
+
     from indexer.demo_corpus import stdlib_documents
     from indexer.ingest import ingest_file
 
@@ -355,7 +386,18 @@ def up(
         typer.echo(f"empty corpus: ingested {result.inserted} Python standard library docstrings as a demo")
     if ReleaseStore(settings.data_dir).active() is None or changed:
         _build(settings, None, None, activate=True)
-    _serve(settings)
+    settings = _admin_token(settings)
+    worker_process = subprocess.Popen(_worker_command([]), env=_settings_env(settings))
+    typer.echo(f"job worker started (pid {worker_process.pid}); Ctrl-C stops the API and the worker")
+    try:
+        _serve(settings)
+    finally:
+        worker_process.terminate()
+        try:
+            worker_process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+            worker_process.wait()
 
 
 if __name__ == "__main__":

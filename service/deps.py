@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from indexer.corpus_store import CorpusStore
+from indexer.job_store import JobStore
 from indexer.live_release import LiveRelease
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
+from service.job_queue import JobQueue
 from service.metrics import ServiceMetrics
 from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
@@ -26,6 +28,8 @@ class ServiceState:
     holder: ReleaseHolder
     metrics: ServiceMetrics
     batcher: QueryBatcher
+    jobs: JobStore
+    queue: JobQueue
 
 
 def get_state(request: Request) -> ServiceState:

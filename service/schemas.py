@@ -101,3 +101,77 @@ class DeleteResponse(BaseModel):
 class Health(BaseModel):
     status: str
     release: str | None = None
+
+
+PathOrPairs = str | list[dict]
+PathOrQueries = str | dict[str, str]
+PathOrQrels = str | dict[str, dict[str, int]]
+
+
+class RetrainRequest(BaseModel):
+    """A fine-tuning job. Training data: `pairs`, or `queries` + `qrels`; each a path the workers can read, or inline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str | None = Field(None, description="A shipped recipe by name (default, quick); default: default")
+    recipe_toml: str | None = Field(None, max_length=100_000, description="A whole recipe as TOML instead of a name")
+    pairs: PathOrPairs | None = Field(None, description='Pairs/triplets JSONL path, or [{"query", "positive", "negatives"}]')
+    queries: PathOrQueries | None = Field(None, description="BEIR queries.jsonl path, or {query id: text}")
+    qrels: PathOrQrels | None = Field(None, description="BEIR qrels TSV path, or {query id: {doc id: grade}}")
+    corpus: str | None = Field(None, description="Corpus JSONL the data refers to; default: Lockstep's corpus")
+    dev_queries: str | None = Field(None, description="Queries the promotion gate evaluates on (overrides settings)")
+    dev_qrels: str | None = Field(None, description="Judgements the promotion gate evaluates on")
+    index_type: str | None = Field(None, description="FAISS factory string of the new release; default: the live one's")
+
+
+class ReembedRequest(BaseModel):
+    """Re-embed the corpus into a new release with `model` (a folder the workers can read) or the live model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model folder; default: the active release's model")
+    dev_queries: str | None = None
+    dev_qrels: str | None = None
+    index_type: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: str = Field(..., description="queued, running, succeeded, rejected, failed or cancelled")
+    step: str = Field(..., description="The step it is at or ended in: retrain, reembed, evaluate, promote")
+    params: dict
+    progress: dict
+    metrics: dict
+    outputs: dict
+    message: str | None
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    created: str
+    started: str | None
+    updated: str
+    finished: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class ReleaseOut(BaseModel):
+    release_id: str
+    active: bool
+    manifest: dict
+    job: dict | None = Field(None, description="The job that built it: id, status, message, gate and shadow metrics")
+
+
+class ReleaseList(BaseModel):
+    active: str | None
+    serving: str | None = Field(None, description="The release this API process is serving")
+    releases: list[ReleaseOut]
+
+
+class PointerOut(BaseModel):
+    active: str | None
+    history: list[str]
+    serving: str | None

@@ -34,7 +34,8 @@ from training.diagnostics import Thresholds
 from training.errors import InvalidInput
 from training.stage import StageConfig
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "default.toml"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+DEFAULT_RECIPE = RECIPES_DIR / "default.toml"
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,30 @@ def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:
         raise InvalidInput(f"{source}: {exc}") from exc
 
 
+def parse_recipe_text(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and validate a recipe given as TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"{source}: invalid TOML ({exc})") from exc
+    return parse_recipe(data, source)
+
+
 def load_recipe(path: str | Path | None = None) -> Recipe:
     """Read a recipe file (the shipped default when `path` is None)."""
     path = Path(path) if path else DEFAULT_RECIPE
     if not path.is_file():
         raise InvalidInput(f"{path}: no such recipe file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidInput(f"{path}: invalid TOML ({exc})") from exc
-    return parse_recipe(data, str(path))
+    return parse_recipe_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with Lockstep (`default`, `quick`, ...)."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+
+
+def named_recipe(name: str) -> Recipe:
+    """A shipped recipe by name."""
+    if name not in shipped_recipes():
+        raise InvalidInput(f"no shipped recipe named {name!r}; choose one of {', '.join(shipped_recipes())} or send TOML")
+    return load_recipe(RECIPES_DIR / f"{name}.toml")

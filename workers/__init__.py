@@ -1,1 +1,5 @@
-"""Background jobs (Celery): retraining and re-embedding run here once the lifecycle lands."""
+"""Background jobs on Celery workers: retrain -> re-embed -> evaluate -> promote, one step per task.
+
+Start one with `lockstep worker` (or `python -m workers`); the API enqueues jobs by
+task name and never imports this package.
+"""

@@ -1,0 +1,76 @@
+"""Accepting a job: validate what it asks for, store uploaded training data, record it, enqueue its first step.
+
+Training data may be paths the workers can read, or sent inline (pairs, queries,
+qrels); inline data is written to `<data_dir>/uploads/<id>/` in the same formats the
+file readers take, so a job's parameters are always paths and a rerun reads the
+same bytes. A job is only recorded once everything it names has been checked, and
+if the queue cannot be reached the record says so instead of sitting queued forever.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from indexer.job_steps import validate_params
+from indexer.job_store import FAILED, STEPS, Job, JobStore
+from training.errors import InvalidInput, NotReady
+
+Enqueue = Callable[[str, str], None]
+
+
+def _write_pairs(folder: Path, pairs: list) -> Path:
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in pairs), encoding="utf-8")
+    return path
+
+
+def _write_queries(folder: Path, queries: dict) -> Path:
+    path = folder / "queries.jsonl"
+    lines = (json.dumps({"_id": query_id, "text": text}, ensure_ascii=False) + "\n" for query_id, text in queries.items())
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def _write_qrels(folder: Path, qrels: dict) -> Path:
+    path = folder / "qrels.tsv"
+    rows = ["query-id\tcorpus-id\tscore\n"]
+    for query_id, judged in qrels.items():
+        if not isinstance(judged, dict):
+            raise InvalidInput(f"qrels[{query_id!r}] must map document ids to relevance grades")
+        rows.extend(f"{query_id}\t{doc_id}\t{grade}\n" for doc_id, grade in judged.items())
+    path.write_text("".join(rows), encoding="utf-8")
+    return path
+
+
+_WRITERS = {"pairs": _write_pairs, "queries": _write_queries, "qrels": _write_qrels}
+
+
+def store_uploads(data_dir: Path, params: dict) -> dict:
+    """Replace inline pairs/queries/qrels in `params` with files under `uploads/`; paths pass through."""
+    inline = {key: value for key, value in params.items() if key in _WRITERS and not isinstance(value, (str, type(None)))}
+    if not inline:
+        return params
+    folder = data_dir / "uploads" / secrets.token_hex(8)
+    folder.mkdir(parents=True)
+    return params | {key: str(_WRITERS[key](folder, value)) for key, value in inline.items()}
+
+
+def submit_job(store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, params: dict) -> Job:
+    """Validate, record and enqueue a job; raises InvalidInput naming what to fix, NotReady if the queue is down."""
+    if kind not in STEPS:
+        raise InvalidInput(f"unknown job kind {kind!r}")
+    params = store_uploads(data_dir, {key: value for key, value in params.items() if value is not None})
+    validate_params(kind, params)
+    job = store.create(kind, params)
+    try:
+        enqueue(job.id, job.step)
+    except Exception as exc:
+        store.finish(job.id, FAILED, f"could not reach the job queue: {exc}", error=repr(exc))
+        raise NotReady(
+            f"job {job.id} could not be queued ({type(exc).__name__}: {exc}); check LOCKSTEP_BROKER_URL "
+            f"and that the broker is running, then POST /v1/jobs/{job.id}/retry"
+        ) from exc
+    return job

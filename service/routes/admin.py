@@ -1,0 +1,68 @@
+"""`/v1/admin`: list releases with their manifests and gate metrics, roll forward, roll back, delete."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from indexer.release_events import announce
+from indexer.release_store import Pointer
+from service.admin_auth import AdminDep
+from service.deps import ServiceState, StateDep
+from service.http_errors import ERROR_RESPONSES
+from service.schemas import PointerOut, ReleaseList, ReleaseOut
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)
+
+
+def _job_summary(state: ServiceState, release_id: str) -> dict | None:
+    job = state.jobs.for_release(release_id)
+    if job is None:
+        return None
+    return {"id": job.id, "kind": job.kind, "status": job.status, "message": job.message,
+            "gate": job.metrics.get("gate"), "training": job.metrics.get("training")}
+
+
+def _serving(state: ServiceState) -> str | None:
+    live = state.holder.current
+    return live.release_id if live else None
+
+
+async def _switched(state: ServiceState, pointer: Pointer) -> PointerOut:
+    """Tell the other API processes, load the new release here, and report what is served."""
+    await run_in_threadpool(announce, state.settings, pointer.active)
+    await run_in_threadpool(state.holder.refresh)
+    return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))
+
+
+@router.get("/releases", response_model=ReleaseList)
+async def list_releases(state: StateDep, _: AdminDep) -> ReleaseList:
+    active = state.releases.active()
+    releases = [
+        ReleaseOut(release_id=m.release_id, active=m.release_id == active, manifest=json.loads(m.to_json()),
+                   job=_job_summary(state, m.release_id))
+        for m in reversed(state.releases.list())
+    ]
+    return ReleaseList(active=active, serving=_serving(state), releases=releases)
+
+
+@router.post("/releases/{release_id}/activate", response_model=PointerOut)
+async def activate(release_id: str, state: StateDep, _: AdminDep) -> PointerOut:
+    """Make a release live (also one the gate rejected); the previous one becomes the rollback target."""
+    return await _switched(state, await run_in_threadpool(state.releases.activate, release_id))
+
+
+@router.post("/rollback", response_model=PointerOut)
+async def rollback(state: StateDep, _: AdminDep) -> PointerOut:
+    """Re-activate the release that was live before the current one."""
+    return await _switched(state, await run_in_threadpool(state.releases.rollback))
+
+
+@router.delete("/releases/{release_id}", response_model=PointerOut)
+async def delete(release_id: str, state: StateDep, _: AdminDep) -> PointerOut:
+    """Delete a release that is not active (409 for the active one)."""
+    await run_in_threadpool(state.releases.delete, release_id)
+    pointer = state.releases.pointer()
+    return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))

@@ -1,0 +1,74 @@
+"""`/v1/jobs`: start retrain and re-embed jobs, follow them, cancel and retry them (admin token required)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from indexer.job_store import Job
+from indexer.job_submission import submit_job
+from service.admin_auth import AdminDep
+from service.deps import StateDep
+from service.http_errors import ERROR_RESPONSES
+from service.schemas import JobList, JobOut, ReembedRequest, RetrainRequest
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds") if timestamp else None
+
+
+def job_out(job: Job) -> JobOut:
+    data = job.as_dict()
+    for key in ("created", "started", "updated", "finished"):
+        data[key] = _iso(data[key])
+    return JobOut(**data)
+
+
+async def _submit(state, kind: str, params: dict) -> JobOut:
+    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, state.settings.data_dir, kind, params)
+    return job_out(job)
+
+
+@router.post("/retrain", status_code=202, response_model=JobOut)
+async def retrain(body: RetrainRequest, state: StateDep, _: AdminDep) -> JobOut:
+    """Fine-tune the live model, re-embed the corpus, gate the candidate and promote it."""
+    return await _submit(state, "retrain", body.model_dump())
+
+
+@router.post("/reembed", status_code=202, response_model=JobOut)
+async def reembed(body: ReembedRequest, state: StateDep, _: AdminDep) -> JobOut:
+    """Re-embed the current corpus with a model (default: the live one), gate it and promote it."""
+    return await _submit(state, "reembed", body.model_dump())
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    state: StateDep,
+    _: AdminDep,
+    status: str | None = Query(None, description="Only jobs with this status"),
+    limit: int = Query(50, ge=1, le=1000),
+) -> JobList:
+    return JobList(jobs=[job_out(job) for job in state.jobs.list(limit, status)])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
+    return job_out(state.jobs.get(job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
+    """Cancel a queued job at once, or ask a running one to stop; whatever it built is removed."""
+    return job_out(state.jobs.request_cancel(job_id))
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
+async def retry_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
+    """Run a failed or cancelled job again from the step it stopped at."""
+    job = await run_in_threadpool(state.jobs.requeue, job_id)
+    await run_in_threadpool(state.queue.enqueue, job.id, job.step)
+    return job_out(job)
