@@ -148,7 +148,7 @@ class JobStore:
     def claim(self, job_id: str, step: str, worker: str, stale_after_s: float) -> Job | None:
         """Take `step` of a job for `worker`; None when it is finished, at another step, or held by a live worker.
 
-        A job whose cancellation was requested before it started is marked cancelled here.
+        A claimed job may have a cancellation pending: the step checks it first and cleans up.
         """
         now = time.time()
         with self._db.transaction() as db:
@@ -160,12 +160,6 @@ class JobStore:
                 return None
             held = job.worker is not None and job.worker != worker
             if job.status == RUNNING and held and now - (job.heartbeat or 0) < stale_after_s:
-                return None
-            if job.cancel_requested:
-                db.execute(
-                    "UPDATE jobs SET status = ?, message = ?, finished = ?, updated = ?, worker = NULL WHERE id = ?",
-                    (CANCELLED, "cancelled before it started", now, now, job_id),
-                )
                 return None
             attempts = job.attempts + (1 if job.status == QUEUED else 0)
             db.execute(

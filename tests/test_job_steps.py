@@ -1,0 +1,185 @@
+"""The job steps run in-process, without a broker: retrain -> reembed -> evaluate -> promote and its exits."""
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.corpus_store import CorpusStore
+from indexer.job_steps import JobCancelled, JobContext, is_lost, reembed, run_step
+from indexer.job_store import CANCELLED, REJECTED, SUCCEEDED, JobStore
+from indexer.job_submission import submit_job
+from indexer.quality_gate import _kendall_tau, shadow_agreement
+from indexer.release_builder import BuildOptions, build_release
+from indexer.release_store import STAGING_PREFIX, ReleaseStore
+from indexer.settings import Settings
+from training.bi_encoder import BiEncoder
+from training.errors import InvalidInput
+from tests.job_data import TINY_RECIPE, write_task
+
+
+@pytest.fixture
+def setup(data_dir, tiny_model_dir, tmp_path):
+    settings = Settings(data_dir=data_dir, model=tiny_model_dir, precision="fp32", batch_size=16)
+    corpus = CorpusStore(settings.corpus_path)
+    files = write_task(tmp_path / "task", corpus)
+    releases = ReleaseStore(data_dir)
+    live = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"), activate=True)
+    store = JobStore(settings.jobs_path)
+    yield settings, corpus, releases, store, files, live.release_id
+    store.close()
+    corpus.close()
+
+
+def run_job(settings, store, corpus, kind, params):
+    """Submit a job and run its steps in order, as the workers would; returns the final record."""
+    queued = []
+    job = submit_job(store, lambda job_id, step: queued.append(step), settings.data_dir, kind, params)
+    step = queued[0]
+    while step is not None:
+        step = run_step(settings, store, corpus, job.id, step)
+    return store.get(job.id)
+
+
+def collapsed_model(source, folder):
+    """A model whose every token embeds the same: all documents look alike, so retrieval regresses."""
+    encoder = BiEncoder.load(source)
+    with torch.no_grad():
+        weights = encoder.model.embeddings.word_embeddings.weight
+        weights[:] = weights[0]
+    encoder.save(folder)
+    return folder
+
+
+def test_a_retrain_job_trains_reembeds_passes_the_gate_and_goes_live(setup):
+    settings, corpus, releases, store, files, live_id = setup
+    job = run_job(settings, store, corpus, "retrain", {**files, "recipe_toml": TINY_RECIPE})
+    assert job.status == SUCCEEDED, job.message
+    new_id = job.outputs["release_id"]
+    assert releases.active() == new_id and job.outputs["previous_release"] == live_id
+    training, gate = job.metrics["training"], job.metrics["gate"]
+    assert training["final"]["ndcg@10"] > training["base"]["ndcg@10"]
+    assert gate["passed"] and not gate["skipped"] and gate["live_release"] == live_id
+    assert gate["candidate"]["ndcg@10"] >= gate["live"]["ndcg@10"] - settings.gate_tolerance
+    assert "held-out" in gate["dev_source"] and gate["candidate"]["queries"] == 20
+    assert 0 <= gate["shadow"]["top10_overlap"] <= 1 and gate["shadow"]["queries"] == 20
+    manifest = releases.manifest(new_id)
+    assert job.id in manifest.model.name and manifest.doc_count == 80
+    assert manifest.model.fingerprint != releases.manifest(live_id).model.fingerprint
+    assert job.progress["step"] == "promote" and job.attempts == 1
+
+
+def test_a_regressing_candidate_is_rejected_and_the_live_release_stays(setup, tmp_path):
+    settings, corpus, releases, store, files, live_id = setup
+    bad = collapsed_model(settings.model, tmp_path / "collapsed")
+    job = run_job(settings, store, corpus, "reembed",
+                  {"model": str(bad), "dev_queries": files["queries"], "dev_qrels": files["qrels"]})
+    assert job.status == REJECTED
+    gate = job.metrics["gate"]
+    assert not gate["passed"] and gate["candidate"]["ndcg@10"] < gate["live"]["ndcg@10"] - settings.gate_tolerance
+    assert releases.active() == live_id
+    rejected = job.outputs["release_id"]
+    assert releases.exists(rejected) and f"/v1/admin/releases/{rejected}/activate" in job.message
+
+
+def test_without_a_dev_set_the_gate_is_skipped_and_says_so(setup):
+    settings, corpus, releases, store, _, live_id = setup
+    job = run_job(settings, store, corpus, "reembed", {})
+    assert job.status == SUCCEEDED
+    assert job.metrics["gate"]["skipped"] and "LOCKSTEP_DEV_QUERIES" in job.metrics["gate"]["reason"]
+    manifest = releases.manifest(job.outputs["release_id"])
+    assert manifest.model.fingerprint == releases.manifest(live_id).model.fingerprint
+
+
+def test_training_that_does_not_help_builds_no_release(setup):
+    settings, corpus, releases, store, files, live_id = setup
+    useless = TINY_RECIPE.replace("learning_rate = 5e-4", "learning_rate = 1e-12").replace("epochs = 6", "epochs = 1")
+    job = run_job(settings, store, corpus, "retrain", {**files, "recipe_toml": useless})
+    assert job.status == REJECTED and "did not improve" in job.message
+    assert [m.release_id for m in releases.list()] == [live_id]
+    assert not (settings.data_dir / "jobs" / job.id / "model.partial").exists()
+
+
+def test_cancelling_mid_encode_publishes_nothing_and_leaves_no_staging(setup, monkeypatch):
+    settings, corpus, releases, store, _, live_id = setup
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
+    claimed = store.claim(job.id, "reembed", "me:1", 60)
+    report = JobStore.report
+
+    def cancel_once_encoding(self, job_id, progress=None):
+        if progress and progress.get("phase") == "reembed encode":
+            self.request_cancel(job_id)
+        return report(self, job_id, progress)
+
+    monkeypatch.setattr(JobStore, "report", cancel_once_encoding)
+    ctx = JobContext(settings.model_copy(update={"batch_size": 1}), store, claimed, corpus, releases)
+    with pytest.raises(JobCancelled, match="reembed encode"):
+        reembed(ctx)
+    assert [m.release_id for m in releases.list()] == [live_id]
+    assert not list(releases.releases_dir.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_cancel_between_steps_removes_the_unpromoted_candidate(setup):
+    settings, corpus, releases, store, _, live_id = setup
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
+    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    built = store.get(job.id).outputs["release_id"]
+    assert releases.exists(built)
+    store.request_cancel(job.id)
+    assert run_step(settings, store, corpus, job.id, "evaluate") is None
+    final = store.get(job.id)
+    assert final.status == CANCELLED and "nothing was published" in final.message
+    assert not releases.exists(built) and releases.active() == live_id
+
+
+def test_a_rerun_of_a_built_step_does_not_build_again(setup):
+    settings, corpus, releases, store, _, _ = setup
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
+    run_step(settings, store, corpus, job.id, "reembed")
+    count = len(releases.list())
+    store.advance(job.id, "reembed")
+    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    assert len(releases.list()) == count
+
+
+@pytest.mark.parametrize(
+    "kind, params, message",
+    [
+        ("retrain", {"recipe": "default"}, "needs training data"),
+        ("retrain", {"pairs": "/nope/pairs.jsonl"}, "pairs: /nope/pairs.jsonl does not exist"),
+        ("retrain", {"pairs": [{"query": "q", "positive": "p"}], "recipe": "fastest"}, "no shipped recipe named 'fastest'"),
+        ("retrain", {"pairs": [{"query": "q", "positive": "p"}, {"query": "q2"}]}, r"pairs.jsonl:2: .*positive"),
+        ("retrain", {"pairs": [{"query": "q", "positive": "p"}], "recipe_toml": "[[stage]]\nname = \"s\"\nloss = \"magic\""}, "inline recipe"),
+        ("reembed", {"dev_queries": "/etc/hostname"}, "both dev_queries and dev_qrels"),
+    ],
+)
+def test_bad_jobs_are_refused_before_they_are_queued(setup, kind, params, message):
+    settings, _, _, store, _, _ = setup
+    with pytest.raises(InvalidInput, match=message):
+        submit_job(store, lambda *_: pytest.fail("must not be queued"), settings.data_dir, kind, params)
+    assert store.list() == []
+
+
+def test_lost_means_dead_process_on_this_host_or_stale_heartbeat(setup):
+    _, _, _, store, _, _ = setup
+    job = store.create("reembed", {})
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    alive = store.claim(job.id, "reembed", f"{os.uname().nodename}:{os.getpid()}", 60)
+    assert not is_lost(alive, stale_after_s=60)
+    assert is_lost(alive, stale_after_s=60, now=time.time() + 61)
+    dead = alive.__class__(**{**alive.as_dict(), "worker": f"{os.uname().nodename}:{exited.pid}"})
+    assert is_lost(dead, stale_after_s=60)
+
+
+def test_shadow_agreement_counts_overlap_and_order():
+    live = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0}, "q2": {"x": 2.0, "y": 1.0}}
+    same = shadow_agreement(live, live)
+    assert same["top10_overlap"] == 1.0 and same["kendall_tau"] == 1.0 and same["queries"] == 2
+    flipped = shadow_agreement(live, {"q1": {"c": 3.0, "b": 2.0, "a": 1.0}, "q2": {"z": 1.0, "w": 0.5}})
+    assert flipped["top10_overlap"] == 0.5 and flipped["kendall_tau"] == -1.0 and flipped["tau_queries"] == 1
+    assert _kendall_tau(["a", "b", "c"], ["a", "c", "b"]) == pytest.approx(1 / 3)
+    assert np.isclose(_kendall_tau(["a", "b"], ["b", "a"]), -1.0)

@@ -1,0 +1,90 @@
+"""Job records: claims that make redelivery harmless, cancellation, retry and recovery of lost workers."""
+
+import time
+
+import pytest
+
+from indexer.job_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from training.errors import Conflict, InvalidInput, NotFound
+
+
+@pytest.fixture
+def store(tmp_path):
+    jobs = JobStore(tmp_path / "jobs.sqlite3")
+    yield jobs
+    jobs.close()
+
+
+def test_a_step_is_claimed_once_and_records_survive_reopening(store, tmp_path):
+    job = store.create("retrain", {"recipe": "quick"})
+    assert (job.status, job.step) == (QUEUED, "retrain")
+    first = store.claim(job.id, "retrain", "host:1", stale_after_s=60)
+    assert first.status == RUNNING and first.worker == "host:1" and first.attempts == 1
+    assert store.claim(job.id, "retrain", "host:2", stale_after_s=60) is None, "a live worker holds it"
+    assert store.claim(job.id, "reembed", "host:1", stale_after_s=60) is None, "not at that step yet"
+    store.record(job.id, outputs={"model_path": "/m"}, metrics={"training": {"ndcg@10": 0.5}})
+    store.advance(job.id, "reembed")
+    second = store.claim(job.id, "reembed", "host:2", stale_after_s=60)
+    assert second.worker == "host:2" and second.attempts == 1, "a hand-over is not a new attempt"
+    store.finish(job.id, SUCCEEDED, "done")
+    assert store.claim(job.id, "reembed", "host:2", stale_after_s=60) is None, "finished jobs never rerun"
+    reopened = JobStore(tmp_path / "jobs.sqlite3").get(job.id)
+    assert reopened.status == SUCCEEDED and reopened.outputs == {"model_path": "/m"}
+    assert reopened.metrics["training"] == {"ndcg@10": 0.5} and reopened.finished >= reopened.started
+
+
+def test_a_stale_worker_loses_its_claim(store):
+    job = store.create("reembed", {})
+    store.claim(job.id, "reembed", "host:1", stale_after_s=60)
+    assert store.claim(job.id, "reembed", "host:2", stale_after_s=0.0) is not None
+
+
+def test_cancelling_a_queued_job_ends_it_and_a_running_one_is_asked(store):
+    queued = store.create("reembed", {})
+    assert store.request_cancel(queued.id).status == CANCELLED
+    assert store.claim(queued.id, "reembed", "host:1", 60) is None
+    running = store.create("reembed", {})
+    store.claim(running.id, "reembed", "host:1", 60)
+    assert store.request_cancel(running.id).cancel_requested
+    assert store.report(running.id, {"phase": "encode"}) is True
+    store.finish(running.id, CANCELLED, "stopped")
+    with pytest.raises(Conflict, match="already ended"):
+        store.request_cancel(running.id)
+
+
+def test_retry_resumes_a_failed_job_at_its_step(store):
+    job = store.create("retrain", {})
+    store.claim(job.id, "retrain", "host:1", 60)
+    store.advance(job.id, "reembed")
+    store.claim(job.id, "reembed", "host:1", 60)
+    store.finish(job.id, FAILED, "disk full", error="OSError")
+    again = store.requeue(job.id)
+    assert (again.status, again.step, again.error) == (QUEUED, "reembed", None)
+    with pytest.raises(Conflict, match="only failed or cancelled"):
+        store.requeue(job.id)
+
+
+def test_lost_jobs_are_requeued_until_their_attempts_run_out(store):
+    job = store.create("reembed", {})
+    store.claim(job.id, "reembed", "host:1", 60)
+    requeued, failed = store.recover_lost(lambda j: j.worker == "host:1", max_attempts=2)
+    assert [j.id for j in requeued] == [job.id] and not failed
+    store.claim(job.id, "reembed", "host:1", 60)
+    requeued, failed = store.recover_lost(lambda j: True, max_attempts=2)
+    assert not requeued and [j.status for j in failed] == [FAILED]
+    assert "lost 2 times" in failed[0].message
+
+
+def test_listing_filters_and_errors_name_the_fix(store):
+    older = store.create("reembed", {})
+    time.sleep(0.01)
+    newer = store.create("retrain", {})
+    store.request_cancel(older.id)
+    assert [j.id for j in store.list()] == [newer.id, older.id]
+    assert [j.id for j in store.list(status=CANCELLED)] == [older.id]
+    with pytest.raises(InvalidInput, match="unknown status"):
+        store.list(status="done")
+    with pytest.raises(NotFound, match="GET /v1/jobs"):
+        store.get("j-nope")
+    with pytest.raises(InvalidInput, match="unknown job kind"):
+        store.create("train", {})
