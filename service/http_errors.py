@@ -28,6 +28,9 @@ _STATUS: list[tuple[type[LockstepError], int, str]] = [
 ]
 
 
+_HTTP_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+
+
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
@@ -41,10 +44,15 @@ ERROR_RESPONSES = {
     422: {"model": ErrorBody, "description": "Invalid input; the message says what to fix"},
     503: {"model": ErrorBody, "description": "No release loaded yet"},
 }
+ADMIN_ERROR_RESPONSES = ERROR_RESPONSES | {
+    401: {"model": ErrorBody, "description": "No `Authorization: Bearer <token>` header"},
+    403: {"model": ErrorBody, "description": "Wrong admin token, or no LOCKSTEP_ADMIN_TOKEN configured"},
+    409: {"model": ErrorBody, "description": "The job or release is in a state that forbids this"},
+}
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "error_type": kind})
+def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "error_type": kind}, headers=headers)
 
 
 def status_of(exc: LockstepError) -> tuple[int, str]:
@@ -74,8 +82,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found" if exc.status_code == 404 else "http"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        kind = _HTTP_KINDS.get(exc.status_code, "http")
+        return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,9 @@ from indexer.corpus_store import CorpusStore, Document
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
 from tests.conftest import SAMPLE_DOCS
+from tests.processes import start_server
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def lockstep(data_dir, *args, **popen):
@@ -36,19 +30,7 @@ def server(data_dir, tiny_model_dir):
     corpus.upsert(SAMPLE_DOCS)
     releases = ReleaseStore(data_dir)
     manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
-    port = free_port()
-    process = lockstep(data_dir, "serve", "--port", str(port))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("the server did not become ready in 60 s")
+    process, base = start_server(data_dir)
     yield base, manifest, corpus, releases
     process.send_signal(signal.SIGINT)
     process.wait(timeout=20)

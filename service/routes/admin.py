@@ -11,10 +11,10 @@ from indexer.release_events import announce
 from indexer.release_store import Pointer
 from service.admin_auth import AdminDep
 from service.deps import ServiceState, StateDep
-from service.http_errors import ERROR_RESPONSES
+from service.http_errors import ADMIN_ERROR_RESPONSES
 from service.schemas import PointerOut, ReleaseList, ReleaseOut
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ADMIN_ERROR_RESPONSES)
 
 
 def _job_summary(state: ServiceState, release_id: str) -> dict | None:

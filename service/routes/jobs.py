@@ -11,10 +11,10 @@ from indexer.job_store import Job
 from indexer.job_submission import submit_job
 from service.admin_auth import AdminDep
 from service.deps import StateDep
-from service.http_errors import ERROR_RESPONSES
+from service.http_errors import ADMIN_ERROR_RESPONSES
 from service.schemas import JobList, JobOut, ReembedRequest, RetrainRequest
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ADMIN_ERROR_RESPONSES)
 
 
 def _iso(timestamp: float | None) -> str | None:
