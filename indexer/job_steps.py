@@ -174,7 +174,7 @@ def retrain(ctx: JobContext) -> StepOutcome:
     try:
         summary = fine_tune(
             base, data, recipe, partial, run_dir,
-            progress=lambda stage, step, total, metrics: ctx.progress(f"train {stage}", step, total, metrics),
+            progress=lambda stage, step, total, metrics: ctx.progress(f"retrain: {stage}", step, total, metrics),
             should_stop=ctx.should_stop,
         )
     except TrainingCancelled as exc:
@@ -224,7 +224,7 @@ def reembed(ctx: JobContext) -> StepOutcome:
     )
     manifest = build_release(
         ctx.corpus, ctx.releases, options, release_id=release_id,
-        progress=lambda phase, done, total: ctx.progress(f"reembed {phase}", done, total),
+        progress=lambda phase, done, total: ctx.progress(f"reembed: {phase}", done, total),
     )
     return StepOutcome(metrics={"release": {"id": manifest.release_id, "documents": manifest.doc_count,
                                             "corpus_seq": manifest.corpus_seq, "model": manifest.model.name,

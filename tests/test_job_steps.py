@@ -110,13 +110,13 @@ def test_cancelling_mid_encode_publishes_nothing_and_leaves_no_staging(setup, mo
     report = JobStore.report
 
     def cancel_once_encoding(self, job_id, progress=None):
-        if progress and progress.get("phase") == "reembed encode":
+        if progress and progress.get("phase") == "reembed: encode":
             self.request_cancel(job_id)
         return report(self, job_id, progress)
 
     monkeypatch.setattr(JobStore, "report", cancel_once_encoding)
     ctx = JobContext(settings.model_copy(update={"batch_size": 1}), store, claimed, corpus, releases)
-    with pytest.raises(JobCancelled, match="reembed encode"):
+    with pytest.raises(JobCancelled, match="reembed: encode"):
         reembed(ctx)
     assert [m.release_id for m in releases.list()] == [live_id]
     assert not list(releases.releases_dir.glob(f"{STAGING_PREFIX}*"))

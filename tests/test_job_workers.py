@@ -3,6 +3,8 @@
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +16,9 @@ from indexer.live_release import LiveRelease
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
 from tests.job_data import TINY_RECIPE, write_task
-from tests.processes import REDIS_URL, finished, start_server, start_worker, stop, wait_for_job
+from tests.processes import (
+    REDIS_URL, finished, free_port, lockstep_env, start_server, start_worker, stop, wait_for_job,
+)
 from tests.test_job_steps import collapsed_model
 
 pytestmark = pytest.mark.integration
@@ -81,7 +85,7 @@ def test_a_retrain_job_over_http_goes_live_and_rollback_restores_the_previous_re
     assert response.status_code == 202, response.text
     queued = response.json()
     assert queued["status"] == "queued" and queued["step"] == "retrain"
-    seen_training = wait_for_job(client, queued["id"], lambda j: j["progress"].get("phase", "").startswith("train") or finished(j))
+    seen_training = wait_for_job(client, queued["id"], lambda j: j["progress"].get("phase", "").startswith("retrain: ") or finished(j))
     job = wait_for_job(client, queued["id"], finished)
     assert job["status"] == "succeeded", job
     assert seen_training["progress"].get("total") or finished(seen_training)
@@ -195,7 +199,7 @@ def slow_stack(tmp_path, tiny_model_dir):
 
 
 def _encoding(job):
-    return job["progress"].get("phase") == "reembed encode" and job["progress"].get("done", 0) > 0
+    return job["progress"].get("phase") == "reembed: encode" and job["progress"].get("done", 0) > 0
 
 
 def test_a_killed_worker_leaves_search_serving_and_the_rerun_catches_up_writes_made_during_it(slow_stack):
@@ -264,3 +268,35 @@ def test_the_embedded_default_runs_the_same_job_without_redis(tmp_path, tiny_mod
         stop(worker, signal.SIGTERM)
         stop(server)
         corpus.close()
+
+
+def test_lockstep_up_serves_with_a_worker_prints_a_token_and_ctrl_c_stops_both(tmp_path, tiny_model_dir):
+    port = free_port()
+    env = {**lockstep_env(tmp_path / "data", model=tiny_model_dir, precision="fp32"), "PYTHONUNBUFFERED": "1"}
+    env.pop("LOCKSTEP_ADMIN_TOKEN", None)
+    up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    try:
+        while not any("job worker started" in line for line in lines):
+            line = up.stdout.readline()
+            assert line, f"lockstep up exited early: {lines}"
+            lines.append(line)
+        token = next(line.rsplit(" ", 1)[1].strip() for line in lines if line.startswith("admin token"))
+        worker_pid = int(next(line for line in lines if "job worker started" in line).split("pid ")[1].split(")")[0])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                          headers={"Authorization": f"Bearer {token}"}) as client:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            job = wait_for_job(client, client.post("/v1/jobs/reembed", json={}).json()["id"], finished)
+            assert job["status"] == "succeeded", job
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=30) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)

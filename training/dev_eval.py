@@ -10,7 +10,7 @@ raw norms give the drift signal; STS-B pairs, when given, an out-of-domain probe
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,15 +80,25 @@ def _mean_ndcg(per_query: Mapping[str, Mapping[str, float]], query_ids: list[str
     return float(np.mean([per_query[q]["ndcg@10"] for q in query_ids])) if query_ids else 0.0
 
 
-def evaluate_encoder(encoder: BiEncoder, dev: DevSet, *, batch_size: int = 64, precision: str = "fp32") -> dict[str, float]:
-    """Every dev metric and diagnostic signal of `encoder` as a flat dict."""
+def evaluate_encoder(
+    encoder: BiEncoder,
+    dev: DevSet,
+    *,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Every dev metric and diagnostic signal of `encoder` as a flat dict; `progress(done, total)` follows the corpus."""
     was_training = encoder.model.training
     encoder.model.eval()
     device = encoder.device
     try:
         with autocast(precision, device):
             doc_ids = list(dev.documents)
-            docs = encoder.encode_with_norms([dev.documents[d] for d in doc_ids], "document", batch_size=batch_size, show_progress=False)
+            docs = encoder.encode_with_norms(
+                [dev.documents[d] for d in doc_ids], "document", batch_size=batch_size, show_progress=False,
+                progress=progress,
+            )
             query_ids = list(dev.queries) + [q for q in dev.train_queries if q not in dev.queries]
             texts = {**dev.queries, **dev.train_queries}
             queries = encoder.encode_with_norms([texts[q] for q in query_ids], "query", batch_size=batch_size, show_progress=False)

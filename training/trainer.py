@@ -80,7 +80,11 @@ class TrainingContext:
     def evaluate(self) -> dict:
         if self.dev is None:
             return {}
-        return evaluate_encoder(self.encoder, self.dev, batch_size=self.eval_batch_size, precision=self.precision)
+        report = self.progress
+        return evaluate_encoder(
+            self.encoder, self.dev, batch_size=self.eval_batch_size, precision=self.precision,
+            progress=(lambda done, total: report("dev evaluation", done, total, {})) if report else None,
+        )
 
 
 @dataclass(frozen=True)

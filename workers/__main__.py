@@ -20,7 +20,7 @@ def main(argv: list[str]) -> None:
     app = configure(settings)
     app.worker_main([
         "worker", "--pool=solo", f"--queues={settings.queue}", f"--loglevel={settings.log_level.upper()}",
-        f"--hostname=lockstep-{os.getpid()}@%h", "--without-gossip", "--without-mingle", *argv,
+        "--concurrency=1", f"--hostname=lockstep-{os.getpid()}@%h", "--without-gossip", "--without-mingle", *argv,
     ])
 
 

@@ -1,0 +1,77 @@
+"""The jobs and admin routes in-process: auth, refusals with a clear message, and an unreachable queue."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.job_store import JobStore
+from indexer.release_builder import BuildOptions, build_release
+from indexer.settings import Settings
+from service.app import create_app
+from tests.conftest import SAMPLE_DOCS
+
+AUTH = {"Authorization": "Bearer secret"}
+
+
+@pytest.fixture
+def built(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    return build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+
+
+def _client(data_dir, **settings):
+    return TestClient(create_app(Settings(data_dir=data_dir, poll_interval_s=0.1, **settings)))
+
+
+def test_without_a_configured_token_admin_routes_are_closed(data_dir, built):
+    with _client(data_dir) as client:
+        for path in ("/v1/jobs", "/v1/admin/releases"):
+            response = client.get(path, headers=AUTH)
+            assert response.status_code == 403 and "LOCKSTEP_ADMIN_TOKEN" in response.json()["error"]
+            assert response.json()["error_type"] == "forbidden"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "status", "fragment"),
+    [
+        ("POST", "/v1/jobs/retrain", {}, 422, "needs training data"),
+        ("POST", "/v1/jobs/retrain", {"pairs": "/no/such.jsonl"}, 422, "pairs: /no/such.jsonl does not exist"),
+        ("POST", "/v1/jobs/retrain", {"pairs": [{"query": "q"}]}, 422, 'pairs.jsonl:1: needs a non-empty "positive"'),
+        ("POST", "/v1/jobs/retrain", {"pairs": 3}, 422, "pairs"),
+        ("POST", "/v1/jobs/reembed", {"model": "/no/model"}, 422, "model: /no/model does not exist"),
+        ("POST", "/v1/jobs/reembed", {"modle": "x"}, 422, "modle: Extra inputs are not permitted"),
+        ("GET", "/v1/jobs/j-missing", None, 404, "job 'j-missing' does not exist"),
+        ("POST", "/v1/jobs/j-missing/cancel", None, 404, "does not exist"),
+        ("GET", "/v1/jobs?status=done", None, 422, "unknown status 'done'"),
+        ("POST", "/v1/admin/releases/not-a-release/activate", None, 422, "is not a release id"),
+        ("POST", "/v1/admin/releases/r-20200101T000000Z-000000/activate", None, 404, "does not exist"),
+        ("POST", "/v1/admin/rollback", None, 409, "no earlier release"),
+    ],
+)
+def test_bad_job_and_admin_requests_say_what_to_fix(data_dir, built, method, path, payload, status, fragment):
+    with _client(data_dir, admin_token="secret") as client:
+        response = client.request(method, path, json=payload, headers=AUTH)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+
+
+def test_an_unreachable_queue_is_a_503_and_the_job_says_so(data_dir, built):
+    with _client(data_dir, admin_token="secret", broker_url="redis://127.0.0.1:1/0") as client:
+        response = client.post("/v1/jobs/reembed", json={}, headers=AUTH)
+        assert response.status_code == 503 and "could not be queued" in response.json()["error"]
+        jobs = client.get("/v1/jobs", headers=AUTH).json()["jobs"]
+    assert [job["status"] for job in jobs] == ["failed"]
+    assert "could not reach the job queue" in jobs[0]["message"]
+
+
+def test_a_queued_job_is_recorded_cancellable_and_retryable(data_dir, built):
+    with _client(data_dir, admin_token="secret") as client:
+        job = client.post("/v1/jobs/reembed", json={}, headers=AUTH).json()
+        assert job["status"] == "queued" and job["step"] == "reembed"
+        assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH).json()["status"] == "cancelled"
+        again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=AUTH)
+        assert again.status_code == 409 and "already ended" in again.json()["error"]
+        assert client.post(f"/v1/jobs/{job['id']}/retry", headers=AUTH).json()["status"] == "queued"
+        listing = client.get("/v1/admin/releases", headers=AUTH).json()
+    assert listing["active"] == built.release_id == listing["serving"]
+    assert listing["releases"][0]["manifest"]["doc_count"] == len(SAMPLE_DOCS)
+    assert JobStore(data_dir / "jobs.sqlite3").get(job["id"]).status == "queued"
