@@ -29,7 +29,7 @@ from training.eval_data import load_qrels, load_queries, split_queries  # noqa: 
 from training.examples import examples_from_qrels  # noqa: E402
 from training.fine_tune import TrainingData, fine_tune  # noqa: E402
 from training.metrics_log import read_log  # noqa: E402
-from training.precision import resolve  # noqa: E402
+from training.precision import resolve_training  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
 from training.rerank_eval import evaluate_reranked  # noqa: E402
 from training.teacher import TEACHER_DIR  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     dev = DevSet.build(queries, {q: qrels[q] for q in dev_ids}, {}, documents, seed=recipe.run.seed)
     examples = examples_from_qrels(queries, train_qrels, documents)
     model_path = default_model_path()
-    precision = resolve(recipe.run.precision, BiEncoder.load(model_path).device)
+    precision = resolve_training(recipe.run.precision, BiEncoder.load(model_path).device)
 
     def dev_ndcg(path: Path) -> float:
         return evaluate_encoder(BiEncoder.load(path), dev, precision=precision)["ndcg@10"]
