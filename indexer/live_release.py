@@ -2,8 +2,10 @@
 
 Loading checks every file against the manifest's checksums and the model against
 the manifest's fingerprint, and refuses the release if anything differs, so a query
-is never scored by one model against another model's vectors. After loading, writes
-made to the corpus since the release was built are caught up with the same model.
+is never scored by one model against another model's vectors. An int8 release encodes
+through the quantised ONNX model stored (and checksummed) in its folder, the one its
+documents were embedded with. After loading, writes made to the corpus since the
+release was built are caught up with the same model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
-from indexer.manifest import Manifest
+from indexer.manifest import INT8_MODEL_FILE, Manifest
 from indexer.model_store import ModelStore
 from indexer.release_store import ReleaseStore
 from indexer.vector_index import Hit, VectorIndex
@@ -57,6 +59,13 @@ def _verify_files(folder: Path, manifest: Manifest) -> None:
                 f"release {manifest.release_id}: {name} does not match its manifest checksum; "
                 "the release was modified after it was built; rebuild it or activate another"
             )
+
+
+def _int8_model(folder: Path, manifest: Manifest) -> Path:
+    """The quantised encoder of an int8 release; it must be among the files the manifest checksums."""
+    if INT8_MODEL_FILE not in manifest.files:
+        raise IntegrityError(f"release {manifest.release_id} is int8 but its manifest lists no {INT8_MODEL_FILE}; rebuild it")
+    return folder / INT8_MODEL_FILE
 
 
 class LiveRelease:
@@ -109,6 +118,8 @@ class LiveRelease:
         _verify_files(folder, manifest)
         models = ModelStore(releases.data_dir)
         encoder = models.load(manifest.model, device=device)
+        if manifest.precision == "int8":
+            encoder.use_int8(_int8_model(folder, manifest))
         reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
         index = VectorIndex.load(folder)
         if len(index) != manifest.doc_count:

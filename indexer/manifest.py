@@ -4,7 +4,9 @@ It names the exact model (fingerprint and content-addressed folder) and the nume
 precision its vectors were computed in (queries use the same), the corpus
 state the vectors reflect (change sequence, document count), the index (factory,
 dimension, metric), the document norms before normalisation (a drift signal),
-evaluation metrics if any, and a sha256 of every file in the release.
+evaluation metrics if any, and a sha256 of every file in the release. An int8 release
+also holds its quantised encoder (`INT8_MODEL_FILE`, checksummed like the index) and
+how closely its document vectors agreed with fp32 when it was built.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST_FILE = "manifest.json"
+INT8_MODEL_FILE = "encoder.int8.onnx"
 FORMAT_VERSION = 1
 
 
@@ -70,6 +73,19 @@ class NormStats:
 
 
 @dataclass(frozen=True)
+class Int8Agreement:
+    """Cosine between int8 and fp32 document vectors on a seeded sample of the corpus (the int8 gate's figures)."""
+
+    mean_cosine: float
+    min_cosine: float
+    sample: int
+
+    @classmethod
+    def of(cls, cosines: np.ndarray) -> Int8Agreement:
+        return cls(mean_cosine=float(cosines.mean()), min_cosine=float(cosines.min()), sample=len(cosines))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The contents of `manifest.json`."""
 
@@ -86,6 +102,7 @@ class Manifest:
     evaluation: dict[str, float] = field(default_factory=dict)
     reranker: RerankerRef | None = None
     precision: str = "fp32"
+    int8_agreement: Int8Agreement | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -98,6 +115,8 @@ class Manifest:
         data["document_norms"] = NormStats(**data["document_norms"])
         if data.get("reranker") is not None:
             data["reranker"] = RerankerRef(**data["reranker"])
+        if data.get("int8_agreement") is not None:
+            data["int8_agreement"] = Int8Agreement(**data["int8_agreement"])
         return cls(**data)
 
     @classmethod

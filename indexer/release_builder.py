@@ -4,7 +4,8 @@ The corpus is read as one consistent snapshot whose change sequence goes into th
 manifest; writes that land during the build are caught up by whoever serves the
 release. The release is assembled in a staging folder and only renamed into place
 once complete, so an interrupted build leaves nothing listed and the active release
-untouched.
+untouched. An int8 build quantises the model into the staging folder first and goes
+on only if int8 document vectors agree with fp32 on a seeded sample of the corpus.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from indexer.corpus_store import CorpusStore
+from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
-from indexer.manifest import Manifest, NormStats
+from indexer.manifest import INT8_MODEL_FILE, Int8Agreement, Manifest, NormStats
 from indexer.model_store import ModelStore
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.vector_index import VectorIndex
+from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput
 from training.pooling import Pooling
 from training.precision import Precision, resolve
 
 BuildProgress = Callable[[str, int, int], None]
 ENCODE_CHUNK = 4096
+INT8_SAMPLE_SEED = 13
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,32 @@ class BuildOptions:
     document_max_length: int | None = None
     reranker_path: Path | None = None
     precision: Precision = "auto"
+    int8_min_cosine: float = 0.98
+    int8_sample: int = 256
+
+
+def _gate_int8(encoder: BiEncoder, documents: list[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
+    """Quantise `encoder` into `folder`, switch it to int8, and return its agreement with fp32.
+
+    The agreement is the cosine between fp32 and int8 vectors of up to `options.int8_sample`
+    seeded documents; below `options.int8_min_cosine` (mean) the build fails with the figures,
+    and the caller's staging folder, ONNX file included, is removed.
+    """
+    rng = np.random.default_rng(INT8_SAMPLE_SEED)
+    rows = np.sort(rng.choice(len(documents), size=min(options.int8_sample, len(documents)), replace=False))
+    texts = [documents[row].embedding_text() for row in rows]
+    encoder.precision = "fp32"
+    reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
+    encoder.use_int8(encoder.export_int8(folder / INT8_MODEL_FILE))
+    quantised = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
+    agreement = Int8Agreement.of(np.sum(reference * quantised, axis=1))
+    if agreement.mean_cosine < options.int8_min_cosine:
+        raise InvalidInput(
+            f"int8 quantisation changes this model's document vectors too much: mean cosine "
+            f"{agreement.mean_cosine:.4f} (min {agreement.min_cosine:.4f}) with fp32 on {agreement.sample} sampled "
+            f"documents, below the {options.int8_min_cosine} required; build with precision bf16 or fp32 instead"
+        )
+    return agreement
 
 
 def build_release(
@@ -70,7 +99,9 @@ def build_release(
         query_max_length=options.query_max_length,
         document_max_length=options.document_max_length,
     )
-    encoder.precision = resolve(options.precision, encoder.device)
+    precision = resolve(options.precision, encoder.device)
+    if precision != "int8":
+        encoder.precision = precision
     reranker_ref = None
     if options.reranker_path is not None:
         _, reranker_ref = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
@@ -82,6 +113,11 @@ def build_release(
     norm_chunks = []
     bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
     with releases.staging(release_id) as staging, bar:
+        agreement = None
+        if precision == "int8":
+            report("int8", 0, 1)
+            agreement = _gate_int8(encoder, documents, staging, options)
+            report("int8", 1, 1)
         for start in range(0, len(documents), ENCODE_CHUNK):
             chunk = documents[start : start + ENCODE_CHUNK]
 
@@ -99,7 +135,7 @@ def build_release(
             norm_chunks.append(encoded.norms)
             index.add([doc.id for doc in chunk], encoded.vectors)
         report("index", 0, 1)
-        files = index.save(staging)
+        files = index.save(staging) + ([staging / INT8_MODEL_FILE] if agreement is not None else [])
         manifest = Manifest(
             release_id=release_id,
             created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
@@ -113,6 +149,7 @@ def build_release(
             files={path.name: sha256_file(path) for path in files},
             reranker=reranker_ref,
             precision=encoder.precision,
+            int8_agreement=agreement,
         )
         releases.publish(staging, manifest)
     report("index", 1, 1)

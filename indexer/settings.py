@@ -23,8 +23,10 @@ class Settings(BaseSettings):
     reranker: Path | None = Field(None, description="Cross-encoder folder new builds carry for `rerank: true`")
     rerank_candidates: int = Field(50, ge=1, le=1000, description="Candidates the cross-encoder rescores per query")
     index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Encoding precision of new builds: bf16 where the CPU or GPU supports it, else fp32"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="Encoding precision of new builds: auto (bf16 where the CPU or GPU supports it, else fp32), "
+        "fp32, bf16, or int8 (quantised ONNX model, kept only if it agrees with fp32)",
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
     dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")

@@ -76,8 +76,11 @@ def _build(
     )
     manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
+    precision = manifest.precision
+    if manifest.int8_agreement is not None:
+        precision += f" (mean cosine {manifest.int8_agreement.mean_cosine:.4f} with fp32)"
     typer.echo(
-        f"built release {manifest.release_id}: {manifest.doc_count} documents, {manifest.index_type} index, {manifest.precision}, "
+        f"built release {manifest.release_id}: {manifest.doc_count} documents, {manifest.index_type} index, {precision}, "
         f"model {manifest.model.name} ({manifest.model.fingerprint[:19]}), {state}"
     )
 
@@ -100,7 +103,7 @@ def build(
     index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string: Flat, HNSW32, IVF256,Flat ...")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32 or bf16")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
 ) -> None:
     """Re-embed the whole corpus into a new release."""
     _build(_settings(ctx), model, index_type, activate, reranker, precision)
@@ -277,7 +280,7 @@ def train_reranker(
     """Train a cross-encoder reranker on negatives mined by the bi-encoder."""
     from training.bi_encoder import BiEncoder
     from training.examples import examples_from_qrels, known_positives
-    from training.precision import resolve
+    from training.precision import resolve_training
     from training.recipe import TeacherConfig
     from training.teacher import train_teacher
 
@@ -287,7 +290,7 @@ def train_reranker(
     examples = examples_from_qrels(data.queries, data.qrels, data.documents)
     config = TeacherConfig(init=str(init or ""), loss=loss, epochs=epochs, negatives=negatives)
     train_teacher(config, encoder, examples, data.documents, known_positives(examples, data.qrels), out,
-                  resolve("auto", encoder.device), show_progress=True)
+                  resolve_training("auto", encoder.device), show_progress=True)
     typer.echo(f"reranker: {out}")
 
 

@@ -5,7 +5,9 @@ code), pools token outputs, and returns L2-normalised float32 vectors so inner p
 equals cosine. Encoding sorts texts by token length and pads per batch, so short texts
 do not pay for long ones. `save` writes sentence-transformers' layout, so
 `SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
-`precision` selects fp32 or bf16 autocast for encoding (see `training.precision`).
+`precision` selects fp32 or bf16 autocast for encoding (see `training.precision`), or
+int8, where `forward` is a quantised ONNX Runtime session (`training.int8`) instead
+of the torch module; tokenisation, batching and pooling are the same either way.
 Left out here: training loops (they live in their own modules).
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -64,6 +66,22 @@ class Encoded:
         return Encoded(self.vectors[start:stop], self.norms[start:stop], self.lengths[start:stop])
 
 
+class TransformerForward(Protocol):
+    """Runs the transformer: padded `(input_ids, attention_mask)` to the last hidden state `(batch, tokens, dim)`."""
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchForward:
+    """The transformer run by torch: differentiable, fp32 or under bf16 autocast."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
 def _require_safetensors(model_dir: Path) -> None:
     if not model_dir.is_dir():
         raise InvalidInput(f"model folder {model_dir} does not exist; pass a folder holding config.json and model.safetensors")
@@ -106,6 +124,7 @@ class BiEncoder:
         self.settings = settings
         self.name = name
         self.precision: ConcretePrecision = "fp32"
+        self.forward: TransformerForward = TorchForward(self.model)
 
     @classmethod
     def load(
@@ -153,10 +172,33 @@ class BiEncoder:
             list(texts), truncation=True, max_length=self.settings.max_length(kind), padding=False
         )["input_ids"]
 
+    def export_int8(self, path: str | Path) -> Path:
+        """Write the transformer as a dynamically quantised int8 ONNX model to `path` (see `training.int8`)."""
+        from training.int8 import export_int8
+
+        return export_int8(self.model, Path(path))
+
+    def use_int8(self, path: str | Path) -> None:
+        """Encode through the int8 ONNX model at `path` from now on; the torch weights stay for the fingerprint.
+
+        onnxruntime is imported here, so fp32 and bf16 processes never load it.
+        """
+        from training.int8 import OnnxForward
+
+        self.forward = OnnxForward(Path(path))
+        self.precision = "int8"
+
+    def _check_forward(self) -> None:
+        """Refuse to encode when `precision` and `forward` disagree, so vectors never carry the wrong precision."""
+        runs_torch = isinstance(self.forward, TorchForward)
+        if self.precision == "int8" and runs_torch:
+            raise InvalidInput("int8 encoding runs a quantised ONNX model; attach one with `use_int8(path)` first")
+        if self.precision != "int8" and not runs_torch:
+            raise InvalidInput(f"this encoder runs an int8 ONNX model and cannot encode in {self.precision}; load it again")
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled, not yet normalised embeddings; differentiable (training calls this)."""
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return pool(output.last_hidden_state, attention_mask, self.settings.pooling)
+        """Pooled, not yet normalised embeddings; differentiable through `TorchForward` (training calls this)."""
+        return pool(self.forward(input_ids, attention_mask), attention_mask, self.settings.pooling)
 
     def token_batch(self, texts: Sequence[str], kind: TextKind) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise and pad texts into `(input_ids, attention_mask)` on the model's device (for training)."""
@@ -184,6 +226,7 @@ class BiEncoder:
         """Encode texts in length-sorted batches; returns unit vectors in input order and raw norms."""
         if isinstance(texts, str):
             raise InvalidInput("encode takes a list of texts, not a single string")
+        self._check_forward()
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         norms = np.zeros(len(texts), dtype=np.float32)
         if not texts:

@@ -24,7 +24,7 @@ from training.eval_data import split_queries
 from training.examples import TrainingExample, examples_from_qrels, known_positives
 from training.metrics_log import MetricsLog
 from training.mining import MiningConfig, mine_hard_negatives
-from training.precision import resolve
+from training.precision import resolve_training
 from training.recipe import Recipe
 from training.sts import load_sts
 from training.teacher import obtain_teacher
@@ -87,7 +87,7 @@ def fine_tune(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     encoder = BiEncoder.load(model_path)
-    precision = resolve(recipe.run.precision, encoder.device)
+    precision = resolve_training(recipe.run.precision, encoder.device)
     train_ids, dev_ids = split_queries(list(data.qrels), recipe.run.dev_fraction, recipe.run.seed)
     train_qrels = {q: data.qrels[q] for q in train_ids}
     dev_qrels = {q: data.qrels[q] for q in dev_ids}

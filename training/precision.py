@@ -1,8 +1,11 @@
-"""Numeric precision for training and encoding: bf16 autocast where the hardware runs it fast.
+"""Numeric precision for training and encoding: bf16 autocast where the hardware runs it fast, int8 on request.
 
 bf16 is used on CUDA GPUs that support it and on CPUs with AMX or AVX512-BF16
 (Sapphire Rapids and later); elsewhere fp32. Autocast keeps master weights and the
-loss in fp32, so only matrix multiplications run in bf16.
+loss in fp32, so only matrix multiplications run in bf16. int8 is an encoding-only
+precision a release asks for explicitly: its transformer runs as a dynamically
+quantised ONNX model (see `training.int8`), so `auto` never picks it and training
+refuses it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import torch
 
 from training.errors import InvalidInput
 
-Precision = Literal["auto", "fp32", "bf16"]
-ConcretePrecision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+ConcretePrecision = Literal["fp32", "bf16", "int8"]
+TrainingPrecision = Literal["fp32", "bf16"]
 
 
 def cpu_supports_bf16() -> bool:
@@ -28,9 +32,9 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve(precision: Precision, device: torch.device) -> ConcretePrecision:
-    """The concrete precision for `device`: `auto` picks bf16 where it is supported and fast."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise InvalidInput(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    """The concrete precision for `device`: `auto` picks bf16 where it is supported and fast, never int8."""
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise InvalidInput(f"precision must be 'auto', 'fp32', 'bf16' or 'int8', got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -38,8 +42,23 @@ def resolve(precision: Precision, device: torch.device) -> ConcretePrecision:
     return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
 
 
+def resolve_training(precision: Precision, device: torch.device) -> TrainingPrecision:
+    """Like `resolve`, for training, which runs in fp32 or bf16 only (int8 has no gradients)."""
+    concrete = resolve(precision, device)
+    if concrete == "int8":
+        raise InvalidInput(
+            "training runs in fp32 or bf16; int8 is an encoding precision for releases "
+            "(`lockstep build --precision int8`); set the recipe's precision to 'auto', 'fp32' or 'bf16'"
+        )
+    return concrete
+
+
 def autocast(precision: ConcretePrecision, device: torch.device) -> contextlib.AbstractContextManager:
-    """An autocast context for `precision` on `device` (a no-op for fp32)."""
-    if precision == "fp32":
+    """An autocast context for `precision` on `device`: bf16 autocast, else a no-op.
+
+    int8 is a no-op too: the int8 transformer runs in ONNX Runtime, and the torch
+    modules an int8 release also uses (its reranker) run in fp32.
+    """
+    if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

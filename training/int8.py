@@ -1,0 +1,120 @@
+"""int8 encoding: the bi-encoder's transformer exported to ONNX, quantised dynamically, run by ONNX Runtime.
+
+Only the transformer is exported (inputs `input_ids`, `attention_mask` and, when the
+model takes them, `token_type_ids`; output the last hidden state), so tokenisation,
+length bucketing, pooling and normalisation stay in `BiEncoder` for every precision.
+Weights are quantised per output channel to signed int8; activations are quantised
+per batch at run time. Whether the result is close enough to fp32 is for the caller
+to measure (the release builder gates on it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import PreTrainedModel
+
+OUTPUT_NAME = "last_hidden_state"
+OPSET_VERSION = 17
+DYNAMIC_AXES = {0: "batch", 1: "sequence"}
+
+
+class _LastHiddenState(torch.nn.Module):
+    """The transformer with positional tensor inputs and its last hidden state as the only output."""
+
+    def __init__(self, model: PreTrainedModel, input_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.input_names, inputs))).last_hidden_state
+
+
+def _input_names(model: PreTrainedModel) -> tuple[str, ...]:
+    """The inputs the exported graph takes: ids and mask, plus token type ids if the model accepts them."""
+    names = ("input_ids", "attention_mask")
+    return names + ("token_type_ids",) if "token_type_ids" in inspect.signature(model.forward).parameters else names
+
+
+def _example_inputs(model: PreTrainedModel, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """A two-row batch whose second row is padded, so the trace follows the masked attention path."""
+    device = next(model.parameters()).device
+    input_ids = torch.ones((2, 8), dtype=torch.long, device=device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    return tuple(tensors[name] for name in names)
+
+
+def export_onnx(model: PreTrainedModel, path: Path) -> Path:
+    """Export the transformer in fp32 with dynamic batch and sequence axes.
+
+    Uses the TorchScript exporter (`dynamo=False`), which needs no packages beyond
+    torch; its deprecation and tracer warnings are expected and silenced.
+    """
+    names = _input_names(model)
+    wrapper = _LastHiddenState(model, names).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            _example_inputs(model, names),
+            str(path),
+            dynamo=False,
+            input_names=list(names),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={name: DYNAMIC_AXES for name in (*names, OUTPUT_NAME)},
+            opset_version=OPSET_VERSION,
+        )
+    return path
+
+
+def export_int8(model: PreTrainedModel, path: Path) -> Path:
+    """Write the transformer as a dynamically quantised ONNX model (int8 weights, per channel) to `path`.
+
+    The fp32 export is an intermediate file, written beside `path` and removed.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch:
+        fp32 = export_onnx(model, Path(scratch) / "fp32.onnx")
+        quantize_dynamic(fp32, path, per_channel=True, weight_type=QuantType.QInt8)
+    return path
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OnnxForward:
+    """A quantised transformer in an ONNX Runtime session on the CPU; called like `TorchForward`.
+
+    One intra-op thread per core, no inter-op pool and no spinning between runs, so
+    the session never competes with torch, FAISS or the server for the cores.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = tuple(node.name for node in self.session.get_inputs())
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden state `(batch, tokens, dim)` as float32, on the inputs' device."""
+        ids = input_ids.cpu().numpy()
+        feeds = {"input_ids": ids, "attention_mask": attention_mask.cpu().numpy(), "token_type_ids": np.zeros_like(ids)}
+        (hidden,) = self.session.run([OUTPUT_NAME], {name: feeds[name] for name in self.input_names})
+        return torch.from_numpy(hidden).to(input_ids.device)
