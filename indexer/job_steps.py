@@ -221,6 +221,8 @@ def reembed(ctx: JobContext) -> StepOutcome:
         batch_size=ctx.settings.batch_size,
         reranker_path=ctx.settings.data_dir / live.reranker.path if live and live.reranker else ctx.settings.reranker,
         precision=ctx.settings.precision,
+        ef_search=ctx.settings.ef_search,
+        nprobe=ctx.settings.nprobe,
     )
     manifest = build_release(
         ctx.corpus, ctx.releases, options, release_id=release_id,

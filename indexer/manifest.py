@@ -3,7 +3,8 @@
 It names the exact model (fingerprint and content-addressed folder) and the numeric
 precision its vectors were computed in (queries use the same), the corpus
 state the vectors reflect (change sequence, document count), the index (factory,
-dimension, metric), the document norms before normalisation (a drift signal),
+dimension, metric, search parameters and, for approximate kinds, recall@10 against
+exact search measured at build time), the document norms before normalisation (a drift signal),
 evaluation metrics if any, and a sha256 of every file in the release. An int8 release
 also holds its quantised encoder (`INT8_MODEL_FILE`, checksummed like the index) and
 how closely its document vectors agreed with fp32 when it was built.
@@ -16,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from indexer.recall_check import RecallCheck
 
 MANIFEST_FILE = "manifest.json"
 INT8_MODEL_FILE = "encoder.int8.onnx"
@@ -103,6 +106,8 @@ class Manifest:
     reranker: RerankerRef | None = None
     precision: str = "fp32"
     int8_agreement: Int8Agreement | None = None
+    search_params: dict[str, int] = field(default_factory=dict)
+    recall: RecallCheck | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -117,6 +122,8 @@ class Manifest:
             data["reranker"] = RerankerRef(**data["reranker"])
         if data.get("int8_agreement") is not None:
             data["int8_agreement"] = Int8Agreement(**data["int8_agreement"])
+        if data.get("recall") is not None:
+            data["recall"] = RecallCheck(**data["recall"])
         return cls(**data)
 
     @classmethod

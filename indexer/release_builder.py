@@ -4,12 +4,15 @@ The corpus is read as one consistent snapshot whose change sequence goes into th
 manifest; writes that land during the build are caught up by whoever serves the
 release. The release is assembled in a staging folder and only renamed into place
 once complete, so an interrupted build leaves nothing listed and the active release
-untouched. An int8 build quantises the model into the staging folder first and goes
+untouched. An approximate index (HNSW, IVF) gets the configured search parameters and
+its recall@10 against exact search is measured on sampled documents and recorded
+(the vectors are kept in memory for that, once). An int8 build quantises the model into the staging folder first and goes
 on only if int8 document vectors agree with fp32 on a seeded sample of the corpus.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
 from indexer.manifest import INT8_MODEL_FILE, Int8Agreement, Manifest, NormStats
 from indexer.model_store import ModelStore
+from indexer.recall_check import measure_recall
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.vector_index import VectorIndex
 from training.bi_encoder import BiEncoder
@@ -29,7 +33,10 @@ from training.errors import InvalidInput
 from training.pooling import Pooling
 from training.precision import Precision, resolve
 
+log = logging.getLogger(__name__)
+
 BuildProgress = Callable[[str, int, int], None]
+LOW_RECALL = 0.9
 ENCODE_CHUNK = 4096
 INT8_SAMPLE_SEED = 13
 
@@ -49,6 +56,8 @@ class BuildOptions:
     precision: Precision = "auto"
     int8_min_cosine: float = 0.98
     int8_sample: int = 256
+    ef_search: int | None = None
+    nprobe: int | None = None
 
 
 def _gate_int8(encoder: BiEncoder, documents: list[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
@@ -110,7 +119,7 @@ def build_release(
         raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
     index = VectorIndex(encoder.dim, options.index_type)
     release_id = release_id or new_release_id()
-    norm_chunks = []
+    norm_chunks, vector_chunks = [], []
     bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
     with releases.staging(release_id) as staging, bar:
         agreement = None
@@ -133,8 +142,19 @@ def build_release(
                 progress=advance,
             )
             norm_chunks.append(encoded.norms)
+            if not index.exact:
+                vector_chunks.append(encoded.vectors)
             index.add([doc.id for doc in chunk], encoded.vectors)
         report("index", 0, 1)
+        index.set_search_params(ef_search=options.ef_search, nprobe=options.nprobe)
+        recall = None
+        if vector_chunks:
+            report("recall", 0, 1)
+            recall = measure_recall(index, [doc.id for doc in documents], np.concatenate(vector_chunks))
+            vector_chunks.clear()
+            if recall.recall < LOW_RECALL:
+                log.warning("release %s: %s recall@%d is %.3f at %s; raise ef_search or nprobe for better results",
+                            release_id, options.index_type, recall.k, recall.recall, recall.search_params)
         files = index.save(staging) + ([staging / INT8_MODEL_FILE] if agreement is not None else [])
         manifest = Manifest(
             release_id=release_id,
@@ -150,6 +170,8 @@ def build_release(
             reranker=reranker_ref,
             precision=encoder.precision,
             int8_agreement=agreement,
+            search_params=index.search_params(),
+            recall=recall,
         )
         releases.publish(staging, manifest)
     report("index", 1, 1)

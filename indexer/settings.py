@@ -28,6 +28,8 @@ class Settings(BaseSettings):
         description="Encoding precision of new builds: auto (bf16 where the CPU or GPU supports it, else fp32), "
         "fp32, bf16, or int8 (quantised ONNX model, kept only if it agrees with fp32)",
     )
+    ef_search: int = Field(64, ge=1, le=4096, description="HNSW search breadth of new builds (recall vs speed)")
+    nprobe: int = Field(16, ge=1, le=65536, description="IVF lists searched per query in new builds (recall vs speed)")
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
     dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")
     batch_wait_ms: float = Field(2.0, ge=0, le=100, description="How long a query waits for others to batch with")

@@ -108,6 +108,20 @@ class VectorIndex:
         if nprobe is not None and (ivf := self._ivf()) is not None:
             ivf.nprobe = nprobe
 
+    def search_params(self) -> dict[str, int]:
+        """The search parameters that apply to this index kind and their current values."""
+        params = {}
+        if (hnsw := self._hnsw()) is not None:
+            params["ef_search"] = int(hnsw.hnsw.efSearch)
+        if (ivf := self._ivf()) is not None:
+            params["nprobe"] = int(ivf.nprobe)
+        return params
+
+    @property
+    def exact(self) -> bool:
+        """True for brute-force (Flat) indexes, whose results need no recall check."""
+        return self._hnsw() is None and self._ivf() is None
+
     def _train_if_needed(self, vectors: np.ndarray) -> None:
         if self._index.is_trained:
             return

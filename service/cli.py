@@ -73,14 +73,20 @@ def _build(
         batch_size=settings.batch_size,
         reranker_path=reranker or settings.reranker,
         precision=precision or settings.precision,
+        ef_search=settings.ef_search,
+        nprobe=settings.nprobe,
     )
     manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
     precision = manifest.precision
     if manifest.int8_agreement is not None:
         precision += f" (mean cosine {manifest.int8_agreement.mean_cosine:.4f} with fp32)"
+    index = manifest.index_type
+    if manifest.recall is not None:
+        params = " ".join(f"{name}={value}" for name, value in manifest.recall.search_params.items())
+        index += f" (recall@{manifest.recall.k} {manifest.recall.recall:.3f} vs exact at {params})"
     typer.echo(
-        f"built release {manifest.release_id}: {manifest.doc_count} documents, {manifest.index_type} index, {precision}, "
+        f"built release {manifest.release_id}: {manifest.doc_count} documents, {index} index, {precision}, "
         f"model {manifest.model.name} ({manifest.model.fingerprint[:19]}), {state}"
     )
 
@@ -104,9 +110,12 @@ def build(
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
+    ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default $LOCKSTEP_EF_SEARCH or 64)")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists searched per query (default $LOCKSTEP_NPROBE or 16)")] = None,
 ) -> None:
     """Re-embed the whole corpus into a new release."""
-    _build(_settings(ctx), model, index_type, activate, reranker, precision)
+    overrides = {k: v for k, v in {"ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
+    _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision)
 
 
 @releases_app.command("list")

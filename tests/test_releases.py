@@ -14,6 +14,7 @@ from indexer.release_builder import BuildOptions, build_release
 from training.bi_encoder import BiEncoder
 from training.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from tests.conftest import SAMPLE_DOCS
+from tests.training_data import synthetic_task
 
 
 def _build(corpus, releases, model_dir, **kwargs):
@@ -181,3 +182,21 @@ def test_release_records_and_serves_its_precision(corpus, releases, tiny_model_d
     assert LiveRelease.load(releases, bf16.release_id).encoder.precision == "bf16"
     with pytest.raises(InvalidInput, match="precision must be"):
         build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp16"))
+
+
+def test_approximate_indexes_record_search_params_and_recall_against_exact(corpus, releases, tiny_model_dir):
+    task = synthetic_task(300)
+    corpus.upsert(Document(id=i, title="", text=t) for i, t in task.documents.items())
+    options = BuildOptions(model_path=tiny_model_dir, index_type="HNSW8", ef_search=200, precision="fp32")
+    manifest = build_release(corpus, releases, options)
+    assert manifest.search_params == {"ef_search": 200}
+    assert manifest.recall.k == 10 and manifest.recall.sample == 300 and manifest.recall.search_params == {"ef_search": 200}
+    assert manifest.recall.recall > 0.95
+    narrow = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, index_type="IVF16,Flat", nprobe=1,
+                                                          precision="fp32"))
+    wide = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, index_type="IVF16,Flat", nprobe=16,
+                                                        precision="fp32"))
+    assert narrow.recall.recall < wide.recall.recall == pytest.approx(1.0)
+    assert LiveRelease.load(releases, narrow.release_id).index.search_params() == {"nprobe": 1}
+    exact = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"))
+    assert exact.recall is None and exact.search_params == {}
