@@ -18,6 +18,7 @@ from indexer.release_store import STAGING_PREFIX, ReleaseStore
 from indexer.settings import Settings
 from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput
+from training.eval_data import load_qrels, load_queries
 from tests.job_data import TINY_RECIPE, write_task
 
 
@@ -183,3 +184,13 @@ def test_shadow_agreement_counts_overlap_and_order():
     assert flipped["top10_overlap"] == 0.5 and flipped["kendall_tau"] == -1.0 and flipped["tau_queries"] == 1
     assert _kendall_tau(["a", "b", "c"], ["a", "c", "b"]) == pytest.approx(1 / 3)
     assert np.isclose(_kendall_tau(["a", "b"], ["b", "a"]), -1.0)
+
+
+def test_a_retrain_job_on_uploaded_judgements_goes_live(setup):
+    settings, corpus, releases, store, files, live_id = setup
+    uploaded = {"queries": load_queries(files["queries"]), "qrels": load_qrels(files["qrels"])}
+    job = run_job(settings, store, corpus, "retrain", {**uploaded, "recipe_toml": TINY_RECIPE})
+    assert job.status == SUCCEEDED, job.message
+    assert job.params["queries"].startswith(str(settings.data_dir / "uploads"))
+    assert load_qrels(job.params["qrels"]) == uploaded["qrels"]
+    assert releases.active() == job.outputs["release_id"] != live_id
