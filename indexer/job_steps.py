@@ -12,6 +12,7 @@ a cancelled job is deleted. Nothing here knows about Celery.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,21 +21,20 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from indexer.corpus_store import CorpusStore
-from indexer.job_store import CANCELLED, FAILED, REJECTED, SUCCEEDED, Job, JobStore
+from indexer.job_store import CANCELLED, FAILED, REJECTED, SUCCEEDED, ClaimLost, Job, JobStore
 from indexer.live_release import LiveRelease
-from indexer.model_store import ModelStore
 from indexer.quality_gate import DevSet, judge
 from indexer.retrieval_eval import judged_queries
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_events import announce
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.settings import Settings
+from indexer.vector_index import VectorIndex
 from indexer.training_inputs import load_training_data
-from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput, LockstepError
 from training.eval_data import load_qrels, load_queries, split_queries
 from training.examples import load_pairs
@@ -52,29 +52,27 @@ class JobCancelled(LockstepError):
     """The job was cancelled while a step ran."""
 
 
+def _process_started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None if there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def worker_identity() -> str:
-    """`host:pid` of this process, recorded on the jobs it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`host:pid:start` of this process, recorded on the jobs it runs; the start time tells a reused pid apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_started(os.getpid())}"
 
 
 def is_lost(job: Job, stale_after_s: float, now: float | None = None) -> bool:
-    """A running job is lost when its worker process on this host is gone or its heartbeat is stale."""
+    """A running job is lost when its worker process on this host is gone, or nothing was heard of it for too long."""
     now = now or time.time()
     if job.worker:
-        host, _, pid = job.worker.rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+        host, pid, started = (job.worker.split(":") + ["", ""])[:3]
+        if host == socket.gethostname() and pid.isdigit() and _process_started(int(pid)) != started:
             return True
-    return now - (job.heartbeat or job.updated) > stale_after_s
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return now - max(job.heartbeat or 0.0, job.updated) > stale_after_s
 
 
 @dataclass
@@ -84,6 +82,7 @@ class StepOutcome:
     outputs: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     end: tuple[str, str] | None = None
+    next_step: str | None = None
 
 
 @dataclass
@@ -154,20 +153,27 @@ def _path(params: dict, key: str) -> Path | None:
     return Path(params[key]) if params.get(key) else None
 
 
+def _training_metrics(summary: dict, run_dir: Path) -> dict:
+    keys = ("base", "final", "stages", "alerts", "dev_queries", "train_examples")
+    return {key: summary[key] for key in keys} | {"run_dir": str(run_dir)}
+
+
 def retrain(ctx: JobContext) -> StepOutcome:
     """Fine-tune the live model on the job's data with its recipe; the model goes to `<job>/model`."""
     from training.fine_tune import fine_tune
 
-    out = ctx.job_dir / MODEL_DIR
+    out, run_dir = ctx.job_dir / MODEL_DIR, ctx.job_dir / RUN_DIR
     if (out / "lockstep.json").is_file():
-        return StepOutcome(outputs={"model_path": str(out)})
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
+        return StepOutcome(outputs={"model_path": str(out)},
+                           metrics={"training": _training_metrics(summary, run_dir)} if summary else {})
     params = ctx.job.params
     recipe = job_recipe(params)
     data = load_training_data(
         queries=_path(params, "queries"), qrels=_path(params, "qrels"), corpus_file=_path(params, "corpus"),
         pairs=_path(params, "pairs"), corpus=ctx.corpus,
     )
-    partial, run_dir = ctx.job_dir / PARTIAL_MODEL_DIR, ctx.job_dir / RUN_DIR
+    partial = ctx.job_dir / PARTIAL_MODEL_DIR
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     base = _base_model(ctx)
@@ -182,8 +188,7 @@ def retrain(ctx: JobContext) -> StepOutcome:
     finally:
         if not (partial / "lockstep.json").is_file():
             shutil.rmtree(partial, ignore_errors=True)
-    training = {"base": summary.base, "final": summary.final, "stages": summary.stages, "alerts": summary.alerts,
-                "dev_queries": summary.dev_queries, "train_examples": summary.train_examples, "run_dir": str(run_dir)}
+    training = _training_metrics(asdict(summary), run_dir)
     if all(stage["gated"] for stage in summary.stages):
         shutil.rmtree(partial, ignore_errors=True)
         return StepOutcome(metrics={"training": training}, end=(
@@ -284,6 +289,14 @@ def promote(ctx: JobContext) -> StepOutcome:
     """Make the candidate the active release and tell every API process."""
     release_id = ctx.job.outputs["release_id"]
     previous = ctx.releases.active()
+    gate = ctx.job.metrics.get("gate") or {}
+    gated_against = gate.get("live_release")
+    if not gate.get("skipped") and previous not in (gated_against, release_id):
+        log.info("job %s: the live release changed since the gate (%s -> %s); evaluating again",
+                 ctx.job.id, gated_against, previous)
+        return StepOutcome(next_step="evaluate")
+    if previous == release_id:
+        previous = ctx.job.outputs.get("previous_release")
     ctx.releases.activate(release_id)
     announce(ctx.settings, release_id)
     was = f" (was {previous})" if previous and previous != release_id else ""
@@ -295,12 +308,21 @@ STEPS: dict[str, Callable[[JobContext], StepOutcome]] = {
 }
 
 
+def discard_candidate(store: JobStore, releases: ReleaseStore, job: Job) -> None:
+    """Delete a stopped job's unpromoted candidate release; a rerun then starts again at reembed."""
+    release_id = job.outputs.get("release_id")
+    if not release_id:
+        return
+    if releases.exists(release_id) and releases.active() != release_id:
+        releases.delete(release_id)
+    if releases.active() != release_id and job.step in ("evaluate", "promote"):
+        store.rewind(job.id, "reembed", ("release_id",))
+
+
 def _undo(ctx: JobContext) -> None:
     """Remove what a stopped job made: its partial model and its unpromoted candidate release."""
     shutil.rmtree(ctx.job_dir / PARTIAL_MODEL_DIR, ignore_errors=True)
-    release_id = ctx.store.get(ctx.job.id).outputs.get("release_id")
-    if release_id and ctx.releases.exists(release_id) and ctx.releases.active() != release_id:
-        ctx.releases.delete(release_id)
+    discard_candidate(ctx.store, ctx.releases, ctx.store.get(ctx.job.id))
 
 
 def _heartbeat(store: JobStore, job_id: str, stop: threading.Event) -> None:
@@ -315,9 +337,19 @@ def _traceback_summary(exc: BaseException, lines: int = 12) -> str:
     return "".join(traceback.format_exception(exc)[-lines:])
 
 
+def _stop(ctx: JobContext, owner: str, status: str, message: str, error: str | None = None) -> None:
+    """End a job that did not complete, after removing what it made, unless another worker took it over."""
+    if not ctx.store.holds(ctx.job.id, owner):
+        log.warning("job %s was taken over by another worker; leaving it to that worker", ctx.job.id)
+        return
+    _undo(ctx)
+    ctx.store.finish(ctx.job.id, status, message, error, owner=owner)
+
+
 def run_step(settings: Settings, store: JobStore, corpus: CorpusStore, job_id: str, step: str) -> str | None:
     """Run one step of a job if this worker can claim it; returns the next step to enqueue, or None."""
-    job = store.claim(job_id, step, worker_identity(), settings.job_stale_after_s)
+    owner = worker_identity()
+    job = store.claim(job_id, step, owner, settings.job_stale_after_s)
     if job is None:
         log.info("job %s step %s: nothing to do (finished, cancelled, or held by another worker)", job_id, step)
         return None
@@ -330,51 +362,86 @@ def run_step(settings: Settings, store: JobStore, corpus: CorpusStore, job_id: s
         ctx.check_cancelled()
         outcome = STEPS[step](ctx)
     except JobCancelled:
-        _undo(ctx)
-        store.finish(job_id, CANCELLED, f"cancelled during {step}; nothing was published")
+        _stop(ctx, owner, CANCELLED, f"cancelled during {step}; nothing was published")
         log.info("job %s cancelled during %s", job_id, step)
         return None
     except LockstepError as exc:
-        _undo(ctx)
-        store.finish(job_id, FAILED, f"{step} failed: {exc}", _traceback_summary(exc))
+        _stop(ctx, owner, FAILED, f"{step} failed: {exc}", _traceback_summary(exc))
         log.error("job %s failed in %s: %s", job_id, step, exc)
         return None
     except Exception as exc:
-        _undo(ctx)
-        store.finish(job_id, FAILED, f"{step} failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log",
-                     _traceback_summary(exc))
+        _stop(ctx, owner, FAILED, f"{step} failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log",
+              _traceback_summary(exc))
         log.exception("job %s failed in %s", job_id, step)
         return None
     finally:
         stop.set()
         beat.join()
-    store.record(job_id, outputs=outcome.outputs, metrics=outcome.metrics)
-    if outcome.end is not None:
-        store.finish(job_id, *outcome.end)
-        log.info("job %s %s: %s", job_id, outcome.end[0], outcome.end[1])
+    try:
+        store.record(job_id, outputs=outcome.outputs, metrics=outcome.metrics, owner=owner)
+        if outcome.end is not None:
+            store.finish(job_id, *outcome.end, owner=owner)
+            log.info("job %s %s: %s", job_id, outcome.end[0], outcome.end[1])
+            return None
+        next_step = outcome.next_step or job.next_step()
+        if next_step is None:
+            store.finish(job_id, SUCCEEDED, f"{step} done", owner=owner)
+            return None
+        store.advance(job_id, next_step, owner=owner)
+    except ClaimLost as exc:
+        log.warning("%s; dropping this worker's result of step %s", exc, step)
         return None
-    next_step = job.next_step()
-    if next_step is None:
-        store.finish(job_id, SUCCEEDED, f"{step} done")
-        return None
-    store.advance(job_id, next_step)
     return next_step
 
 
-def validate_params(kind: str, params: dict) -> None:
-    """Refuse a job whose recipe or files are wrong before it is queued, naming what to fix."""
+def cancel_job(store: JobStore, releases: ReleaseStore, job_id: str) -> Job:
+    """Cancel a job: a queued one ends now (its candidate release, if any, is deleted); a running one is asked to stop."""
+    job = store.request_cancel(job_id)
+    if job.status == CANCELLED:
+        discard_candidate(store, releases, job)
+        return store.get(job_id)
+    return job
+
+
+def _readable(key: str, path: str) -> None:
+    if not Path(path).exists():
+        raise InvalidInput(f"{key}: {path} does not exist (paths are read by the workers; use absolute paths)")
+
+
+def _parse(key: str, path: str, parse: Callable) -> object:
+    """Parse an input file, turning unreadable or non-UTF-8 files into errors that name them."""
+    try:
+        return parse(path)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{key}: {path} is not UTF-8 text ({exc.reason}); decompress or re-encode it") from exc
+    except OSError as exc:
+        raise InvalidInput(f"{key}: {path} cannot be read ({exc.strerror})") from exc
+
+
+def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
+    """Refuse a job whose recipe, files or index type are wrong before it is queued, naming what to fix.
+
+    `dim` (the live release's) lets the index type be checked for this model size.
+    """
     for key in ("queries", "qrels", "corpus", "pairs", "model", "dev_queries", "dev_qrels"):
-        if params.get(key) and not Path(params[key]).exists():
-            raise InvalidInput(f"{key}: {params[key]} does not exist (paths are read by the workers; use absolute paths)")
+        if params.get(key):
+            _readable(key, params[key])
     if bool(params.get("dev_queries")) != bool(params.get("dev_qrels")):
         raise InvalidInput("give both dev_queries and dev_qrels, or neither")
+    if params.get("dev_queries"):
+        judged_queries(_parse("dev_queries", params["dev_queries"], load_queries),
+                       _parse("dev_qrels", params["dev_qrels"], load_qrels))
+    if params.get("index_type") and dim is not None:
+        VectorIndex(dim, params["index_type"])
     if kind == "retrain":
         job_recipe(params)
         if not params.get("pairs") and not (params.get("queries") and params.get("qrels")):
             raise InvalidInput("a retrain job needs training data: pairs, or queries and qrels")
         if params.get("pairs"):
-            load_pairs(params["pairs"])
+            _parse("pairs", params["pairs"], load_pairs)
         else:
-            judged_queries(load_queries(params["queries"]), load_qrels(params["qrels"]))
+            judged_queries(_parse("queries", params["queries"], load_queries), _parse("qrels", params["qrels"], load_qrels))
     if kind == "reembed" and params.get("model"):
-        BiEncoder.load(params["model"])
+        model = Path(params["model"])
+        if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+            raise InvalidInput(f"model: {model} is not a model folder (needs config.json and safetensors weights)")

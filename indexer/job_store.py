@@ -97,6 +97,10 @@ def _row_to_job(row) -> Job:
     return Job(**data)
 
 
+class ClaimLost(Conflict):
+    """The worker no longer holds the job: it was presumed lost and another worker took over."""
+
+
 def new_job_id() -> str:
     """A sortable, unique job id such as `j-20261128T150102Z-3fa9c1d2`."""
     return time.strftime("j-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(4)
@@ -183,9 +187,25 @@ class JobStore:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def record(self, job_id: str, *, outputs: dict | None = None, metrics: dict | None = None) -> Job:
-        """Merge step outputs and metrics into the record."""
+    @staticmethod
+    def _check_owner(db, job_id: str, owner: str | None) -> None:
+        if owner is None:
+            return
+        row = db.execute("SELECT worker, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row["worker"] != owner or row["status"] != RUNNING:
+            raise ClaimLost(f"job {job_id} is no longer held by {owner}; another worker took it over")
+
+    def holds(self, job_id: str, owner: str) -> bool:
+        """True while `owner` still holds the job's running step."""
+        rows = self._db.query("SELECT 1 FROM jobs WHERE id = ? AND worker = ? AND status = ?", (job_id, owner, RUNNING))
+        return bool(rows)
+
+    def record(
+        self, job_id: str, *, outputs: dict | None = None, metrics: dict | None = None, owner: str | None = None
+    ) -> Job:
+        """Merge step outputs and metrics into the record (only while `owner`, if given, holds the job)."""
         with self._db.transaction() as db:
+            self._check_owner(db, job_id, owner)
             row = db.execute("SELECT outputs, metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"job {job_id!r} does not exist")
@@ -197,20 +217,24 @@ class JobStore:
             )
         return self.get(job_id)
 
-    def advance(self, job_id: str, next_step: str) -> None:
-        """Hand the job to its next step: any worker may claim it."""
+    def advance(self, job_id: str, next_step: str, owner: str | None = None) -> None:
+        """Hand the job to a step (the next one, or back to an earlier one): any worker may claim it."""
         with self._db.transaction() as db:
+            self._check_owner(db, job_id, owner)
             db.execute(
                 "UPDATE jobs SET step = ?, worker = NULL, updated = ? WHERE id = ? AND status = ?",
                 (next_step, time.time(), job_id, RUNNING),
             )
 
-    def finish(self, job_id: str, status: str, message: str, error: str | None = None) -> Job:
-        """End a job with a terminal status and a message for the user."""
+    def finish(
+        self, job_id: str, status: str, message: str, error: str | None = None, owner: str | None = None
+    ) -> Job:
+        """End a job with a terminal status and a message for the user (only while `owner`, if given, holds it)."""
         if status not in TERMINAL:
             raise ValueError(f"{status} is not a terminal status")
         now = time.time()
         with self._db.transaction() as db:
+            self._check_owner(db, job_id, owner)
             db.execute(
                 "UPDATE jobs SET status = ?, message = ?, error = ?, finished = ?, updated = ?, worker = NULL "
                 "WHERE id = ?",
@@ -236,6 +260,14 @@ class JobStore:
                 db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?", (now, job_id))
         return self.get(job_id)
 
+    def rewind(self, job_id: str, step: str, drop_outputs: tuple[str, ...]) -> None:
+        """Point a job back at an earlier step and forget outputs that no longer exist (e.g. a deleted release)."""
+        with self._db.transaction() as db:
+            row = db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            outputs = {k: v for k, v in json.loads(row["outputs"]).items() if k not in drop_outputs}
+            db.execute("UPDATE jobs SET step = ?, outputs = ?, updated = ? WHERE id = ?",
+                       (step, json.dumps(outputs), time.time(), job_id))
+
     def requeue(self, job_id: str) -> Job:
         """Run a failed or cancelled job again from the step it stopped at."""
         now = time.time()
@@ -255,26 +287,33 @@ class JobStore:
     def recover_lost(
         self, is_lost: Callable[[Job], bool], max_attempts: int
     ) -> tuple[list[Job], list[Job]]:
-        """Requeue running jobs whose worker is lost, or fail those that used up their attempts.
+        """Give running jobs whose worker is lost back to the queue, or fail those that used up their attempts.
 
-        Returns (requeued, failed).
+        A job between steps (no worker holds it) whose next message seems lost is sent
+        again without counting an attempt. Every change is conditional on the record
+        still being as it was read, so a worker that claims the job meanwhile keeps it.
+        Returns (to enqueue again, failed).
         """
-        requeued, failed = [], []
+        resend, failed = [], []
         for job in self.list(limit=1000, status=RUNNING):
             if not is_lost(job):
                 continue
-            if job.attempts >= max_attempts:
-                failed.append(self.finish(
-                    job.id, FAILED,
-                    f"the worker running step {job.step} was lost {job.attempts} times; "
-                    f"check the worker log (out of memory? killed?) and retry with POST /v1/jobs/{job.id}/retry",
-                    error="worker lost",
-                ))
-                continue
+            unchanged = "WHERE id = ? AND status = ? AND worker IS ? AND updated = ?"
+            args = (job.id, RUNNING, job.worker, job.updated)
+            now = time.time()
             with self._db.transaction() as db:
-                db.execute(
-                    "UPDATE jobs SET status = ?, worker = NULL, updated = ? WHERE id = ? AND status = ?",
-                    (QUEUED, time.time(), job.id, RUNNING),
-                )
-            requeued.append(self.get(job.id))
-        return requeued, failed
+                if job.worker is None:
+                    changed = db.execute(f"UPDATE jobs SET updated = ?, heartbeat = ? {unchanged}", (now, now, *args))
+                elif job.attempts >= max_attempts:
+                    message = (f"the worker running step {job.step} was lost {job.attempts} times; check the worker "
+                               f"log (out of memory? killed?) and retry with POST /v1/jobs/{job.id}/retry")
+                    changed = db.execute(
+                        f"UPDATE jobs SET status = ?, message = ?, error = ?, finished = ?, updated = ?, worker = NULL "
+                        f"{unchanged}", (FAILED, message, "worker lost", now, now, *args))
+                else:
+                    changed = db.execute(f"UPDATE jobs SET status = ?, worker = NULL, updated = ? {unchanged}",
+                                         (QUEUED, now, *args))
+            if changed.rowcount:
+                recovered = self.get(job.id)
+                (failed if recovered.status == FAILED else resend).append(recovered)
+        return resend, failed

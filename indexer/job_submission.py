@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,23 +49,16 @@ def _write_qrels(folder: Path, qrels: dict) -> Path:
 _WRITERS = {"pairs": _write_pairs, "queries": _write_queries, "qrels": _write_qrels}
 
 
-def store_uploads(data_dir: Path, params: dict) -> dict:
-    """Replace inline pairs/queries/qrels in `params` with files under `uploads/`; paths pass through."""
+def store_uploads(folder: Path, params: dict) -> dict:
+    """Replace inline pairs/queries/qrels in `params` with files in `folder`; paths pass through."""
     inline = {key: value for key, value in params.items() if key in _WRITERS and not isinstance(value, (str, type(None)))}
     if not inline:
         return params
-    folder = data_dir / "uploads" / secrets.token_hex(8)
     folder.mkdir(parents=True)
     return params | {key: str(_WRITERS[key](folder, value)) for key, value in inline.items()}
 
 
-def submit_job(store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, params: dict) -> Job:
-    """Validate, record and enqueue a job; raises InvalidInput naming what to fix, NotReady if the queue is down."""
-    if kind not in STEPS:
-        raise InvalidInput(f"unknown job kind {kind!r}")
-    params = store_uploads(data_dir, {key: value for key, value in params.items() if value is not None})
-    validate_params(kind, params)
-    job = store.create(kind, params)
+def _enqueue_or_fail(store: JobStore, enqueue: Enqueue, job: Job) -> Job:
     try:
         enqueue(job.id, job.step)
     except Exception as exc:
@@ -74,3 +68,27 @@ def submit_job(store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, par
             f"and that the broker is running, then POST /v1/jobs/{job.id}/retry"
         ) from exc
     return job
+
+
+def submit_job(
+    store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, params: dict, dim: int | None = None
+) -> Job:
+    """Validate, record and enqueue a job; raises InvalidInput naming what to fix, NotReady if the queue is down.
+
+    `dim` is the live model's dimension, used to check a requested index type.
+    """
+    if kind not in STEPS:
+        raise InvalidInput(f"unknown job kind {kind!r}")
+    uploads = data_dir / "uploads" / secrets.token_hex(8)
+    params = store_uploads(uploads, {key: value for key, value in params.items() if value is not None})
+    try:
+        validate_params(kind, params, dim)
+    except InvalidInput:
+        shutil.rmtree(uploads, ignore_errors=True)
+        raise
+    return _enqueue_or_fail(store, enqueue, store.create(kind, params))
+
+
+def retry_job(store: JobStore, enqueue: Enqueue, job_id: str) -> Job:
+    """Queue a failed or cancelled job again from the step it stopped at."""
+    return _enqueue_or_fail(store, enqueue, store.requeue(job_id))

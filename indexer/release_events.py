@@ -42,8 +42,8 @@ async def listen(settings: Settings, on_change: Callable[[str], Awaitable[None]]
     if url is None:
         return
     while True:
+        client = aioredis.Redis.from_url(url)
         try:
-            client = aioredis.Redis.from_url(url)
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(CHANNEL)
                 async for message in pubsub.listen():
@@ -51,6 +51,8 @@ async def listen(settings: Settings, on_change: Callable[[str], Awaitable[None]]
                         await on_change(message["data"].decode())
         except (redis.RedisError, OSError) as exc:
             log.warning("release announcements unavailable (%s); polling continues, retrying in %.0fs", exc, RECONNECT_DELAY_S)
-            await asyncio.sleep(RECONNECT_DELAY_S)
+        except Exception:
+            log.exception("release announcement listener failed; polling continues, retrying in %.0fs", RECONNECT_DELAY_S)
         finally:
             await client.aclose()
+        await asyncio.sleep(RECONNECT_DELAY_S)

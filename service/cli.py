@@ -76,7 +76,10 @@ def _build(
         ef_search=settings.ef_search,
         nprobe=settings.nprobe,
     )
-    manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
+    try:
+        manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
+    finally:
+        corpus.close()
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
     precision = manifest.precision
     if manifest.int8_agreement is not None:
@@ -327,8 +330,6 @@ def _settings_env(settings: Settings) -> dict[str, str]:
 
     env = dict(os.environ)
     env["LOCKSTEP_DATA_DIR"] = str(settings.data_dir.resolve())
-    if settings.admin_token is not None:
-        env["LOCKSTEP_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
     return env
 
 
@@ -396,6 +397,7 @@ def up(
     elif store.count() == 0:
         result = store.upsert(stdlib_documents())
         typer.echo(f"empty corpus: ingested {result.inserted} Python standard library docstrings as a demo")
+    store.close()
     if ReleaseStore(settings.data_dir).active() is None or changed:
         _build(settings, None, None, activate=True)
     settings = _admin_token(settings)

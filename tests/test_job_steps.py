@@ -1,6 +1,6 @@
 """The job steps run in-process, without a broker: retrain -> reembed -> evaluate -> promote and its exits."""
 
-import os
+import dataclasses
 import subprocess
 import time
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from indexer.corpus_store import CorpusStore
-from indexer.job_steps import JobCancelled, JobContext, is_lost, reembed, run_step
-from indexer.job_store import CANCELLED, REJECTED, SUCCEEDED, JobStore
-from indexer.job_submission import submit_job
+from indexer.job_steps import JobCancelled, JobContext, cancel_job, is_lost, reembed, run_step, worker_identity
+from indexer.job_store import CANCELLED, REJECTED, SUCCEEDED, ClaimLost, JobStore
+from indexer.job_submission import retry_job, submit_job
 from indexer.quality_gate import _kendall_tau, shadow_agreement
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STAGING_PREFIX, ReleaseStore
@@ -164,16 +164,103 @@ def test_bad_jobs_are_refused_before_they_are_queued(setup, kind, params, messag
     assert store.list() == []
 
 
-def test_lost_means_dead_process_on_this_host_or_stale_heartbeat(setup):
+def test_lost_means_a_gone_or_reused_process_on_this_host_or_long_silence(setup):
     _, _, _, store, _, _ = setup
     job = store.create("reembed", {})
     exited = subprocess.Popen(["true"])
     exited.wait()
-    alive = store.claim(job.id, "reembed", f"{os.uname().nodename}:{os.getpid()}", 60)
+    alive = store.claim(job.id, "reembed", worker_identity(), 60)
     assert not is_lost(alive, stale_after_s=60)
     assert is_lost(alive, stale_after_s=60, now=time.time() + 61)
-    dead = alive.__class__(**{**alive.as_dict(), "worker": f"{os.uname().nodename}:{exited.pid}"})
-    assert is_lost(dead, stale_after_s=60)
+    host, pid, started = worker_identity().split(":")
+    dead = dataclasses.replace(alive, worker=f"{host}:{exited.pid}:{started}")
+    reused = dataclasses.replace(alive, worker=f"{host}:{pid}:{int(started) + 1}")
+    assert is_lost(dead, stale_after_s=60) and is_lost(reused, stale_after_s=60)
+    handed_over = dataclasses.replace(alive, worker=None, heartbeat=time.time() - 100, updated=time.time() - 100)
+    assert is_lost(handed_over, stale_after_s=60) and not is_lost(handed_over, stale_after_s=600)
+
+
+def test_retrying_a_job_cancelled_after_its_build_rebuilds_and_goes_live(setup):
+    settings, corpus, releases, store, _, live_id = setup
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
+    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    store.request_cancel(job.id)
+    run_step(settings, store, corpus, job.id, "evaluate")
+    stopped = store.get(job.id)
+    assert stopped.status == CANCELLED and stopped.step == "reembed" and "release_id" not in stopped.outputs
+    retry_job(store, lambda *_: None, job.id)
+    step = "reembed"
+    while step:
+        step = run_step(settings, store, corpus, job.id, step)
+    done = store.get(job.id)
+    assert done.status == SUCCEEDED and releases.active() == done.outputs["release_id"] != live_id
+
+
+def test_cancelling_a_requeued_job_deletes_its_candidate(setup):
+    settings, corpus, releases, store, _, live_id = setup
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
+    run_step(settings, store, corpus, job.id, "reembed")
+    built = store.get(job.id).outputs["release_id"]
+    store.recover_lost(lambda j: False, 3)
+    store.claim(job.id, "evaluate", "gone:1:1", 60)
+    store.recover_lost(lambda j: True, 3)
+    assert store.get(job.id).status == "queued"
+    assert cancel_job(store, releases, job.id).status == CANCELLED
+    assert not releases.exists(built) and releases.active() == live_id
+
+
+def test_promotion_is_gated_again_when_the_live_release_changed(setup, other_model_dir):
+    settings, corpus, releases, store, files, live_id = setup
+    params = {"dev_queries": files["queries"], "dev_qrels": files["qrels"]}
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", params)
+    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    assert run_step(settings, store, corpus, job.id, "evaluate") == "promote"
+    other = build_release(corpus, releases, BuildOptions(model_path=other_model_dir, precision="fp32"), activate=True)
+    assert run_step(settings, store, corpus, job.id, "promote") == "evaluate"
+    assert run_step(settings, store, corpus, job.id, "evaluate") in ("promote", None)
+    assert store.get(job.id).metrics["gate"]["live_release"] == other.release_id
+
+
+def test_a_worker_that_lost_its_claim_cannot_write_the_job(setup):
+    _, _, _, store, _, _ = setup
+    job = store.create("reembed", {})
+    store.claim(job.id, "reembed", "a:1:1", 60)
+    store.claim(job.id, "reembed", "b:2:2", stale_after_s=0.0)
+    with pytest.raises(ClaimLost, match="another worker took it over"):
+        store.record(job.id, outputs={"release_id": "x"}, owner="a:1:1")
+    with pytest.raises(ClaimLost):
+        store.finish(job.id, SUCCEEDED, "done", owner="a:1:1")
+    store.finish(job.id, SUCCEEDED, "done", owner="b:2:2")
+
+
+def test_recovery_leaves_a_job_alone_if_a_worker_claims_it_meanwhile(setup):
+    _, _, _, store, _, _ = setup
+    job = store.create("reembed", {})
+    store.claim(job.id, "reembed", "dead:1:1", 60)
+
+    def claimed_meanwhile(found):
+        store.claim(found.id, "reembed", "alive:2:2", stale_after_s=0.0)
+        return True
+
+    resend, failed = store.recover_lost(claimed_meanwhile, 3)
+    assert resend == [] and failed == []
+    assert store.get(job.id).worker == "alive:2:2"
+
+
+def test_unreadable_inputs_and_bad_index_types_are_refused_and_uploads_removed(setup, tmp_path):
+    settings, _, _, store, files, _ = setup
+    packed = tmp_path / "qrels.tsv.gz"
+    packed.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+    with pytest.raises(InvalidInput, match="is not UTF-8 text"):
+        submit_job(store, lambda *_: None, settings.data_dir, "retrain", {"queries": files["queries"], "qrels": str(packed)})
+    with pytest.raises(InvalidInput, match="not a valid FAISS factory string"):
+        submit_job(store, lambda *_: None, settings.data_dir, "reembed", {"index_type": "HNSW-fast"}, dim=32)
+    with pytest.raises(InvalidInput, match="dev_qrels"):
+        submit_job(store, lambda *_: None, settings.data_dir, "reembed",
+                   {"dev_queries": files["queries"], "dev_qrels": str(packed)})
+    with pytest.raises(InvalidInput, match="positive"):
+        submit_job(store, lambda *_: None, settings.data_dir, "retrain", {"pairs": [{"query": "q"}]})
+    assert not any((settings.data_dir / "uploads").glob("*")) and store.list() == []
 
 
 def test_shadow_agreement_counts_overlap_and_order():

@@ -68,11 +68,22 @@ def test_lost_jobs_are_requeued_until_their_attempts_run_out(store):
     job = store.create("reembed", {})
     store.claim(job.id, "reembed", "host:1", 60)
     requeued, failed = store.recover_lost(lambda j: j.worker == "host:1", max_attempts=2)
-    assert [j.id for j in requeued] == [job.id] and not failed
+    assert [j.id for j in requeued] == [job.id] and not failed and requeued[0].status == QUEUED
     store.claim(job.id, "reembed", "host:1", 60)
     requeued, failed = store.recover_lost(lambda j: True, max_attempts=2)
     assert not requeued and [j.status for j in failed] == [FAILED]
     assert "lost 2 times" in failed[0].message
+
+
+def test_a_handed_over_job_whose_message_is_lost_is_sent_again_without_a_new_attempt(store):
+    job = store.create("retrain", {})
+    store.claim(job.id, "retrain", "host:1", 60)
+    store.advance(job.id, "reembed", owner="host:1")
+    before = store.get(job.id)
+    resend, failed = store.recover_lost(lambda j: True, max_attempts=1)
+    assert [j.id for j in resend] == [job.id] and not failed
+    after = store.get(job.id)
+    assert (after.status, after.step, after.attempts) == (RUNNING, "reembed", 1) and after.updated > before.updated
 
 
 def test_listing_filters_and_errors_name_the_fix(store):

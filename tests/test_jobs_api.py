@@ -61,6 +61,9 @@ def test_an_unreachable_queue_is_a_503_and_the_job_says_so(data_dir, built):
         jobs = client.get("/v1/jobs", headers=AUTH).json()["jobs"]
     assert [job["status"] for job in jobs] == ["failed"]
     assert "could not reach the job queue" in jobs[0]["message"]
+    with _client(data_dir, admin_token="secret", broker_url="redis://127.0.0.1:1/0") as client:
+        retried = client.post(f"/v1/jobs/{jobs[0]['id']}/retry", headers=AUTH)
+    assert retried.status_code == 503 and "could not be queued" in retried.json()["error"]
 
 
 def test_a_queued_job_is_recorded_cancellable_and_retryable(data_dir, built):

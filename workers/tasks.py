@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass
 
 from celery import signals
@@ -22,6 +24,7 @@ from indexer.settings import Settings
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
+RECOVER_EVERY_S = 60.0
 RETRY = {"autoretry_for": (sqlite3.OperationalError,), "retry_backoff": True, "max_retries": 5}
 
 
@@ -70,14 +73,29 @@ def promote(job_id: str) -> None:
     _run(job_id, "promote")
 
 
-@signals.worker_ready.connect
-def recover_lost_jobs(**_) -> None:
+def recover_lost_jobs() -> None:
     """Give jobs whose worker died back to the queue (or fail them once they used up their attempts)."""
     state = worker_state()
     stale = state.settings.job_stale_after_s
-    requeued, failed = state.jobs.recover_lost(lambda job: is_lost(job, stale), state.settings.job_max_attempts)
-    for job in requeued:
-        log.warning("job %s lost its worker during %s; running it again", job.id, job.step)
+    resend, failed = state.jobs.recover_lost(lambda job: is_lost(job, stale), state.settings.job_max_attempts)
+    for job in resend:
+        log.warning("job %s lost its worker or its message at step %s; queueing that step again", job.id, job.step)
         enqueue(job.id, job.step)
     for job in failed:
         log.error("job %s failed: %s", job.id, job.message)
+
+
+def _recover_periodically(interval: float) -> None:
+    while True:
+        try:
+            recover_lost_jobs()
+        except Exception:
+            log.exception("recovering lost jobs failed; trying again in %.0fs", interval)
+        time.sleep(interval)
+
+
+@signals.worker_ready.connect
+def start_recovery(**_) -> None:
+    """Recover lost jobs now and then every quarter of the stale timeout, so no job waits for a worker restart."""
+    interval = min(RECOVER_EVERY_S, worker_state().settings.job_stale_after_s / 4)
+    threading.Thread(target=_recover_periodically, args=(interval,), name="job-recovery", daemon=True).start()

@@ -37,8 +37,7 @@ async def _switched(state: ServiceState, pointer: Pointer) -> PointerOut:
     return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))
 
 
-@router.get("/releases", response_model=ReleaseList)
-async def list_releases(state: StateDep, _: AdminDep) -> ReleaseList:
+def _release_list(state: ServiceState) -> ReleaseList:
     active = state.releases.active()
     releases = [
         ReleaseOut(release_id=m.release_id, active=m.release_id == active, manifest=json.loads(m.to_json()),
@@ -46,6 +45,11 @@ async def list_releases(state: StateDep, _: AdminDep) -> ReleaseList:
         for m in reversed(state.releases.list())
     ]
     return ReleaseList(active=active, serving=_serving(state), releases=releases)
+
+
+@router.get("/releases", response_model=ReleaseList)
+async def list_releases(state: StateDep, _: AdminDep) -> ReleaseList:
+    return await run_in_threadpool(_release_list, state)
 
 
 @router.post("/releases/{release_id}/activate", response_model=PointerOut)
@@ -64,5 +68,5 @@ async def rollback(state: StateDep, _: AdminDep) -> PointerOut:
 async def delete(release_id: str, state: StateDep, _: AdminDep) -> PointerOut:
     """Delete a release that is not active (409 for the active one)."""
     await run_in_threadpool(state.releases.delete, release_id)
-    pointer = state.releases.pointer()
+    pointer = await run_in_threadpool(state.releases.pointer)
     return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))

@@ -7,8 +7,9 @@ from datetime import datetime, timezone
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
+from indexer.job_steps import cancel_job
 from indexer.job_store import Job
-from indexer.job_submission import submit_job
+from indexer.job_submission import retry_job, submit_job
 from service.admin_auth import AdminDep
 from service.deps import StateDep
 from service.http_errors import ADMIN_ERROR_RESPONSES
@@ -29,7 +30,9 @@ def job_out(job: Job) -> JobOut:
 
 
 async def _submit(state, kind: str, params: dict) -> JobOut:
-    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, state.settings.data_dir, kind, params)
+    live = state.holder.current
+    dim = live.manifest.dim if live else None
+    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, state.settings.data_dir, kind, params, dim)
     return job_out(job)
 
 
@@ -52,23 +55,21 @@ async def list_jobs(
     status: str | None = Query(None, description="Only jobs with this status"),
     limit: int = Query(50, ge=1, le=1000),
 ) -> JobList:
-    return JobList(jobs=[job_out(job) for job in state.jobs.list(limit, status)])
+    return JobList(jobs=[job_out(job) for job in await run_in_threadpool(state.jobs.list, limit, status)])
 
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
-    return job_out(state.jobs.get(job_id))
+    return job_out(await run_in_threadpool(state.jobs.get, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-async def cancel_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
+async def cancel(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
     """Cancel a queued job at once, or ask a running one to stop; whatever it built is removed."""
-    return job_out(state.jobs.request_cancel(job_id))
+    return job_out(await run_in_threadpool(cancel_job, state.jobs, state.releases, job_id))
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
-async def retry_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
+async def retry(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
     """Run a failed or cancelled job again from the step it stopped at."""
-    job = await run_in_threadpool(state.jobs.requeue, job_id)
-    await run_in_threadpool(state.queue.enqueue, job.id, job.step)
-    return job_out(job)
+    return job_out(await run_in_threadpool(retry_job, state.jobs, state.queue.enqueue, job_id))
