@@ -318,8 +318,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 def _serve(settings: Settings) -> None:
     import uvicorn
 
+    from service.admin_auth import check_exposure
     from service.app import create_app
 
+    check_exposure(settings.host, settings.admin_token)
     typer.echo(f"Lockstep is serving at http://{settings.host}:{settings.port} (API docs at /docs)")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 

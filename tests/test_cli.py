@@ -109,3 +109,16 @@ def test_train_and_report_commands(tmp_path, tiny_model_dir):
     assert again.exit_code == 0 and "report.html" in again.output
     bad = run(tmp_path / "data", "train", "--out", str(out), "--queries", str(queries))
     assert bad.exit_code == 1 and "--qrels" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [(None, "without an admin token"), ("changeme", "weak admin token"), ("short-token", "weak admin token")],
+)
+def test_serving_beyond_loopback_needs_a_strong_admin_token(tmp_path, monkeypatch, token, message):
+    if token:
+        monkeypatch.setenv("LOCKSTEP_ADMIN_TOKEN", token)
+    else:
+        monkeypatch.delenv("LOCKSTEP_ADMIN_TOKEN", raising=False)
+    result = runner.invoke(app, ["--data-dir", str(tmp_path), "serve", "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and message in result.output
