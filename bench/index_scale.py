@@ -54,9 +54,9 @@ def folder_size(folder: Path) -> int:
 
 
 def measure(kind: str, ids: list[str], vectors: np.ndarray, queries: np.ndarray, exact: list[set[str]],
-            ef_search: int, nprobe: int, latency_queries: int) -> dict:
+            ef_search: int, nprobe: int, ef_construction: int, latency_queries: int) -> dict:
     started = time.perf_counter()
-    index = VectorIndex(DIM, kind)
+    index = VectorIndex(DIM, kind, ef_construction)
     index.add(ids, vectors)
     build_s = time.perf_counter() - started
     index.set_search_params(ef_search=ef_search, nprobe=nprobe)
@@ -86,13 +86,14 @@ def main() -> None:
                         "default: HNSW32 and IVF1024,PQ48")
     parser.add_argument("--ef-search", type=int, default=64)
     parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=40, help="HNSW build breadth (FAISS default 40)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--noise", type=float, default=0.03, help="spread of vectors around their topic centre")
     args = parser.parse_args()
     others = args.kind or ["HNSW32", "IVF1024,PQ48"]
     kind_flags = " ".join(f"--kind {kind}" for kind in others)
     print(f"command: python bench/index_scale.py --n {args.n} --queries {args.queries} {kind_flags} "
-          f"--ef-search {args.ef_search} --nprobe {args.nprobe} --seed {args.seed} --noise {args.noise}")
+          f"--ef-search {args.ef_search} --ef-construction {args.ef_construction} --nprobe {args.nprobe} --seed {args.seed} --noise {args.noise}")
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
     vectors, queries = synthetic(args.n, args.queries, centres=max(10, args.n // 500), seed=args.seed,
                                  noise=args.noise)
@@ -102,7 +103,8 @@ def main() -> None:
     flat.add(ids, vectors)
     exact = [{h.doc_id for h in hits} for hits in flat.search(queries, K)]
     del flat
-    rows = [measure(kind, ids, vectors, queries, exact, args.ef_search, args.nprobe, args.latency_queries)
+    rows = [measure(kind, ids, vectors, queries, exact, args.ef_search, args.nprobe, args.ef_construction,
+                    args.latency_queries)
             for kind in kinds]
     base = rows[0]
     print(f"\n{args.n:,} x {DIM} vectors, {args.queries} queries, k={K}; ratios against Flat in this run")

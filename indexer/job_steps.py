@@ -228,6 +228,7 @@ def reembed(ctx: JobContext) -> StepOutcome:
         precision=ctx.settings.precision,
         ef_search=ctx.settings.ef_search,
         nprobe=ctx.settings.nprobe,
+        ef_construction=ctx.settings.ef_construction,
     )
     manifest = build_release(
         ctx.corpus, ctx.releases, options, release_id=release_id,

@@ -58,6 +58,7 @@ class BuildOptions:
     int8_sample: int = 256
     ef_search: int | None = None
     nprobe: int | None = None
+    ef_construction: int | None = None
 
 
 def _gate_int8(encoder: BiEncoder, documents: list[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
@@ -117,7 +118,7 @@ def build_release(
     seq, documents = corpus.snapshot()
     if not documents:
         raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
-    index = VectorIndex(encoder.dim, options.index_type)
+    index = VectorIndex(encoder.dim, options.index_type, options.ef_construction)
     release_id = release_id or new_release_id()
     norm_chunks, vector_chunks = [], []
     bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)

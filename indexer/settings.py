@@ -29,6 +29,7 @@ class Settings(BaseSettings):
         "fp32, bf16, or int8 (quantised ONNX model, kept only if it agrees with fp32)",
     )
     ef_search: int = Field(64, ge=1, le=4096, description="HNSW search breadth of new builds (recall vs speed)")
+    ef_construction: int = Field(40, ge=4, le=4096, description="HNSW build breadth of new builds (graph quality)")
     nprobe: int = Field(16, ge=1, le=65536, description="IVF lists searched per query in new builds (recall vs speed)")
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
     dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")

@@ -75,6 +75,7 @@ def _build(
         precision=precision or settings.precision,
         ef_search=settings.ef_search,
         nprobe=settings.nprobe,
+        ef_construction=settings.ef_construction,
     )
     try:
         manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
@@ -115,9 +116,11 @@ def build(
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
     ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default $LOCKSTEP_EF_SEARCH or 64)")] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists searched per query (default $LOCKSTEP_NPROBE or 16)")] = None,
+    ef_construction: Annotated[Optional[int], typer.Option(min=4, help="HNSW build breadth (default $LOCKSTEP_EF_CONSTRUCTION or 40)")] = None,
 ) -> None:
     """Re-embed the whole corpus into a new release."""
-    overrides = {k: v for k, v in {"ef_search": ef_search, "nprobe": nprobe}.items() if v is not None}
+    requested = {"ef_search": ef_search, "nprobe": nprobe, "ef_construction": ef_construction}
+    overrides = {k: v for k, v in requested.items() if v is not None}
     _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision)
 
 

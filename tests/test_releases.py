@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
@@ -187,8 +188,10 @@ def test_release_records_and_serves_its_precision(corpus, releases, tiny_model_d
 def test_approximate_indexes_record_search_params_and_recall_against_exact(corpus, releases, tiny_model_dir):
     task = synthetic_task(300)
     corpus.upsert(Document(id=i, title="", text=t) for i, t in task.documents.items())
-    options = BuildOptions(model_path=tiny_model_dir, index_type="HNSW8", ef_search=200, precision="fp32")
+    options = BuildOptions(model_path=tiny_model_dir, index_type="HNSW8", ef_search=200, ef_construction=100,
+                           precision="fp32")
     manifest = build_release(corpus, releases, options)
+    assert faiss.downcast_index(LiveRelease.load(releases, manifest.release_id).index._index.index).hnsw.efConstruction == 100
     assert manifest.search_params == {"ef_search": 200}
     assert manifest.recall.k == 10 and manifest.recall.sample == 300 and manifest.recall.search_params == {"ef_search": 200}
     assert manifest.recall.recall > 0.95
