@@ -188,6 +188,13 @@ class JobStore:
         return bool(row and row[0])
 
     @staticmethod
+    def _row(db, job_id: str, columns: str):
+        row = db.execute(f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"job {job_id!r} does not exist")
+        return row
+
+    @staticmethod
     def _check_owner(db, job_id: str, owner: str | None) -> None:
         if owner is None:
             return
@@ -206,9 +213,7 @@ class JobStore:
         """Merge step outputs and metrics into the record (only while `owner`, if given, holds the job)."""
         with self._db.transaction() as db:
             self._check_owner(db, job_id, owner)
-            row = db.execute("SELECT outputs, metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"job {job_id!r} does not exist")
+            row = self._row(db, job_id, "outputs, metrics")
             merged_outputs = json.loads(row["outputs"]) | (outputs or {})
             merged_metrics = json.loads(row["metrics"]) | (metrics or {})
             db.execute(
@@ -246,9 +251,7 @@ class JobStore:
         """Cancel a queued job now; ask a running one to stop at its next check."""
         now = time.time()
         with self._db.transaction() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"job {job_id!r} does not exist")
+            row = self._row(db, job_id, "status")
             if row["status"] in TERMINAL:
                 raise Conflict(f"job {job_id} already ended ({row['status']}); there is nothing to cancel")
             if row["status"] == QUEUED:
@@ -263,7 +266,7 @@ class JobStore:
     def rewind(self, job_id: str, step: str, drop_outputs: tuple[str, ...]) -> None:
         """Point a job back at an earlier step and forget outputs that no longer exist (e.g. a deleted release)."""
         with self._db.transaction() as db:
-            row = db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._row(db, job_id, "outputs")
             outputs = {k: v for k, v in json.loads(row["outputs"]).items() if k not in drop_outputs}
             db.execute("UPDATE jobs SET step = ?, outputs = ?, updated = ? WHERE id = ?",
                        (step, json.dumps(outputs), time.time(), job_id))
@@ -272,9 +275,7 @@ class JobStore:
         """Run a failed or cancelled job again from the step it stopped at."""
         now = time.time()
         with self._db.transaction() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"job {job_id!r} does not exist")
+            row = self._row(db, job_id, "status")
             if row["status"] not in (FAILED, CANCELLED):
                 raise Conflict(f"job {job_id} is {row['status']}; only failed or cancelled jobs can be retried")
             db.execute(

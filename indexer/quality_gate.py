@@ -46,7 +46,8 @@ class GateReport:
 
 def _kendall_tau(first: list[str], second: list[str]) -> float | None:
     """Kendall's tau between two rankings over the documents both contain; None if fewer than two."""
-    shared = [doc for doc in first if doc in set(second)]
+    in_second = set(second)
+    shared = [doc for doc in first if doc in in_second]
     if len(shared) < 2:
         return None
     position = {doc: rank for rank, doc in enumerate(second)}
