@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     )
     queue: str = Field("lockstep", description="Celery queue the jobs go to")
     admin_token: SecretStr | None = Field(None, description="Bearer token the jobs and admin routes require")
+    cors_origins: list[str] = Field(
+        default_factory=list, description='Browser origins allowed to call the API, as JSON: ["https://app.example"]; '
+        "default: none (CORS closed)"
+    )
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)")
     dev_queries: Path | None = Field(None, description="Queries JSONL the promotion gate evaluates on")
     dev_qrels: Path | None = Field(None, description="Judgements (BEIR qrels TSV) the promotion gate evaluates on")
     gate_tolerance: float = Field(0.01, ge=0, le=1, description="How far below the live nDCG@10 a candidate may be")

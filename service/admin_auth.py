@@ -3,7 +3,9 @@
 Missing credentials answer 401 with a `WWW-Authenticate` challenge, a wrong token
 403; tokens are compared in constant time. With no token configured the routes
 are closed (403) rather than open, so a forgotten setting never exposes them, and
-the server refuses to listen beyond loopback without a strong token.
+the server refuses to listen beyond loopback without a strong token. `AdminGate`
+checks the token before the request body is read, so an unauthenticated caller
+learns nothing from validation errors and cannot make the server parse its upload.
 """
 
 from __future__ import annotations
@@ -14,29 +16,68 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from pydantic import SecretStr
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import get_state
+from service.http_errors import error_response
 from training.errors import InvalidInput
 
+ADMIN_PREFIXES = ("/v1/admin", "/v1/jobs")
 
-def require_admin(request: Request) -> None:
-    expected = get_state(request).settings.admin_token
+
+def admin_refusal(expected: SecretStr | None, authorization: str) -> HTTPException | None:
+    """Why a request with this `Authorization` header may not use the admin routes, or None if it may."""
     if expected is None or not expected.get_secret_value():
-        raise HTTPException(403, "admin routes are disabled: set LOCKSTEP_ADMIN_TOKEN on the server to enable them")
-    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        return HTTPException(403, "admin routes are disabled: set LOCKSTEP_ADMIN_TOKEN on the server to enable them")
+    scheme, _, supplied = authorization.partition(" ")
     if scheme.lower() != "bearer" or not supplied.strip():
-        raise HTTPException(
+        return HTTPException(
             401, "send the admin token as `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"}
         )
     if not hmac.compare_digest(supplied.strip().encode(), expected.get_secret_value().encode()):
-        raise HTTPException(403, "the admin token is wrong")
+        return HTTPException(403, "the admin token is wrong")
+    return None
+
+
+def require_admin(request: Request) -> None:
+    refusal = admin_refusal(get_state(request).settings.admin_token, request.headers.get("authorization", ""))
+    if refusal is not None:
+        raise refusal
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-WELL_KNOWN_TOKENS = frozenset({"admin", "changeme", "change-me", "lockstep", "password", "secret", "test", "token"})
+class AdminGate:
+    """ASGI middleware refusing unauthenticated requests to the admin and job routes before anything else runs."""
+
+    def __init__(self, app: ASGIApp, token: SecretStr | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(ADMIN_PREFIXES) and scope["method"] != "OPTIONS":
+            refusal = admin_refusal(self.token, Headers(scope=scope).get("authorization", ""))
+            if refusal is not None:
+                kind = "unauthorized" if refusal.status_code == 401 else "forbidden"
+                response = error_response(refusal.status_code, refusal.detail, kind, refusal.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+PLACEHOLDER_WORDS = ("admin", "changeme", "change-me", "change_me", "replace", "example", "lockstep", "password",
+                     "secret", "default", "your-token", "placeholder")
 MIN_TOKEN_LENGTH = 16
+MIN_DISTINCT_CHARACTERS = 8
+
+
+def is_weak_token(value: str) -> bool:
+    """True for a token too short, too repetitive, or built from a well-known placeholder word."""
+    lowered = value.lower()
+    return (len(value) < MIN_TOKEN_LENGTH or len(set(value)) < MIN_DISTINCT_CHARACTERS
+            or any(word in lowered for word in PLACEHOLDER_WORDS))
 
 
 def is_loopback(host: str) -> bool:
@@ -56,6 +97,7 @@ def check_exposure(host: str, token: SecretStr | None) -> None:
     if not value:
         raise InvalidInput(f"refusing to serve on {host} without an admin token: set LOCKSTEP_ADMIN_TOKEN "
                            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-    if value.lower() in WELL_KNOWN_TOKENS or len(value) < MIN_TOKEN_LENGTH:
-        raise InvalidInput(f"refusing to serve on {host} with a weak admin token: use at least {MIN_TOKEN_LENGTH} "
-                           "random characters in LOCKSTEP_ADMIN_TOKEN")
+    if is_weak_token(value):
+        raise InvalidInput(f"refusing to serve on {host} with a weak or placeholder admin token: use at least "
+                           f"{MIN_TOKEN_LENGTH} random characters in LOCKSTEP_ADMIN_TOKEN "
+                           "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")

@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from indexer.corpus_store import CorpusStore
@@ -21,6 +22,8 @@ from indexer.job_store import JobStore
 from indexer.release_events import listen
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
+from service.admin_auth import AdminGate
+from service.body_limit import BodySizeLimit
 from service.deps import ServiceState
 from service.http_errors import install_error_handlers
 from service.job_queue import JobQueue
@@ -90,6 +93,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_request_metrics(app, metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AdminGate, token=settings.admin_token)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        )
     for module in (search, embeddings, documents, health, jobs, admin):
         app.include_router(module.router)
     return app

@@ -28,7 +28,7 @@ _STATUS: list[tuple[type[LockstepError], int, str]] = [
 ]
 
 
-_HTTP_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+_HTTP_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large"}
 
 
 class ErrorBody(BaseModel):

@@ -3,13 +3,16 @@
 A new release is loaded completely (model, index, catch-up) before the reference
 is switched in one assignment; a request that already took the old reference
 finishes on it, so no query mixes two releases. A release that fails to load is
-reported and the current one keeps serving.
+reported and the current one keeps serving; it is tried again (re-read and
+re-hashed) only every `RETRY_REFUSED_S` seconds or when the pointer moves, not at
+every poll.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from indexer.corpus_store import CorpusStore, Document, WriteResult
 from indexer.live_release import LiveRelease
@@ -17,6 +20,8 @@ from indexer.release_store import ReleaseStore
 from training.errors import LockstepError, NotReady
 
 log = logging.getLogger(__name__)
+
+RETRY_REFUSED_S = 30.0
 
 
 class ReleaseHolder:
@@ -31,6 +36,7 @@ class ReleaseHolder:
         self.rerank_candidates = rerank_candidates
         self.current: LiveRelease | None = None
         self.last_error: str | None = None
+        self._refused: tuple[str, float] | None = None
         self._refresh_lock = threading.Lock()
 
     def require(self) -> LiveRelease:
@@ -47,7 +53,7 @@ class ReleaseHolder:
             active = self.releases.active()
             live = self.current
             swapped = False
-            if active is not None and (live is None or live.release_id != active):
+            if active is not None and not self._recently_refused(active) and (live is None or live.release_id != active):
                 try:
                     candidate = LiveRelease.load(
                         self.releases, active, batch_size=self.batch_size, rerank_candidates=self.rerank_candidates
@@ -55,15 +61,22 @@ class ReleaseHolder:
                     candidate.catch_up(self.corpus)
                 except LockstepError as exc:
                     self.last_error = f"release {active} could not be loaded: {exc}"
+                    self._refused = (active, time.monotonic())
                     log.error("%s; still serving %s", self.last_error, live.release_id if live else "nothing")
                     return False
                 self.current = candidate
-                self.last_error = None
+                self.last_error = self._refused = None
                 swapped = True
                 log.info("now serving release %s", active)
             if self.current is not None:
+                if self.current.release_id == active:
+                    self.last_error = self._refused = None
                 self.current.catch_up(self.corpus)
             return swapped
+
+    def _recently_refused(self, release_id: str) -> bool:
+        refused = self._refused
+        return refused is not None and refused[0] == release_id and time.monotonic() - refused[1] < RETRY_REFUSED_S
 
     def write(self, documents: list[Document]) -> tuple[WriteResult, str | None]:
         """Upsert documents into the corpus, then into the live index with the live model."""

@@ -29,12 +29,14 @@ def lockstep_env(data_dir: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def start_server(data_dir: Path, **settings: str) -> tuple[subprocess.Popen, str]:
-    """`lockstep serve` on a free port; returns the process and its base URL once /readyz answers 200."""
+def start_server(data_dir: Path, log: Path | None = None, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`lockstep serve` on a free port (output appended to `log` if given); returns it and its URL once /readyz is 200."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=lockstep_env(data_dir, **settings)
-    )
+    with open(log or os.devnull, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=lockstep_env(data_dir, **settings),
+            stdout=out if log else None, stderr=subprocess.STDOUT if log else None,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

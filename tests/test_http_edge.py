@@ -1,0 +1,119 @@
+"""The public edge: oversized bodies, unauthenticated admin calls, CORS, weak tokens, refused releases, secrets in logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from indexer.release_builder import BuildOptions, build_release
+from indexer.settings import Settings
+from service.admin_auth import check_exposure, is_weak_token
+from service.app import create_app
+from service.release_holder import ReleaseHolder
+from tests.conftest import SAMPLE_DOCS
+from tests.processes import start_server, stop
+from training.errors import InvalidInput
+
+TOKEN = "k9Zq-3vT8wLm2RxYp7Hs"
+
+
+@pytest.fixture
+def built(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    return build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+
+
+def _client(data_dir, **settings) -> TestClient:
+    return TestClient(create_app(Settings(data_dir=data_dir, poll_interval_s=0.1, admin_token=TOKEN, **settings)))
+
+
+def test_a_body_over_the_limit_is_refused_with_413_and_nothing_is_written(data_dir, built):
+    documents = [{"id": f"big-{i}", "text": "x" * 1000} for i in range(5)]
+    with _client(data_dir, max_request_bytes=2048) as client:
+        declared = client.put("/v1/documents", json={"documents": documents})
+        streamed = client.put("/v1/documents", content=iter([json.dumps({"documents": documents}).encode()]),
+                              headers={"content-type": "application/json"})
+        small = client.put("/v1/documents", json={"documents": [{"id": "small", "text": "fits"}]})
+        missing = client.get("/v1/documents/big-0")
+    for response in (declared, streamed):
+        assert response.status_code == 413, response.text
+        assert response.json()["error_type"] == "too_large" and "LOCKSTEP_MAX_REQUEST_BYTES" in response.json()["error"]
+    assert small.status_code == 200 and missing.status_code == 404
+
+
+def test_the_token_is_checked_before_the_body_is_parsed(data_dir, built):
+    with _client(data_dir) as client:
+        malformed = client.post("/v1/jobs/retrain", content=b"{not json", headers={"content-type": "application/json"})
+        wrong = client.post("/v1/jobs/retrain", content=b"{not json",
+                            headers={"content-type": "application/json", "Authorization": "Bearer nope"})
+        authorised = client.post("/v1/jobs/retrain", content=b"{not json",
+                                 headers={"content-type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert malformed.status_code == 401 and malformed.headers["www-authenticate"] == "Bearer"
+    assert malformed.json()["error_type"] == "unauthorized"
+    assert wrong.status_code == 403 and wrong.json() == {"error": "the admin token is wrong", "error_type": "forbidden"}
+    assert authorised.status_code == 422
+
+
+def test_cors_is_closed_by_default_and_opens_only_to_configured_origins(data_dir, built):
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    with _client(data_dir) as client:
+        closed = client.options("/v1/search", headers=preflight)
+        simple = client.post("/v1/search", json={"query": "apple"}, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in closed.headers
+    assert "access-control-allow-origin" not in simple.headers
+    with _client(data_dir, cors_origins=["https://app.example"]) as client:
+        allowed = client.options("/v1/search", headers=preflight | {"Origin": "https://app.example"})
+        refused = client.options("/v1/search", headers=preflight)
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in refused.headers
+
+
+@pytest.mark.parametrize("token", ["", "short-token", "changeme-changeme-changeme", "aaaaaaaaaaaaaaaaaaaaaaaa",
+                                   "my-lockstep-password-2026", "replace-with-a-long-random-string"])
+def test_a_public_bind_refuses_missing_weak_and_placeholder_tokens(token):
+    with pytest.raises(InvalidInput, match="LOCKSTEP_ADMIN_TOKEN"):
+        check_exposure("0.0.0.0", SecretStr(token))
+    check_exposure("127.0.0.1", SecretStr(token))
+
+
+def test_a_random_token_is_accepted_on_a_public_bind():
+    assert not is_weak_token(TOKEN)
+    check_exposure("0.0.0.0", SecretStr(TOKEN))
+
+
+def test_a_refused_release_is_not_reloaded_at_every_poll(corpus, releases, built, tiny_model_dir, caplog):
+    holder = ReleaseHolder(releases, corpus)
+    holder.refresh()
+    broken = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir))
+    (releases.path(broken.release_id) / "ids.json").write_text("{}")
+    releases.activate(broken.release_id)
+    with caplog.at_level(logging.ERROR, logger="service.release_holder"):
+        for _ in range(5):
+            assert holder.refresh() is False
+    refusals = [record for record in caplog.records if "could not be loaded" in record.getMessage()]
+    assert len(refusals) == 1 and "checksum" in refusals[0].getMessage()
+    assert holder.current.release_id == built.release_id and "checksum" in holder.last_error
+    releases.rollback()
+    holder.refresh()
+    assert holder.current.release_id == built.release_id and holder.last_error is None
+
+
+@pytest.mark.integration
+def test_the_admin_token_and_broker_password_never_reach_the_logs(data_dir, built, tmp_path):
+    log_file = tmp_path / "server.log"
+    process, base = start_server(data_dir, log=log_file, admin_token=TOKEN, log_level="debug",
+                                 broker_url="redis://:hunter2-broker-pass@127.0.0.1:1/0")
+    with httpx.Client(base_url=base, timeout=30) as client:
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}x"}).status_code == 403
+        assert client.post("/v1/jobs/reembed", json={}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 503
+    stop(process)
+    logged = log_file.read_text()
+    assert "GET /v1/jobs" in logged or "/v1/jobs" in logged
+    assert TOKEN not in logged and "hunter2-broker-pass" not in logged
