@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from indexer.job_steps import validate_params
 from indexer.job_store import FAILED, STEPS, Job, JobStore
+from indexer.training_roots import confine_paths
 from training.errors import InvalidInput, NotReady
 
 Enqueue = Callable[[str, str], None]
@@ -71,14 +72,19 @@ def _enqueue_or_fail(store: JobStore, enqueue: Enqueue, job: Job) -> Job:
 
 
 def submit_job(
-    store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, params: dict, dim: int | None = None
+    store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, params: dict, dim: int | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> Job:
     """Validate, record and enqueue a job; raises InvalidInput naming what to fix, NotReady if the queue is down.
 
-    `dim` is the live model's dimension, used to check a requested index type.
+    `dim` is the live model's dimension, used to check a requested index type. With
+    `roots` (the HTTP API passes the data dir and LOCKSTEP_TRAINING_ROOTS), every
+    path the job names must lie inside one of them.
     """
     if kind not in STEPS:
         raise InvalidInput(f"unknown job kind {kind!r}")
+    if roots is not None:
+        confine_paths(params, roots)
     uploads = data_dir / "uploads" / secrets.token_hex(8)
     params = store_uploads(uploads, {key: value for key, value in params.items() if value is not None})
     try:

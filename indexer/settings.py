@@ -50,6 +50,10 @@ class Settings(BaseSettings):
         "default: none (CORS closed)"
     )
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)")
+    training_roots: list[Path] = Field(
+        default_factory=list, description="Folders whose files HTTP jobs may name (training data, models, dev sets), "
+        'as JSON: ["/srv/data"]; the data dir is always allowed'
+    )
     dev_queries: Path | None = Field(None, description="Queries JSONL the promotion gate evaluates on")
     dev_qrels: Path | None = Field(None, description="Judgements (BEIR qrels TSV) the promotion gate evaluates on")
     gate_tolerance: float = Field(0.01, ge=0, le=1, description="How far below the live nDCG@10 a candidate may be")

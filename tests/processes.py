@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +25,12 @@ def free_port() -> int:
 
 
 def lockstep_env(data_dir: Path, **settings: str) -> dict[str, str]:
-    """The environment of a child process: the data dir plus LOCKSTEP_<NAME> for each setting."""
-    env = {**os.environ, "LOCKSTEP_DATA_DIR": str(data_dir), "LOCKSTEP_POLL_INTERVAL_S": "0.2", "LOCKSTEP_LOG_LEVEL": "warning"}
+    """The environment of a child process: the data dir plus LOCKSTEP_<NAME> for each setting.
+
+    Jobs may name files anywhere under the temp dir, where tests write their models and training data.
+    """
+    env = {**os.environ, "LOCKSTEP_DATA_DIR": str(data_dir), "LOCKSTEP_POLL_INTERVAL_S": "0.2", "LOCKSTEP_LOG_LEVEL": "warning",
+           "LOCKSTEP_TRAINING_ROOTS": json.dumps([tempfile.gettempdir()])}
     env.update({f"LOCKSTEP_{name.upper()}": str(value) for name, value in settings.items()})
     return env
 

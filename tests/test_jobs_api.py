@@ -34,10 +34,10 @@ def test_without_a_configured_token_admin_routes_are_closed(data_dir, built):
     ("method", "path", "payload", "status", "fragment"),
     [
         ("POST", "/v1/jobs/retrain", {}, 422, "needs training data"),
-        ("POST", "/v1/jobs/retrain", {"pairs": "/no/such.jsonl"}, 422, "pairs: /no/such.jsonl does not exist"),
+        ("POST", "/v1/jobs/retrain", {"pairs": "/no/such.jsonl"}, 422, "pairs: /no/such.jsonl is outside the folders"),
         ("POST", "/v1/jobs/retrain", {"pairs": [{"query": "q"}]}, 422, 'pairs.jsonl:1: needs a non-empty "positive"'),
         ("POST", "/v1/jobs/retrain", {"pairs": 3}, 422, "pairs"),
-        ("POST", "/v1/jobs/reembed", {"model": "/no/model"}, 422, "model: /no/model does not exist"),
+        ("POST", "/v1/jobs/reembed", {"model": "/etc"}, 422, "model: /etc is outside the folders jobs may read"),
         ("POST", "/v1/jobs/reembed", {"modle": "x"}, 422, "modle: Extra inputs are not permitted"),
         ("GET", "/v1/jobs/j-missing", None, 404, "job 'j-missing' does not exist"),
         ("POST", "/v1/jobs/j-missing/cancel", None, 404, "does not exist"),
@@ -78,3 +78,20 @@ def test_a_queued_job_is_recorded_cancellable_and_retryable(data_dir, built):
     assert listing["active"] == built.release_id == listing["serving"]
     assert listing["releases"][0]["manifest"]["doc_count"] == len(SAMPLE_DOCS)
     assert JobStore(data_dir / "jobs.sqlite3").get(job["id"]).status == "queued"
+
+
+def test_job_paths_must_stay_inside_the_data_dir_or_a_training_root(data_dir, built, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "pairs.jsonl").write_text('{"query": "q", "positive": "p"}\n')
+    (data_dir / "escape.jsonl").symlink_to(outside / "pairs.jsonl")
+    with _client(data_dir, admin_token="secret") as client:
+        missing = client.post("/v1/jobs/retrain", json={"pairs": str(data_dir / "no.jsonl")}, headers=AUTH)
+        escaped = client.post("/v1/jobs/retrain", json={"pairs": str(data_dir / "escape.jsonl")}, headers=AUTH)
+        climbing = client.post("/v1/jobs/retrain", json={"pairs": f"{data_dir}/../elsewhere/pairs.jsonl"}, headers=AUTH)
+    assert missing.status_code == 422 and "does not exist" in missing.json()["error"]
+    for refused in (escaped, climbing):
+        assert refused.status_code == 422 and "LOCKSTEP_TRAINING_ROOTS" in refused.json()["error"]
+    with _client(data_dir, admin_token="secret", training_roots=[outside]) as client:
+        accepted = client.post("/v1/jobs/retrain", json={"pairs": str(outside / "pairs.jsonl")}, headers=AUTH)
+    assert accepted.status_code == 202 and accepted.json()["params"]["pairs"] == str(outside / "pairs.jsonl")

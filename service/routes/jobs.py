@@ -32,7 +32,9 @@ def job_out(job: Job) -> JobOut:
 async def _submit(state, kind: str, params: dict) -> JobOut:
     live = state.holder.current
     dim = live.manifest.dim if live else None
-    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, state.settings.data_dir, kind, params, dim)
+    settings = state.settings
+    roots = [settings.data_dir, *settings.training_roots]
+    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, settings.data_dir, kind, params, dim, roots)
     return job_out(job)
 
 
