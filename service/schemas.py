@@ -175,3 +175,75 @@ class PointerOut(BaseModel):
     active: str | None
     history: list[str]
     serving: str | None
+
+
+class RecipeOut(BaseModel):
+    name: str
+    stages: list[str] = Field(..., description="The recipe's stages in order")
+
+
+class RecipeList(BaseModel):
+    recipes: list[RecipeOut]
+
+
+class SeriesOut(BaseModel):
+    label: str
+    points: list[tuple[float, float]] = Field(..., description="(global step, value) pairs")
+
+
+class ThresholdOut(BaseModel):
+    value: float
+    label: str
+
+
+class PanelOut(BaseModel):
+    key: str
+    title: str
+    caption: str
+    mode: str | None = Field(..., description="The failure mode it watches: collapse, false_negatives, shortcut, overfitting, drift")
+    series: list[SeriesOut]
+    thresholds: list[ThresholdOut] = Field(..., description="Where the mode's alert fires")
+    fired: bool
+    alerts: list[str]
+    remedy: str | None
+
+
+class TrainingReportOut(BaseModel):
+    job: str
+    status: str
+    records: int = Field(..., description="Lines in the run's metrics log so far")
+    thresholds: dict[str, float]
+    panels: list[PanelOut]
+    stages: list[dict]
+    alerts: list[dict]
+    events: list[dict] = Field(..., description="The run's log: stage starts and ends, evaluations, alerts, summary")
+    summary: dict | None
+
+
+class DriftProbeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample: int = Field(256, ge=1, le=10_000, description="Documents to re-encode")
+    threshold: float = Field(0.99, gt=0, le=1, description="Cosine below which a document counts as drifted")
+    seed: int = Field(0, description="Seed of the sample")
+
+
+class DriftedDocumentOut(BaseModel):
+    id: str
+    title: str
+    cosine: float
+
+
+class DriftProbeOut(BaseModel):
+    release: str
+    model_fingerprint: str
+    precision: str
+    index_type: str
+    sample: int
+    threshold: float
+    mean_cosine: float
+    min_cosine: float
+    below_threshold: int
+    share_below: float
+    worst: list[DriftedDocumentOut] = Field(..., description="The sampled documents with the lowest cosine")
+    elapsed_ms: float

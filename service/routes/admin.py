@@ -1,18 +1,20 @@
-"""`/v1/admin`: list releases with their manifests and gate metrics, roll forward, roll back, delete."""
+"""`/v1/admin`: list releases with their manifests and gate metrics, roll forward, roll back, delete, probe drift."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from indexer.drift_probe import probe_drift
 from indexer.release_events import announce
 from indexer.release_store import Pointer
 from service.admin_auth import AdminDep
-from service.deps import ServiceState, StateDep
+from service.deps import LiveDep, ServiceState, StateDep
 from service.http_errors import ADMIN_ERROR_RESPONSES
-from service.schemas import PointerOut, ReleaseList, ReleaseOut
+from service.schemas import DriftProbeOut, DriftProbeRequest, PointerOut, ReleaseList, ReleaseOut
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ADMIN_ERROR_RESPONSES)
 
@@ -70,3 +72,10 @@ async def delete(release_id: str, state: StateDep, _: AdminDep) -> PointerOut:
     await run_in_threadpool(state.releases.delete, release_id)
     pointer = await run_in_threadpool(state.releases.pointer)
     return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))
+
+
+@router.post("/drift-probe", response_model=DriftProbeOut)
+async def drift_probe(body: DriftProbeRequest, live: LiveDep, state: StateDep, _: AdminDep) -> DriftProbeOut:
+    """Re-encode a sample of the live release's documents with its model and compare with the stored vectors."""
+    report = await run_in_threadpool(probe_drift, live, state.corpus, body.sample, body.threshold, body.seed)
+    return DriftProbeOut(**asdict(report))

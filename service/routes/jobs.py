@@ -1,19 +1,24 @@
-"""`/v1/jobs`: start retrain and re-embed jobs, follow them, cancel and retry them (admin token required)."""
+"""`/v1/jobs`: start retrain and re-embed jobs, follow them and their training reports, cancel, retry (admin token)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
+from indexer.job_report import job_report
 from indexer.job_steps import cancel_job
 from indexer.job_store import Job
 from indexer.job_submission import retry_job, submit_job
 from service.admin_auth import AdminDep
 from service.deps import StateDep
 from service.http_errors import ADMIN_ERROR_RESPONSES
-from service.schemas import JobList, JobOut, ReembedRequest, RetrainRequest
+from service.schemas import (
+    JobList, JobOut, RecipeList, RecipeOut, ReembedRequest, RetrainRequest, TrainingReportOut,
+)
+from training.recipe import named_recipe, shipped_recipes
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ADMIN_ERROR_RESPONSES)
 
@@ -60,6 +65,13 @@ async def list_jobs(
     return JobList(jobs=[job_out(job) for job in await run_in_threadpool(state.jobs.list, limit, status)])
 
 
+@router.get("/recipes", response_model=RecipeList)
+def recipes(_: AdminDep) -> RecipeList:
+    """The shipped recipes a retrain job may name, with their stages."""
+    return RecipeList(recipes=[RecipeOut(name=name, stages=[stage.name for stage in named_recipe(name).stages])
+                               for name in shipped_recipes()])
+
+
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
     return job_out(await run_in_threadpool(state.jobs.get, job_id))
@@ -75,3 +87,10 @@ async def cancel(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
 async def retry(job_id: str, state: StateDep, _: AdminDep) -> JobOut:
     """Run a failed or cancelled job again from the step it stopped at."""
     return job_out(await run_in_threadpool(retry_job, state.jobs, state.queue.enqueue, job_id))
+
+
+@router.get("/{job_id}/report", response_model=TrainingReportOut)
+async def report(job_id: str, state: StateDep, _: AdminDep) -> TrainingReportOut:
+    """A retrain job's training curves and failure-mode diagnostics so far, with thresholds, alerts and remedies."""
+    job, run = await run_in_threadpool(job_report, state.jobs, state.settings.data_dir, job_id)
+    return TrainingReportOut(job=job.id, status=job.status, **asdict(run))
