@@ -30,7 +30,8 @@ from service.job_queue import JobQueue
 from service.metrics import ServiceMetrics, install_request_metrics
 from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
-from service.routes import admin, documents, embeddings, health, jobs, search
+from service.request_logging import RequestLoggingMiddleware
+from service.routes import admin, console, documents, embeddings, health, jobs, search
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await batcher.start()
         job_store, queue = JobStore(settings.jobs_path), JobQueue(settings)
+        metrics.watch(holder, job_store)
         app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics, batcher, job_store, queue)
 
         async def on_announcement(release_id: str) -> None:
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
-    for module in (search, embeddings, documents, health, jobs, admin):
+    app.add_middleware(RequestLoggingMiddleware)
+    for module in (search, embeddings, documents, health, jobs, admin, console):
         app.include_router(module.router)
     return app

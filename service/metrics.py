@@ -1,11 +1,94 @@
-"""Prometheus metrics of one app instance (own registry, so test apps do not collide)."""
+"""Prometheus metrics of one app instance (own registry, so test apps do not collide).
+
+Requests are counted and timed per route template (`/v1/jobs/{job_id}`, never the raw
+path), errors counted by status; the encoder's batch sizes, the served release and its
+index size are recorded as they change. What lives in other processes' hands (the
+job records the workers update) is read at scrape time: jobs by status, and the
+progress, ETA and training loss of each running job.
+"""
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import Scope
+
+from indexer.job_store import RUNNING, STATUSES
+
+if TYPE_CHECKING:
+    from indexer.job_store import JobStore
+    from service.release_holder import ReleaseHolder
+
+log = logging.getLogger(__name__)
+
+JOBS_SCANNED = 100_000
+
+
+class _ScrapeTimeCollector(Collector):
+    """Release info and job gauges read from the release holder and the job store when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.holder: ReleaseHolder | None = None
+        self.jobs: JobStore | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.holder is not None:
+            yield self._release_info()
+        if self.jobs is not None:
+            try:
+                jobs = self.jobs.list(JOBS_SCANNED)
+            except sqlite3.Error:
+                log.exception("reading the job store for /metrics failed; job metrics are left out of this scrape")
+                return
+            yield from self._job_metrics(jobs)
+
+    def _release_info(self) -> Metric:
+        info = GaugeMetricFamily(
+            "lockstep_release_info", "1 for the release this process serves, labelled with its model and index",
+            labels=["release", "model", "fingerprint", "precision", "index_type"],
+        )
+        live = self.holder.current
+        if live is not None:
+            manifest = live.manifest
+            info.add_metric([manifest.release_id, manifest.model.name, manifest.model.fingerprint,
+                             manifest.precision, manifest.index_type], 1)
+        return info
+
+    @staticmethod
+    def _job_metrics(jobs) -> Iterator[Metric]:
+        by_status = GaugeMetricFamily("lockstep_jobs", "Job records by status", labels=["status"])
+        counts = Tally(job.status for job in jobs)
+        for status in STATUSES:
+            by_status.add_metric([status], counts[status])
+        yield by_status
+        progress = GaugeMetricFamily(
+            "lockstep_job_progress_ratio", "Done/total of the running phase of each running job",
+            labels=["job", "kind", "step", "phase"],
+        )
+        eta = GaugeMetricFamily("lockstep_job_eta_seconds", "Estimated seconds left in the running phase",
+                                labels=["job", "kind", "step"])
+        loss = GaugeMetricFamily("lockstep_training_loss", "Last training loss of each running retrain job",
+                                 labels=["job"])
+        for job in jobs:
+            report = job.progress
+            if job.status != RUNNING or not report.get("total"):
+                continue
+            step = report.get("step", job.step)
+            progress.add_metric([job.id, job.kind, step, report.get("phase", "")], report["done"] / report["total"])
+            if report.get("eta_s") is not None:
+                eta.add_metric([job.id, job.kind, step], report["eta_s"])
+            if (report.get("metrics") or {}).get("loss") is not None:
+                loss.add_metric([job.id], report["metrics"]["loss"])
+        yield from (progress, eta, loss)
 
 
 class ServiceMetrics:
@@ -13,6 +96,10 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lockstep_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "lockstep_http_errors", "HTTP responses with a 4xx or 5xx status", ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "lockstep_http_request_seconds",
@@ -31,6 +118,12 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.index_documents = Gauge("lockstep_index_documents", "Documents in the live index", registry=self.registry)
+        self._scraped = _ScrapeTimeCollector()
+        self.registry.register(self._scraped)
+
+    def watch(self, holder: ReleaseHolder, jobs: JobStore) -> None:
+        """Report the served release's details and the job records at each scrape."""
+        self._scraped.holder, self._scraped.jobs = holder, jobs
 
     def set_release(self, release_id: str | None, documents: int) -> None:
         self.active_release.clear()
@@ -38,16 +131,29 @@ class ServiceMetrics:
             self.active_release.labels(release=release_id).set(1)
         self.index_documents.set(documents)
 
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count and time one request by route template."""
+        self.requests.labels(method, route, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that handled a request (`/v1/jobs/{job_id}`), or `unmatched`."""
+    return getattr(scope.get("route"), "path", "unmatched")
 
 
 def install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
     @app.middleware("http")
     async def _observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
-        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
-        return response
+        started, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.observe(request.method, route_template(request.scope), status, time.perf_counter() - started)
