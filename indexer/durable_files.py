@@ -6,10 +6,21 @@ process or the machine dies mid-write.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
+
+STORAGE_FULL_HINT = "free space under LOCKSTEP_DATA_DIR (e.g. `lockstep releases gc`) and try again"
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """True if `exc` says the disk (or quota) is full: an OSError ENOSPC/EDQUOT or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def fsync_dir(path: Path) -> None:

@@ -33,15 +33,27 @@ class SqliteDb:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
+        """A write transaction: committed on success, rolled back on any exception.
+
+        SQLite rolls back by itself on some errors (a full disk); then there is nothing
+        left to roll back and the original error is the one raised.
+        """
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self.lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from indexer.corpus_store import CorpusStore
+from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
@@ -27,7 +29,7 @@ app.add_typer(releases_app, name="releases")
 
 
 def _fail_cleanly(command):
-    """Turn domain errors into a one-line message and exit status 1."""
+    """Turn domain errors and a full disk into a one-line message and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -35,6 +37,12 @@ def _fail_cleanly(command):
             return command(*args, **kwargs)
         except LockstepError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_storage_full(exc):
+                raise
+            typer.secho(f"error: no space left on the device ({exc}); nothing was published; {STORAGE_FULL_HINT}",
+                        err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -319,14 +327,13 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn
-
+    from service.request_logging import run_with_json_logs
     from service.admin_auth import check_exposure
     from service.app import create_app
 
     check_exposure(settings.host, settings.admin_token)
     typer.echo(f"Lockstep is serving at http://{settings.host}:{settings.port} (API docs at /docs)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    run_with_json_logs(create_app(settings), settings.host, settings.port, settings.log_level)
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:

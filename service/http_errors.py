@@ -1,12 +1,14 @@
 """One error body everywhere: `{"error": message, "error_type": kind}`, mapped from domain errors.
 
 Statuses follow text-embeddings-inference's contract: empty input 400, invalid
-input 422, missing 404, conflict 409, refused stored data 424, not ready 503.
+input 422, missing 404, conflict 409, refused stored data 424, not ready 503; a
+full disk is 507 (nothing was written), never a bare 500.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
 from training.errors import Conflict, EmptyInput, IntegrityError, InvalidInput, LockstepError, NotFound, NotReady
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ ERROR_RESPONSES = {
     404: {"model": ErrorBody, "description": "No such document or release"},
     422: {"model": ErrorBody, "description": "Invalid input; the message says what to fix"},
     503: {"model": ErrorBody, "description": "No release loaded yet"},
+    507: {"model": ErrorBody, "description": "The server's disk is full; nothing was written"},
 }
 ADMIN_ERROR_RESPONSES = ERROR_RESPONSES | {
     401: {"model": ErrorBody, "description": "No `Authorization: Bearer <token>` header"},
@@ -84,6 +88,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = _HTTP_KINDS.get(exc.status_code, "http")
         return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        if is_storage_full(exc):
+            log.error("no space left for %s %s: %s", request.method, request.url.path, exc)
+            return error_response(507, f"the server's disk is full; nothing was written; {STORAGE_FULL_HINT}",
+                                  "storage_full")
+        return await _unexpected(request, exc)
+
+    app.add_exception_handler(OSError, _storage)
+    app.add_exception_handler(sqlite3.OperationalError, _storage)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
