@@ -137,6 +137,10 @@ def test_pairs_and_triplets_files(tmp_path):
         ({"temperature": 0}, "temperature must be a positive"),
         ({"hard_negatives": 21, "negatives": "mined"}, "between 0 and 20"),
         ({"typo_field": 1}, "unknown settings ['typo_field']"),
+        ({"epochs": 1e9}, "epochs must be an integer from 1 to 1000"),
+        ({"batch_size": 10**8}, "batch_size must be an integer from 2 to 65536"),
+        ({"batch_size": 8, "mini_batch_size": 16}, "mini_batch_size must be at most batch_size (8)"),
+        ({"negatives": "mined", "hard_negatives": 1, "mine_window_end": 10**6}, "mine_window_end at most 10000"),
     ],
 )
 def test_bad_recipes_are_refused_with_the_field(stage, message):

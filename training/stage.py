@@ -16,6 +16,9 @@ LossName = Literal["infonce", "triplet", "margin_mse", "kl"]
 NegativeSource = Literal["in_batch", "mined", "teacher"]
 LOSSES = ("infonce", "triplet", "margin_mse", "kl")
 NEGATIVE_SOURCES = ("in_batch", "mined", "teacher")
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 65536
+MAX_MINE_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,12 @@ class StageConfig:
             raise bad("hard_negatives", f"at least 1 for the {self.loss} loss")
         if self.loss in ("margin_mse", "kl") and self.negatives != "teacher":
             raise bad("negatives", f"'teacher' for the {self.loss} loss (it needs teacher scores)")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise bad(name, "at least 1")
-        if self.batch_size < 2:
-            raise bad("batch_size", "at least 2")
+        for name, low, high in (("epochs", 1, MAX_EPOCHS), ("batch_size", 2, MAX_BATCH_SIZE)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise bad(name, f"an integer from {low} to {high}")
+        if self.mini_batch_size > self.batch_size:
+            raise bad("mini_batch_size", f"at most batch_size ({self.batch_size})")
         for name in ("learning_rate", "temperature", "kl_temperature", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -79,8 +83,9 @@ class StageConfig:
             raise bad("warmup_ratio", "in [0, 1)")
         if self.mini_batch_size < 0 or self.eval_every < 0 or self.patience < 0 or self.weight_decay < 0:
             raise InvalidInput(f"stage {self.name!r}: mini_batch_size, eval_every, patience and weight_decay must be >= 0")
-        if not 0 <= self.mine_window_start < self.mine_window_end:
-            raise bad("mine_window_start", f"in [0, mine_window_end={self.mine_window_end})")
+        if not 0 <= self.mine_window_start < self.mine_window_end <= MAX_MINE_WINDOW:
+            raise bad("mine_window_start", f"in [0, mine_window_end={self.mine_window_end}), and mine_window_end at "
+                      f"most {MAX_MINE_WINDOW}")
 
     @classmethod
     def from_dict(cls, data: dict) -> StageConfig:
