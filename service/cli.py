@@ -262,9 +262,13 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option(help="Where the metrics log and report go (default: OUT.run)")] = None,
     sts_probe: Annotated[Optional[Path], typer.Option(help="STS-B file for the out-of-domain probe (overrides the recipe)")] = None,
 ) -> None:
-    """Fine-tune the bi-encoder with a recipe; prints dev quality before and after, and any alerts."""
+    """Fine-tune the bi-encoder with a recipe; prints dev quality before and after, and any alerts.
+
+    Under `torchrun --nproc_per_node N` the N processes train together; the first alone writes and prints.
+    """
     import dataclasses
 
+    from training import distributed
     from training.fine_tune import fine_tune
     from training.recipe import load_recipe
     from training.report import render_report
@@ -275,7 +279,11 @@ def train(
     loaded = load_recipe(recipe)
     if sts_probe is not None:
         loaded = dataclasses.replace(loaded, run=dataclasses.replace(loaded.run, sts_probe=str(sts_probe)))
-    summary = fine_tune(model or settings.model_path(), data, loaded, out, run_dir, show_progress=True)
+    with distributed.process_group():
+        main = distributed.is_main()
+        summary = fine_tune(model or settings.model_path(), data, loaded, out, run_dir, show_progress=True)
+    if not main:
+        return
     report = render_report(run_dir)
     typer.echo(f"dev nDCG@10 {summary.base['ndcg@10']:.4f} -> {summary.final['ndcg@10']:.4f} ({summary.dev_queries} dev queries)")
     for stage in summary.stages:

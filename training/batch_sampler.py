@@ -3,14 +3,19 @@
 A duplicate in a batch becomes a false negative for in-batch contrastive losses
 (the same document is both the target and a negative). Examples that would clash
 are deferred to a later batch rather than dropped. Shuffling is seeded per epoch.
+Processes that train together walk the same global batches and each takes its own
+contiguous `shard`, so the guarantee holds for the global batch.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from training.examples import TrainingExample
+
+T = TypeVar("T")
 
 
 def _keys(example: TrainingExample) -> set[str]:
@@ -22,11 +27,22 @@ def _keys(example: TrainingExample) -> set[str]:
 
 
 def no_duplicate_batches(
-    examples: Sequence[TrainingExample], batch_size: int, seed: int, epoch: int = 0, drop_last: bool = False
+    examples: Sequence[TrainingExample], batch_size: int, seed: int, epoch: int = 0, drop_last: bool = False, shards: int = 1
 ) -> Iterator[list[int]]:
-    """Yield lists of example indices; within a list no query text, document id or document text repeats."""
+    """Yield lists of example indices; within a list no query text, document id or document text repeats.
+
+    Batches of fewer than `shards` examples are skipped, so every process gets at least one.
+    """
     if batch_size < 2:
         raise ValueError("batch_size must be at least 2 for in-batch negatives")
+    for batch in _batches(examples, batch_size, seed, epoch, drop_last):
+        if len(batch) >= shards:
+            yield batch
+
+
+def _batches(
+    examples: Sequence[TrainingExample], batch_size: int, seed: int, epoch: int, drop_last: bool
+) -> Iterator[list[int]]:
     order = list(range(len(examples)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     keys = [_keys(example) for example in examples]
@@ -53,5 +69,12 @@ def no_duplicate_batches(
         pending = deferred
 
 
-def batches_per_epoch(examples: Sequence[TrainingExample], batch_size: int, seed: int) -> int:
-    return sum(1 for _ in no_duplicate_batches(examples, batch_size, seed))
+def batches_per_epoch(examples: Sequence[TrainingExample], batch_size: int, seed: int, shards: int = 1) -> int:
+    return sum(1 for _ in no_duplicate_batches(examples, batch_size, seed, shards=shards))
+
+
+def shard(batch: Sequence[T], index: int, shards: int) -> Sequence[T]:
+    """Process `index`'s contiguous part of a global batch; the first `len(batch) % shards` parts hold one more."""
+    size, extra = divmod(len(batch), shards)
+    start = index * size + min(index, extra)
+    return batch[start : start + size + int(index < extra)]

@@ -7,6 +7,10 @@ stage that does not beat its starting point is rolled back and reported as gated
 The run directory gets the metrics log, the recipe, the mining reports, each stage's
 best checkpoint (`checkpoints/<stage>/`, sentence-transformers layout) and a summary
 with the last diagnostics and the remedies of any alert that fired.
+
+Under torchrun every process runs this function; the first alone evaluates, mines,
+trains the teacher and writes, and hands what it computed to the others (see
+`training.distributed`), so the folders look as they do after a single-process run.
 """
 
 from __future__ import annotations
@@ -17,17 +21,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training import distributed
 from training.bi_encoder import BiEncoder
+from training.cross_encoder import CrossEncoder
 from training.dev_eval import DevSet
 from training.diagnostics import Thresholds, alert_dicts, alerts_for
 from training.eval_data import split_queries
 from training.examples import TrainingExample, examples_from_qrels, known_positives
 from training.metrics_log import MetricsLog
-from training.mining import MiningConfig, mine_hard_negatives
+from training.mining import MiningConfig, MiningReport, mine_hard_negatives
 from training.precision import resolve_training
-from training.recipe import Recipe
+from training.recipe import Recipe, TeacherConfig
+from training.stage import StageConfig
 from training.sts import load_sts
 from training.teacher import obtain_teacher
+from training.teacher_cache import TeacherScoreCache
 from training.trainer import Progress, TrainingContext, train_stage
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,40 @@ class TrainingData:
         for e in examples:
             qrels.setdefault(e.query_id, {})[e.positive.doc_id] = 1
         return cls({e.query_id: e.query for e in examples}, qrels, documents)
+
+
+@dataclass
+class _Miner:
+    """Hard negatives for a stage, mined with the encoder's current weights; the teacher is obtained once, when first needed."""
+
+    encoder: BiEncoder
+    examples: list[TrainingExample]
+    documents: dict[str, str]
+    positives: dict[str, set[str]]
+    teacher_config: TeacherConfig | None
+    run_dir: Path
+    precision: str
+    seed: int
+    show_progress: bool
+    teacher: tuple[CrossEncoder, TeacherScoreCache] | None = None
+
+    def mine(self, stage: StageConfig) -> tuple[list[TrainingExample], MiningReport]:
+        use_teacher = stage.negatives == "teacher"
+        if use_teacher and self.teacher is None:
+            self.teacher = obtain_teacher(
+                self.teacher_config, self.encoder, self.examples, self.documents, self.positives,
+                self.run_dir, self.precision, self.show_progress,
+            )
+        teacher, cache = self.teacher if use_teacher else (None, None)
+        return mine_hard_negatives(
+            self.encoder, self.examples, self.documents, self.positives,
+            MiningConfig(
+                count=stage.hard_negatives, window_start=stage.mine_window_start, window_end=stage.mine_window_end,
+                margin=stage.mine_margin, relative_margin=stage.mine_relative_margin,
+                teacher_margin=stage.mine_teacher_margin, seed=self.seed,
+            ),
+            teacher=teacher, teacher_cache=cache, precision=self.precision, show_progress=self.show_progress,
+        )
 
 
 @dataclass
@@ -85,8 +127,11 @@ def fine_tune(
 ) -> RunSummary:
     """Fine-tune the bi-encoder at `model_path` with `recipe`; the best model is saved to `out_dir`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    encoder = BiEncoder.load(model_path)
+    main = distributed.is_main()
+    show_progress, progress = show_progress and main, progress if main else None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    encoder = BiEncoder.load(model_path, device=str(distributed.device()))
     precision = resolve_training(recipe.run.precision, encoder.device)
     train_ids, dev_ids = split_queries(list(data.qrels), recipe.run.dev_fraction, recipe.run.seed)
     train_qrels = {q: data.qrels[q] for q in train_ids}
@@ -98,51 +143,43 @@ def fine_tune(
         data.queries, dev_qrels, train_qrels, data.documents,
         seed=recipe.run.seed, corpus_limit=recipe.run.dev_corpus_limit, train_probe=recipe.run.train_probe, sts=sts,
     )
-    metrics = MetricsLog(run_dir)
-    (run_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
+    if main:
+        (run_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
     ctx = TrainingContext(
-        encoder=encoder, log=metrics, dev=dev, known_positives=positives, precision=precision,
+        encoder=encoder, log=MetricsLog(run_dir) if main else None, dev=dev, known_positives=positives, precision=precision,
         seed=recipe.run.seed, thresholds=thresholds or recipe.diagnostics, eval_batch_size=recipe.run.eval_batch_size,
         show_progress=show_progress, progress=progress, should_stop=should_stop,
     )
     base = ctx.evaluate()
     ctx.baseline = base
-    metrics.write("eval", stage="base", step=0, global_step=0, **base)
-    log.info("base model: dev nDCG@10 %.4f on %d queries", base["ndcg@10"], len(dev.queries))
-    teacher, teacher_cache = None, None
+    ctx.record("eval", stage="base", step=0, global_step=0, **base)
+    if main:
+        log.info("base model: dev nDCG@10 %.4f on %d queries", base["ndcg@10"], len(dev.queries))
+    miner = _Miner(encoder, examples, data.documents, positives, recipe.teacher, run_dir, precision, recipe.run.seed, show_progress)
     current = base
     stages = []
     for stage in recipe.stages:
         stage_examples = examples
         if stage.negatives != "in_batch":
-            if stage.negatives == "teacher" and teacher is None:
-                teacher, teacher_cache = obtain_teacher(recipe.teacher, encoder, examples, data.documents, positives, run_dir, precision, show_progress)
-            stage_examples, report = mine_hard_negatives(
-                encoder, examples, data.documents, positives,
-                MiningConfig(
-                    count=stage.hard_negatives, window_start=stage.mine_window_start, window_end=stage.mine_window_end,
-                    margin=stage.mine_margin, relative_margin=stage.mine_relative_margin,
-                    teacher_margin=stage.mine_teacher_margin, seed=recipe.run.seed,
-                ),
-                teacher=teacher if stage.negatives == "teacher" else None,
-                teacher_cache=teacher_cache if stage.negatives == "teacher" else None,
-                precision=precision, show_progress=show_progress,
-            )
-            metrics.write("mining", stage=stage.name, **report.as_dict())
+            stage_examples, report = distributed.from_main(lambda: miner.mine(stage))
+            ctx.record("mining", stage=stage.name, **report.as_dict())
         result = train_stage(ctx, stage_examples, stage, current)
-        encoder.save(run_dir / CHECKPOINTS_DIR / stage.name)
+        if main:
+            encoder.save(run_dir / CHECKPOINTS_DIR / stage.name)
         gated = result.best_step == 0
         stages.append({"name": stage.name, "steps": result.steps, "best_step": result.best_step, "gated": gated,
                        "stopped_early": result.stopped_early, "examples": result.examples_used,
                        "ndcg@10": result.best.get("ndcg@10")})
-        metrics.write("stage", **stages[-1])
-        if gated:
+        ctx.record("stage", **stages[-1])
+        if gated and main:
             log.warning("stage %s did not improve dev nDCG@10 (%.4f); rolled back", stage.name, current.get("ndcg@10", 0.0))
         current = result.best
-    encoder.save(out_dir)
     alerts = alert_dicts(alerts_for(current, base, ctx.thresholds))
     summary = RunSummary(str(out_dir), str(run_dir), precision, base, current, stages, alerts, len(dev.queries), len(examples))
-    metrics.write("summary", **asdict(summary))
-    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    if main:
+        encoder.save(out_dir)
+        ctx.record("summary", **asdict(summary))
+        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    distributed.barrier()
     return summary
 

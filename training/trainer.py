@@ -7,6 +7,11 @@ of each epoch); the best weights are kept and restored at the end, training stop
 early after `patience` evaluations without improvement, and a run whose embeddings
 collapse for `collapse_patience` evaluations in a row is aborted with the remedy.
 Every step and evaluation is appended to the run's metrics log.
+
+Under torchrun (see `training.distributed`) each process embeds its shard of every
+global batch through DistributedDataParallel and scores the gathered global batch;
+the first process alone evaluates, logs and shows progress, and hands the evaluation
+to the others so that every process stops and restores at the same step.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.batch_sampler import batches_per_epoch, no_duplicate_batches
+from training import distributed
+from training.batch_sampler import batches_per_epoch, no_duplicate_batches, shard
 from training.bi_encoder import BiEncoder
 from training.dev_eval import DevSet, evaluate_encoder
 from training.diagnostics import (
@@ -61,10 +67,10 @@ class TrainingCancelled(LockstepError):
 
 @dataclass
 class TrainingContext:
-    """What every stage of a run shares."""
+    """What every stage of a run shares. `log` is None on every process but the first, which alone writes."""
 
     encoder: BiEncoder
-    log: MetricsLog
+    log: MetricsLog | None
     dev: DevSet | None = None
     known_positives: Mapping[str, set[str]] = field(default_factory=dict)
     precision: str = "fp32"
@@ -78,13 +84,19 @@ class TrainingContext:
     step_offset: int = 0
 
     def evaluate(self) -> dict:
+        """Dev metrics and signals, computed on the first process and handed to every process."""
         if self.dev is None:
             return {}
         report = self.progress
-        return evaluate_encoder(
+        return distributed.from_main(lambda: evaluate_encoder(
             self.encoder, self.dev, batch_size=self.eval_batch_size, precision=self.precision,
             progress=(lambda done, total: report("dev evaluation", done, total, {})) if report else None,
-        )
+        ))
+
+    def record(self, kind: str, **fields) -> None:
+        """Append to the metrics log, where this process keeps one."""
+        if self.log is not None:
+            self.log.write(kind, **fields)
 
 
 @dataclass(frozen=True)
@@ -114,10 +126,14 @@ def _usable(examples: Sequence[TrainingExample], stage: StageConfig) -> list[Tra
     return usable
 
 
-class _StageStep:
-    """Computes one optimisation step's loss and gradients for a batch."""
+class StageStep:
+    """Computes one optimisation step's loss and gradients for a global batch.
 
-    def __init__(self, ctx: TrainingContext, stage: StageConfig) -> None:
+    This process embeds its shard; the loss is computed over every process's embeddings,
+    gathered, so it equals the single-process loss on the whole batch.
+    """
+
+    def __init__(self, ctx: TrainingContext, stage: StageConfig, synced: distributed.SyncedEmbed) -> None:
         self.ctx, self.stage = ctx, stage
         self.encoder = ctx.encoder
         device = self.encoder.device
@@ -125,11 +141,14 @@ class _StageStep:
 
         def embed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             with autocast(ctx.precision, device):
-                return self.encoder.embed(input_ids, attention_mask).float()
+                return synced.embed(input_ids, attention_mask).float()
 
         self.embed = embed
         if stage.loss == "infonce" and stage.mini_batch_size:
-            self.cached = CachedInfoNCELoss(embed, stage.temperature, stage.symmetric, stage.mini_batch_size)
+            self.cached = CachedInfoNCELoss(
+                embed, stage.temperature, stage.symmetric, stage.mini_batch_size,
+                gather=distributed.gather_with_grad, no_sync=synced.no_sync,
+            )
         self.infonce = InfoNCELoss(stage.temperature, stage.symmetric)
         self.triplet = TripletLoss(stage.triplet_margin)
         self.margin_mse = MarginMSELoss(stage.distill_scale)
@@ -139,13 +158,17 @@ class _StageStep:
         input_ids, attention_mask = self.encoder.token_batch(texts, kind)
         return TokenBatch(input_ids, attention_mask)
 
+    def _embed_all(self, tokens: TokenBatch) -> torch.Tensor:
+        return distributed.gather_with_grad(self.embed(tokens.input_ids, tokens.attention_mask))
+
     def __call__(self, batch: list[TrainingExample]) -> tuple[LossOutput, torch.Tensor | None]:
-        """Back-propagate one batch; returns the loss output and the false-negative mask used (if any)."""
+        """Back-propagate one global batch; returns the loss output and the false-negative mask used (if any)."""
         stage, h = self.stage, self.stage.hard_negatives
         mask = None
-        queries = self._tokens([e.query for e in batch], "query")
-        positives = self._tokens([e.positive.text for e in batch], "document")
-        negatives = self._tokens([n.text for e in batch for n in e.negatives], "document") if h else None
+        local = shard(batch, distributed.rank(), distributed.world_size())
+        queries = self._tokens([e.query for e in local], "query")
+        positives = self._tokens([e.positive.text for e in local], "document")
+        negatives = self._tokens([n.text for e in local for n in e.negatives], "document") if h else None
         if stage.loss == "infonce":
             if stage.mask_false_negatives:
                 mask = false_negative_mask(
@@ -156,12 +179,12 @@ class _StageStep:
                 ).to(self.device)
             if stage.mini_batch_size:
                 return self.cached.backward(queries, positives, negatives, mask), mask
-            q, p = self.embed(queries.input_ids, queries.attention_mask), self.embed(positives.input_ids, positives.attention_mask)
-            n = self.embed(negatives.input_ids, negatives.attention_mask).view(len(batch), h, -1) if h else None
+            q, p = self._embed_all(queries), self._embed_all(positives)
+            n = self._embed_all(negatives).view(len(batch), h, -1) if h else None
             out = self.infonce.compute_loss_from_embeddings(q, p, n, mask)
         else:
-            q, p = self.embed(queries.input_ids, queries.attention_mask), self.embed(positives.input_ids, positives.attention_mask)
-            n = self.embed(negatives.input_ids, negatives.attention_mask).view(len(batch), h, -1)
+            q, p = self._embed_all(queries), self._embed_all(positives)
+            n = self._embed_all(negatives).view(len(batch), h, -1)
             if stage.loss == "triplet":
                 out = self.triplet.compute_loss_from_embeddings(q, p, n)
             else:
@@ -186,22 +209,25 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
             f"stage {stage.name!r} has {len(usable)} usable examples (of {len(examples)}) but a batch needs {stage.batch_size}; "
             "lower batch_size or hard_negatives, or add training pairs"
         )
+    shards = distributed.world_size()
+    if stage.batch_size < shards:
+        raise TrainingAborted(f"stage {stage.name!r}: batch_size {stage.batch_size} is smaller than the {shards} processes; raise it")
     model = ctx.encoder.model
-    steps_per_epoch = batches_per_epoch(usable, stage.batch_size, ctx.seed)
+    steps_per_epoch = batches_per_epoch(usable, stage.batch_size, ctx.seed, shards)
     total = steps_per_epoch * stage.epochs
     optimizer = build_optimizer(model, stage.learning_rate, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, int(total * stage.warmup_ratio), total)
-    compute = _StageStep(ctx, stage)
-    torch.manual_seed(ctx.seed)
+    torch.manual_seed(ctx.seed + distributed.rank())
     best, best_step, best_state = dict(start_eval), 0, _snapshot(ctx.encoder)
     evals_without_gain, collapsed_evals, step, stopped_early = 0, 0, 0, False
-    ctx.log.write("stage_start", stage=stage.name, examples=len(usable), steps=total, config=stage.__dict__)
+    ctx.record("stage_start", stage=stage.name, examples=len(usable), steps=total, config=stage.__dict__)
     bar = tqdm(total=total, desc=f"training {stage.name}", unit="step", disable=not ctx.show_progress)
     started = time.monotonic()
     model.train()
-    with bar:
+    with bar, distributed.data_parallel(ctx.encoder) as synced:
+        compute = StageStep(ctx, stage, synced)
         for epoch in range(stage.epochs):
-            for indices in no_duplicate_batches(usable, stage.batch_size, ctx.seed, epoch):
+            for indices in no_duplicate_batches(usable, stage.batch_size, ctx.seed, epoch, shards=shards):
                 if ctx.should_stop is not None and ctx.should_stop():
                     raise TrainingCancelled(f"training cancelled during stage {stage.name!r} at step {step}")
                 batch = [usable[i] for i in indices]
@@ -219,7 +245,7 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                     record["negatives_above_positive"] = negatives_above_positive(
                         out.scores.float().cpu().numpy(), None if mask is None else mask.cpu().numpy()
                     )
-                ctx.log.write("step", stage=stage.name, epoch=epoch, step=step, global_step=ctx.step_offset + step, **record)
+                ctx.record("step", stage=stage.name, epoch=epoch, step=step, global_step=ctx.step_offset + step, **record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if ctx.progress is not None:
@@ -230,9 +256,9 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                 evaluation = ctx.evaluate()
                 evaluation["negatives_above_positive"] = record.get("negatives_above_positive")
                 alerts = alerts_for({k: v for k, v in evaluation.items() if v is not None}, ctx.baseline, ctx.thresholds)
-                ctx.log.write("eval", stage=stage.name, step=step, global_step=ctx.step_offset + step, **evaluation)
+                ctx.record("eval", stage=stage.name, step=step, global_step=ctx.step_offset + step, **evaluation)
                 for alert in alert_dicts(alerts):
-                    ctx.log.write("alert", stage=stage.name, step=step, **alert)
+                    ctx.record("alert", stage=stage.name, step=step, **alert)
                 stats = CollapseStats(evaluation.get("mean_dim_std", 1.0), evaluation.get("mean_pairwise_cosine", 0.0))
                 collapsed_evals = collapsed_evals + 1 if is_collapsed(stats, ctx.thresholds) else 0
                 if collapsed_evals >= ctx.thresholds.collapse_patience:
@@ -254,6 +280,6 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     if ctx.dev is not None:
         model.load_state_dict(best_state)
     model.eval()
-    ctx.log.write("stage_end", stage=stage.name, steps=step, best_step=best_step, stopped_early=stopped_early, best=best)
+    ctx.record("stage_end", stage=stage.name, steps=step, best_step=best_step, stopped_early=stopped_early, best=best)
     ctx.step_offset += step
     return StageResult(stage.name, step, best, best_step, stopped_early, len(usable))

@@ -21,6 +21,14 @@ Args:
         arrive on, so put them on the model's device.
     temperature, symmetric: as for `InfoNCELoss`.
     mini_batch_size: rows embedded at once in steps 1 and 3, a positive integer.
+    gather: for training across processes, maps this process's embeddings of a group to
+        the whole batch's, every process's rows in rank order, with gradients flowing back
+        (`training.distributed.gather_with_grad`); step 2 then scores the global batch.
+        None in a single process.
+    no_sync: for training across processes, a context under which a backward pass only
+        accumulates parameter gradients (DistributedDataParallel's `no_sync`); every
+        replayed mini-batch but the last runs under it, so each process synchronises
+        once per batch however many mini-batches it holds. None in a single process.
 
 References:
     - Gao, Zhang, Han and Callan, 2021, "Scaling Deep Contrastive Learning Batch Size under
@@ -29,7 +37,7 @@ References:
 Inputs:
     queries and positives: `TokenBatch`es of B rows each; negatives: a `TokenBatch` of B*H
     rows, row-major (query i's negatives are rows i*H .. i*H+H-1), 1 <= H <= 20, or None;
-    candidate_mask: `(B, B + B*H)` bool, as for `InfoNCELoss`.
+    candidate_mask: `(B, B + B*H)` bool, as for `InfoNCELoss`; with `gather`, over the global batch.
 
 Relations:
     - Same loss and gradients as `InfoNCELoss` on embeddings computed with the same
@@ -39,13 +47,13 @@ Relations:
 
 Random state: the CPU generator and, when CUDA is in use, the generators of the input
 tensors' devices and the current CUDA device are recorded and replayed, as
-sentence-transformers' RandContext does. Left out: gathering across devices.
+sentence-transformers' RandContext does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +63,7 @@ from training.losses.output import LossOutput
 from training.losses.token_batch import TokenBatch
 
 Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -92,12 +101,16 @@ class CachedInfoNCELoss:
         temperature: float = 0.05,
         symmetric: bool = False,
         mini_batch_size: int = 32,
+        gather: Gather | None = None,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
         self.embed = embed
         self.loss = InfoNCELoss(temperature=temperature, symmetric=symmetric)
         self.mini_batch_size = mini_batch_size
+        self.gather = gather
+        self.no_sync = no_sync or nullcontext
 
     def _starts(self, batch: TokenBatch) -> range:
         return range(0, len(batch), self.mini_batch_size)
@@ -111,12 +124,18 @@ class CachedInfoNCELoss:
                 chunks.append(self.embed(chunk.input_ids, chunk.attention_mask))
         return torch.cat(chunks), states
 
-    def _replay_backward(self, batch: TokenBatch, grad: torch.Tensor, states: list[_RandomState]) -> None:
-        for start, state in zip(self._starts(batch), states):
-            chunk = batch.rows(start, start + self.mini_batch_size)
-            with state.replay():
-                embeddings = self.embed(chunk.input_ids, chunk.attention_mask)
-            embeddings.backward(grad[start : start + self.mini_batch_size])
+    def _replay_backward(self, groups: list[TokenBatch], grads: list[torch.Tensor], states: list[list[_RandomState]]) -> None:
+        """Embed every mini-batch again and back-propagate its cached gradient; only the last one synchronises."""
+        replays = [
+            (batch.rows(start, start + self.mini_batch_size), grad[start : start + self.mini_batch_size], state)
+            for batch, grad, group_states in zip(groups, grads, states)
+            for start, state in zip(self._starts(batch), group_states)
+        ]
+        for number, (chunk, grad, state) in enumerate(replays, start=1):
+            with nullcontext() if number == len(replays) else self.no_sync():
+                with state.replay():
+                    embeddings = self.embed(chunk.input_ids, chunk.attention_mask)
+                embeddings.backward(grad)
 
     def backward(
         self,
@@ -140,10 +159,10 @@ class CachedInfoNCELoss:
 
         cached = [self._embed_without_graph(group) for group in groups]
         leaves = [embeddings.detach().requires_grad_() for embeddings, _ in cached]
-        hard = leaves[2].view(batch_size, len(negatives) // batch_size, -1) if negatives is not None else None
-        output = self.loss.compute_loss_from_embeddings(leaves[0], leaves[1], hard, candidate_mask)
+        scored = [self.gather(leaf) for leaf in leaves] if self.gather else leaves
+        hard = scored[2].view(len(scored[0]), len(negatives) // batch_size, -1) if negatives is not None else None
+        output = self.loss.compute_loss_from_embeddings(scored[0], scored[1], hard, candidate_mask)
         output.loss.backward()
 
-        for group, leaf, (_, states) in zip(groups, leaves, cached):
-            self._replay_backward(group, leaf.grad, states)
+        self._replay_backward(groups, [leaf.grad for leaf in leaves], [states for _, states in cached])
         return LossOutput(loss=output.loss.detach(), masked=output.masked, scores=output.scores)
