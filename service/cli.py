@@ -335,9 +335,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
 
 def _serve(settings: Settings) -> None:
-    from service.request_logging import run_with_json_logs
     from service.admin_auth import check_exposure
     from service.app import create_app
+    from service.request_logging import run_with_json_logs
 
     check_exposure(settings.host, settings.admin_token)
     typer.echo(f"Lockstep is serving at http://{settings.host}:{settings.port} (API docs at /docs)")
