@@ -1,17 +1,19 @@
 """Retrieval metrics with trec_eval's definitions: nDCG@10, Recall@100, MRR@10.
 
 A run maps each query id to `{doc_id: score}`. As in trec_eval, documents are ranked
-by score (higher first) with ties broken by document id in reverse string order, a
-document is relevant when its graded label is >= 1, nDCG uses the label as linear
-gain with a log2(rank + 1) discount, and MRR@10 is the reciprocal rank of the first
-relevant document within the top 10 (0 if none). Every query in the qrels counts;
-a query the run has no results for scores 0 (trec_eval's `-c`).
+by score (higher first, compared at float32 precision) with ties broken by document id
+in reverse string order, a document is relevant when its graded label is >= 1, nDCG
+uses the label as linear gain with a log2(rank + 1) discount, and MRR@10 is the
+reciprocal rank of the first relevant document within the top 10 (0 if none). Every
+query in the qrels counts; a query the run has no results for scores 0 (trec_eval's `-c`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+
+import numpy as np
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -20,9 +22,16 @@ METRICS = ("ndcg@10", "recall@100", "mrr@10")
 
 
 def ranked(results: Mapping[str, float]) -> list[str]:
-    """Document ids in trec_eval order: score descending, then document id descending."""
+    """Document ids in trec_eval order: score descending, then document id descending.
+
+    trec_eval holds scores as C floats, so they are compared after rounding to float32:
+    scores that round to the same float32 tie and fall back to the document id.
+    """
     by_id = sorted(results, reverse=True)
-    return sorted(by_id, key=lambda doc_id: results[doc_id], reverse=True)
+    with np.errstate(over="ignore"):
+        as_float32 = np.asarray([results[doc_id] for doc_id in by_id], dtype=np.float32).tolist()
+    trec_scores = dict(zip(by_id, as_float32))
+    return sorted(by_id, key=trec_scores.__getitem__, reverse=True)
 
 
 def ndcg_at(ranking: list[str], labels: Mapping[str, int], k: int) -> float:

@@ -21,7 +21,9 @@ References:
 
 Inputs:
     queries `(B, d)`, candidates `(B, N, d)` with N >= 2 (usually the positive then the
-    hard negatives), teacher_scores `(B, N)` (not back-propagated; NaN is refused).
+    hard negatives), teacher_scores `(B, N)` (not back-propagated). NaN, +inf, a score
+    that overflows when divided by T, and a query whose scores are all -inf are refused:
+    each would turn the teacher's softmax, and so the loss, into NaN.
 
 Relations:
     - Equals sentence-transformers' DistillKLDivLoss with similarity `pairwise_cos_sim`
@@ -101,8 +103,15 @@ class KLDistillationLoss(torch.nn.Module):
         similarities = torch.einsum("bd,bnd->bn", F.normalize(queries, dim=-1), F.normalize(candidates, dim=-1))
         dtype = torch.promote_types(similarities.dtype, torch.float32)
         teacher_scores = teacher_scores.detach().to(dtype)
+        teacher_logits = teacher_scores / self.temperature
+        if teacher_logits.isposinf().any() or teacher_logits.isneginf().all(dim=1).any():
+            raise ValueError(
+                "teacher_scores must be finite or -inf, with at least one finite score per query, and stay finite "
+                f"when divided by the temperature {self.temperature} in {dtype}; +inf or a query with no finite "
+                "score makes the teacher's softmax, the loss and every gradient NaN"
+            )
         student_log_probs = F.log_softmax(similarities.to(dtype) / self.temperature, dim=1)
-        teacher_probs = F.softmax(teacher_scores / self.temperature, dim=1)
+        teacher_probs = F.softmax(teacher_logits, dim=1)
         self._warn_if_collapsed(teacher_scores, teacher_probs)
         kl = F.kl_div(student_log_probs, teacher_probs, reduction="batchmean")
         return LossOutput(loss=kl * self.temperature**2, scores=similarities.detach())
