@@ -38,6 +38,11 @@ def parse_document(obj: object) -> Document:
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise InvalidInput(f'"metadata" of document {doc_id!r} must be a JSON object')
+    try:
+        json.dumps([doc_id, title, text, metadata], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"document {doc_id!r} holds {exc.object[exc.start:exc.end]!r}, a lone surrogate that UTF-8 "
+                           "cannot store; fix the text's encoding (a \\udXXX escape outside a pair)") from exc
     return Document(id=doc_id, title=title, text=text, metadata=metadata)
 
 

@@ -38,6 +38,8 @@ def test_beir_and_plain_jsonl(tmp_path, corpus):
         (json.dumps({"id": "x", "text": "t", "metadata": [1]}), '"metadata"'),
         (json.dumps(["a"]), "expected a JSON object"),
         (json.dumps({"id": "a", "text": "dup"}), "duplicate id 'a' (first at line 1)"),
+        ('{"id": "s", "text": "broken \\ud800 pair"}', "lone surrogate"),
+        ('{"id": "m", "text": "ok", "metadata": {"k": ["\\udfff"]}}', "lone surrogate"),
     ],
 )
 def test_malformed_line_names_file_and_line_and_commits_nothing(tmp_path, corpus, bad_line, message):
