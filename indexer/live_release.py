@@ -123,6 +123,8 @@ class LiveRelease:
         reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
         index = VectorIndex.load(folder)
         index.set_search_params(**manifest.search_params)
+        if device == "cuda":
+            index.to_gpu()
         if len(index) != manifest.doc_count:
             raise IntegrityError(
                 f"release {release_id}: index holds {len(index)} vectors but the manifest says {manifest.doc_count}"

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     ef_construction: int = Field(40, ge=4, le=4096, description="HNSW build breadth of new builds (graph quality)")
     nprobe: int = Field(16, ge=1, le=65536, description="IVF lists searched per query in new builds (recall vs speed)")
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the API serves releases: auto (the GPU when torch sees one), cpu or cuda"
+    )
     dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")
     batch_wait_ms: float = Field(2.0, ge=0, le=100, description="How long a query waits for others to batch with")
     max_query_batch: int = Field(64, ge=1, le=1024, description="Most query texts encoded in one call")

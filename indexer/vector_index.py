@@ -83,6 +83,7 @@ class VectorIndex:
         self._label_of: dict[str, int] = {}
         self._hidden: set[int] = set()
         self._lock = threading.Lock()
+        self._on_gpu = False
         if ef_construction is not None and (hnsw := self._hnsw()) is not None:
             hnsw.hnsw.efConstruction = ef_construction
 
@@ -194,6 +195,15 @@ class VectorIndex:
             results.append(hits[:k])
         return results
 
+    def to_gpu(self) -> None:
+        """Search (and apply catch-up writes) on the GPU where FAISS can; `save` still writes a CPU index."""
+        from indexer.serving_device import index_to_gpu
+
+        with self._lock:
+            moved = index_to_gpu(self._index, self.factory)
+            self._on_gpu = moved is not self._index
+            self._index = moved
+
     def reconstruct(self, doc_id: str) -> np.ndarray:
         """The stored vector of one document (Flat and HNSW indexes)."""
         return self._index.reconstruct(self._label_of[doc_id])
@@ -202,7 +212,8 @@ class VectorIndex:
         """Write the index and id map into `folder`; returns the files written."""
         folder = Path(folder)
         with self._lock:
-            faiss.write_index(self._index, str(folder / INDEX_FILE))
+            on_cpu = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
+            faiss.write_index(on_cpu, str(folder / INDEX_FILE))
             ids = {"dim": self.dim, "factory": self.factory, "doc_ids": self._doc_of, "hidden": sorted(self._hidden)}
         (folder / IDS_FILE).write_text(json.dumps(ids))
         return [folder / INDEX_FILE, folder / IDS_FILE]
@@ -218,6 +229,7 @@ class VectorIndex:
         index._label_of = {doc_id: label for label, doc_id in enumerate(index._doc_of) if doc_id is not None}
         index._hidden = set(ids["hidden"])
         index._lock = threading.Lock()
+        index._on_gpu = False
         if index._index.d != index.dim:
             raise ValueError(f"{folder}: index dimension {index._index.d} does not match id map dimension {index.dim}")
         return index

@@ -21,6 +21,7 @@ from indexer.corpus_store import CorpusStore
 from indexer.job_store import JobStore
 from indexer.release_events import listen
 from indexer.release_store import ReleaseStore
+from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from service.admin_auth import AdminGate
 from service.body_limit import BodySizeLimit
@@ -54,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         corpus = CorpusStore(settings.corpus_path)
         releases = ReleaseStore(settings.data_dir)
-        holder = ReleaseHolder(releases, corpus, settings.batch_size, settings.rerank_candidates)
+        device = resolve_device(settings.device)
+        holder = ReleaseHolder(releases, corpus, settings.batch_size, settings.rerank_candidates, device)
         await run_in_threadpool(holder.refresh)
         batcher = QueryBatcher(
             settings.dynamic_batching, settings.batch_wait_ms, settings.max_query_batch, metrics.encoder_batch.observe

@@ -28,12 +28,14 @@ class ReleaseHolder:
     """The live release of one process, kept in step with the data dir's active pointer."""
 
     def __init__(
-        self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64, rerank_candidates: int = 50
+        self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64, rerank_candidates: int = 50,
+        device: str = "cpu",
     ) -> None:
         self.releases = releases
         self.corpus = corpus
         self.batch_size = batch_size
         self.rerank_candidates = rerank_candidates
+        self.device = device
         self.current: LiveRelease | None = None
         self.last_error: str | None = None
         self._refused: tuple[str, float] | None = None
@@ -56,7 +58,8 @@ class ReleaseHolder:
             if active is not None and not self._recently_refused(active) and (live is None or live.release_id != active):
                 try:
                     candidate = LiveRelease.load(
-                        self.releases, active, batch_size=self.batch_size, rerank_candidates=self.rerank_candidates
+                        self.releases, active, batch_size=self.batch_size, rerank_candidates=self.rerank_candidates,
+                        device=self.device,
                     )
                     candidate.catch_up(self.corpus)
                 except LockstepError as exc:
