@@ -105,7 +105,11 @@ def mismatches(result: LoadResult, expected: dict[str, dict[str, dict[str, float
 
 
 def expected_scores(data_dir: Path, release_ids: list[str], queries: list[str], depth: int) -> dict:
-    """Each release's scores for each query, computed in-process (the reference the served scores must match)."""
+    """Each release's scores for each query, computed in-process (the reference the served scores must match).
+
+    Take `depth` above the served k: a query encoded in a batch with others can differ
+    in the last float bits, which may swap two documents tied at the k-th place.
+    """
     from indexer.corpus_store import CorpusStore
     from indexer.live_release import LiveRelease
     from indexer.release_store import ReleaseStore
@@ -177,7 +181,7 @@ def main() -> None:
     data_dir = args.data_dir.resolve()
     first, second = _two_releases(data_dir, args.scifact, args.docs)
     queries = [json.loads(line)["text"] for line in (args.scifact / "queries.jsonl").read_text().splitlines()][:200]
-    expected = expected_scores(data_dir, [first, second], queries, 10)
+    expected = expected_scores(data_dir, [first, second], queries, 20)
     swap_to = [second if n % 2 == 0 else first for n in range(args.swaps)]
     server = _serve(data_dir, args.port)
     try:

@@ -23,7 +23,7 @@ def test_sixteen_clients_across_three_swaps_never_fail_and_each_reply_is_scored_
     corpus.upsert(SAMPLE_DOCS)
     first = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"), activate=True)
     second = build_release(corpus, releases, BuildOptions(model_path=other_model_dir, precision="fp32"))
-    expected = expected_scores(data_dir, [first.release_id, second.release_id], QUERIES, 10)
+    expected = expected_scores(data_dir, [first.release_id, second.release_id], QUERIES, 20)
     server, base = start_server(data_dir, admin_token=TOKEN)
     try:
         swaps = [second.release_id, first.release_id, second.release_id]
