@@ -2,12 +2,15 @@
 
 `run_step` is what a worker calls for one step of one job: it claims the step,
 runs it with progress, heartbeats and cooperative cancellation, records its output
-in the job, and says which step comes next. Steps are idempotent: a step whose
-output is already recorded (a model folder, a published release) is not redone,
+in the job, and says what to send next (`Dispatch`). Steps are idempotent: a step
+whose output is already recorded (a model folder, a published release) is not redone,
 so a redelivered message or a rerun after a lost worker finishes the job instead
-of duplicating it. A failed or cancelled step leaves nothing half-done: a partial
-model folder or staging release is removed, and an unpromoted candidate release of
-a cancelled job is deleted. Nothing here knows about Celery.
+of duplicating it. The reembed step is sharded: its first run snapshots the corpus
+into shards (`embedding_shards.py`) and hands the job to them, any number of workers
+encode them (`reembed_shards.py`), and the run that finds every shard done assembles
+and publishes the release. A failed or cancelled step leaves nothing half-done: a
+partial model folder, shard files or a staging release are removed, and an
+unpromoted candidate release is deleted. Nothing here knows about Celery.
 """
 
 from __future__ import annotations
@@ -20,16 +23,20 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from indexer.corpus_store import CorpusStore
-from indexer.job_store import CANCELLED, FAILED, REJECTED, SUCCEEDED, ClaimLost, Job, JobStore
+from indexer.embedding_shards import assemble_release, plan_shards
+from indexer.job_store import (
+    CANCELLED, FAILED, QUEUED, REJECTED, SHARD_DONE, SUCCEEDED, ClaimLost, Job, JobStore, Shard,
+)
 from indexer.live_release import LiveRelease
 from indexer.quality_gate import DevSet, judge
 from indexer.retrieval_eval import judged_queries
-from indexer.release_builder import BuildOptions, build_release
+from indexer.release_builder import BuildOptions
 from indexer.release_events import announce
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.settings import Settings
@@ -45,7 +52,7 @@ log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 0.5
 HEARTBEAT_EVERY_S = 5.0
-MODEL_DIR, PARTIAL_MODEL_DIR, RUN_DIR = "model", "model.partial", "run"
+MODEL_DIR, PARTIAL_MODEL_DIR, RUN_DIR, SHARDS_DIR = "model", "model.partial", "run", "shards"
 
 
 class JobCancelled(LockstepError):
@@ -65,24 +72,42 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_process_started(os.getpid())}"
 
 
-def is_lost(job: Job, stale_after_s: float, now: float | None = None) -> bool:
-    """A running job is lost when its worker process on this host is gone, or nothing was heard of it for too long."""
+def job_folder(data_dir: Path, job_id: str) -> Path:
+    """Where a job keeps what it makes before publishing: its model, training run and re-embed shards."""
+    return data_dir / "jobs" / job_id
+
+
+def is_lost(held: Job | Shard, stale_after_s: float, now: float | None = None) -> bool:
+    """A running job (or shard) is lost when its worker process on this host is gone, or it was silent too long."""
     now = now or time.time()
-    if job.worker:
-        host, pid, started = (job.worker.split(":") + ["", ""])[:3]
+    if held.worker:
+        host, pid, started = (held.worker.split(":") + ["", ""])[:3]
         if host == socket.gethostname() and pid.isdigit() and _process_started(int(pid)) != started:
             return True
-    return now - max(job.heartbeat or 0.0, job.updated) > stale_after_s
+    return now - max(held.heartbeat or 0.0, held.updated) > stale_after_s
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What a worker sends once its work is recorded: the job's next step, and shards of its re-embed to encode."""
+
+    step: str | None = None
+    shards: tuple[int, ...] = ()
 
 
 @dataclass
 class StepOutcome:
-    """What a step produced; `end` is (status, message) when the job stops here."""
+    """What a step produced; `end` is (status, message) when the job stops here.
+
+    `shards` set means the step waits for its shards: the job is handed to them (no
+    worker holds it) and these are sent; the last shard to finish sends the step again.
+    """
 
     outputs: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     end: tuple[str, str] | None = None
     next_step: str | None = None
+    shards: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -94,6 +119,7 @@ class JobContext:
     job: Job
     corpus: CorpusStore
     releases: ReleaseStore
+    owner: str | None = None
     _phase: str = ""
     _phase_started: float = 0.0
     _last_report: float = 0.0
@@ -101,7 +127,7 @@ class JobContext:
 
     @property
     def job_dir(self) -> Path:
-        return self.settings.data_dir / "jobs" / self.job.id
+        return job_folder(self.settings.data_dir, self.job.id)
 
     def progress(self, phase: str, done: int, total: int, metrics: dict | None = None) -> None:
         """Record progress (throttled) with an ETA; raises JobCancelled once cancellation is requested."""
@@ -208,19 +234,12 @@ def _model_name(ctx: JobContext, live) -> str | None:
     return None if ctx.job.params.get("model") else base
 
 
-def reembed(ctx: JobContext) -> StepOutcome:
-    """Embed the whole corpus with the job's model into a new (inactive) release."""
+def _build_options(ctx: JobContext) -> BuildOptions:
+    """The job's model with the live release's index type and reranker (else the settings') and the build settings."""
     outputs, params = ctx.job.outputs, ctx.job.params
-    release_id = outputs.get("release_id")
-    if release_id and ctx.releases.exists(release_id):
-        return StepOutcome()
-    if not release_id:
-        release_id = new_release_id()
-        ctx.store.record(ctx.job.id, outputs={"release_id": release_id})
     live = _active_manifest(ctx.releases)
-    model_path = Path(outputs.get("model_path") or params.get("model") or _base_model(ctx))
-    options = BuildOptions(
-        model_path=model_path,
+    return BuildOptions(
+        model_path=Path(outputs.get("model_path") or params.get("model") or _base_model(ctx)),
         model_name=_model_name(ctx, live),
         index_type=params.get("index_type") or (live.index_type if live else ctx.settings.index_type),
         batch_size=ctx.settings.batch_size,
@@ -230,13 +249,47 @@ def reembed(ctx: JobContext) -> StepOutcome:
         nprobe=ctx.settings.nprobe,
         ef_construction=ctx.settings.ef_construction,
     )
-    manifest = build_release(
-        ctx.corpus, ctx.releases, options, release_id=release_id,
-        progress=lambda phase, done, total: ctx.progress(f"reembed: {phase}", done, total),
-    )
-    return StepOutcome(metrics={"release": {"id": manifest.release_id, "documents": manifest.doc_count,
-                                            "corpus_seq": manifest.corpus_seq, "model": manifest.model.name,
-                                            "fingerprint": manifest.model.fingerprint}})
+
+
+def _shard_summary(shards: list[Shard]) -> dict:
+    """What the job record keeps of its shards: how many, their size, each one's attempts, how many workers encoded."""
+    return {"shards": len(shards), "shard_documents": [shard.documents for shard in shards],
+            "shard_attempts": [shard.attempts for shard in shards],
+            "workers": len({shard.worker for shard in shards if shard.worker})}
+
+
+def reembed(ctx: JobContext) -> StepOutcome:
+    """Embed the whole corpus with the job's model into a new (inactive) release, as shards any worker may encode.
+
+    Run first, it plans the shards and hands the job to them; run again (by the worker
+    that finished the last shard, or by recovery), it sends the shards still queued, or
+    assembles and publishes the release once all are done.
+    """
+    release_id = ctx.job.outputs.get("release_id")
+    if not release_id:
+        release_id = new_release_id()
+        ctx.store.record(ctx.job.id, outputs={"release_id": release_id})
+    folder = ctx.job_dir / SHARDS_DIR
+    shards = ctx.store.shards(ctx.job.id)
+
+    def report(phase: str, done: int, total: int) -> None:
+        ctx.progress(f"reembed: {phase}", done, total)
+
+    if not ctx.releases.exists(release_id):
+        if not shards:
+            plan = plan_shards(ctx.corpus, ctx.releases, _build_options(ctx), release_id, folder,
+                               ctx.settings.shard_size, report)
+            ctx.store.add_shards(ctx.job.id, plan.sizes, owner=ctx.owner)
+            return StepOutcome(shards=tuple(range(plan.count)))
+        if any(shard.status != SHARD_DONE for shard in shards):
+            return StepOutcome(shards=tuple(shard.shard for shard in shards if shard.status == QUEUED))
+        assemble_release(ctx.releases, folder, {shard.shard: shard.checksum for shard in shards}, report)
+    manifest = ctx.releases.manifest(release_id)
+    _discard_shards(ctx.store, ctx.settings.data_dir, ctx.job.id)
+    metrics = {"release": {"id": manifest.release_id, "documents": manifest.doc_count,
+                           "corpus_seq": manifest.corpus_seq, "model": manifest.model.name,
+                           "fingerprint": manifest.model.fingerprint}}
+    return StepOutcome(metrics=metrics | ({"reembed": _shard_summary(shards)} if shards else {}))
 
 
 def dev_set_for(ctx: JobContext) -> DevSet | None:
@@ -309,8 +362,19 @@ STEPS: dict[str, Callable[[JobContext], StepOutcome]] = {
 }
 
 
-def discard_candidate(store: JobStore, releases: ReleaseStore, job: Job) -> None:
-    """Delete a stopped job's unpromoted candidate release; a rerun then starts again at reembed."""
+def _discard_shards(store: JobStore, data_dir: Path, job_id: str) -> None:
+    """Forget a job's shards, then delete their files (a crash in between leaves files the next plan clears)."""
+    store.remove_shards(job_id)
+    shutil.rmtree(job_folder(data_dir, job_id) / SHARDS_DIR, ignore_errors=True)
+
+
+def discard_job_work(store: JobStore, releases: ReleaseStore, job: Job) -> None:
+    """Remove what a stopped job made: its partial model, its re-embed shards and its unpromoted candidate release.
+
+    A job whose candidate is deleted after its build is rewound to reembed, so a rerun builds it again.
+    """
+    shutil.rmtree(job_folder(releases.data_dir, job.id) / PARTIAL_MODEL_DIR, ignore_errors=True)
+    _discard_shards(store, releases.data_dir, job.id)
     release_id = job.outputs.get("release_id")
     if not release_id:
         return
@@ -320,86 +384,129 @@ def discard_candidate(store: JobStore, releases: ReleaseStore, job: Job) -> None
         store.rewind(job.id, "reembed", ("release_id",))
 
 
-def _undo(ctx: JobContext) -> None:
-    """Remove what a stopped job made: its partial model and its unpromoted candidate release."""
-    shutil.rmtree(ctx.job_dir / PARTIAL_MODEL_DIR, ignore_errors=True)
-    discard_candidate(ctx.store, ctx.releases, ctx.store.get(ctx.job.id))
+@contextmanager
+def heartbeating(beat: Callable[[], object], what: str) -> Iterator[None]:
+    """Call `beat` every `HEARTBEAT_EVERY_S` from a thread while the body runs, so recovery sees the work alive."""
+    stop = threading.Event()
 
+    def loop() -> None:
+        while not stop.wait(HEARTBEAT_EVERY_S):
+            try:
+                beat()
+            except Exception:
+                log.exception("heartbeat of %s failed", what)
 
-def _heartbeat(store: JobStore, job_id: str, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_EVERY_S):
-        try:
-            store.report(job_id)
-        except Exception:
-            log.exception("heartbeat of job %s failed", job_id)
+    thread = threading.Thread(target=loop, name=f"heartbeat {what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _traceback_summary(exc: BaseException, lines: int = 12) -> str:
     return "".join(traceback.format_exception(exc)[-lines:])
 
 
-def _stop(ctx: JobContext, owner: str, status: str, message: str, error: str | None = None) -> None:
-    """End a job that did not complete, after removing what it made, unless another worker took it over."""
-    if not ctx.store.holds(ctx.job.id, owner):
-        log.warning("job %s was taken over by another worker; leaving it to that worker", ctx.job.id)
+def end_job(
+    store: JobStore, releases: ReleaseStore, job_id: str, what: str, exc: Exception,
+    still_holds: Callable[[], bool], owner: str | None = None,
+) -> None:
+    """End a job whose `what` (a step, or a shard of one) raised `exc`: cancelled or failed, its work removed.
+
+    Nothing happens when `still_holds()` says another worker took the work over or the job already ended.
+    """
+    if isinstance(exc, JobCancelled):
+        status, message, error = CANCELLED, f"cancelled during {what}; nothing was published", None
+    elif isinstance(exc, LockstepError):
+        status, message, error = FAILED, f"{what} failed: {exc}", _traceback_summary(exc)
+    else:
+        unexpected = f"{what} failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log"
+        status, message, error = FAILED, unexpected, _traceback_summary(exc)
+    if not still_holds():
+        log.warning("job %s: %s was taken over by another worker or the job ended; leaving it", job_id, what)
         return
-    _undo(ctx)
-    ctx.store.finish(ctx.job.id, status, message, error, owner=owner)
+    discard_job_work(store, releases, store.get(job_id))
+    store.finish(job_id, status, message, error, owner=owner)
+    if status == CANCELLED:
+        log.info("job %s cancelled during %s", job_id, what)
+    elif isinstance(exc, LockstepError):
+        log.error("job %s failed in %s: %s", job_id, what, exc)
+    else:
+        log.error("job %s failed in %s", job_id, what, exc_info=exc)
 
 
-def run_step(settings: Settings, store: JobStore, corpus: CorpusStore, job_id: str, step: str) -> str | None:
-    """Run one step of a job if this worker can claim it; returns the next step to enqueue, or None."""
+def run_step(settings: Settings, store: JobStore, corpus: CorpusStore, job_id: str, step: str) -> Dispatch:
+    """Run one step of a job if this worker can claim it; returns what to send next (nothing when the job ends)."""
     owner = worker_identity()
     job = store.claim(job_id, step, owner, settings.job_stale_after_s)
     if job is None:
         log.info("job %s step %s: nothing to do (finished, cancelled, or held by another worker)", job_id, step)
-        return None
-    ctx = JobContext(settings, store, job, corpus, ReleaseStore(settings.data_dir))
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, job_id, stop), daemon=True)
-    beat.start()
+        return Dispatch()
+    releases = ReleaseStore(settings.data_dir)
+    ctx = JobContext(settings, store, job, corpus, releases, owner)
     log.info("job %s (%s): step %s started (attempt %d)", job_id, job.kind, step, job.attempts)
     try:
-        ctx.check_cancelled()
-        outcome = STEPS[step](ctx)
-    except JobCancelled:
-        _stop(ctx, owner, CANCELLED, f"cancelled during {step}; nothing was published")
-        log.info("job %s cancelled during %s", job_id, step)
-        return None
-    except LockstepError as exc:
-        _stop(ctx, owner, FAILED, f"{step} failed: {exc}", _traceback_summary(exc))
-        log.error("job %s failed in %s: %s", job_id, step, exc)
-        return None
+        with heartbeating(lambda: store.report(job_id), f"job {job_id}"):
+            ctx.check_cancelled()
+            outcome = STEPS[step](ctx)
     except Exception as exc:
-        _stop(ctx, owner, FAILED, f"{step} failed unexpectedly ({type(exc).__name__}: {exc}); see the worker log",
-              _traceback_summary(exc))
-        log.exception("job %s failed in %s", job_id, step)
-        return None
-    finally:
-        stop.set()
-        beat.join()
+        end_job(store, releases, job_id, step, exc, lambda: store.holds(job_id, owner), owner)
+        return Dispatch()
     try:
         store.record(job_id, outputs=outcome.outputs, metrics=outcome.metrics, owner=owner)
         if outcome.end is not None:
             store.finish(job_id, *outcome.end, owner=owner)
             log.info("job %s %s: %s", job_id, outcome.end[0], outcome.end[1])
-            return None
+            return Dispatch()
+        if outcome.shards is not None:
+            store.advance(job_id, step, owner=owner)
+            log.info("job %s: step %s waits for its shards; sending %d", job_id, step, len(outcome.shards))
+            return Dispatch(shards=outcome.shards)
         next_step = outcome.next_step or job.next_step()
         if next_step is None:
             store.finish(job_id, SUCCEEDED, f"{step} done", owner=owner)
-            return None
+            return Dispatch()
         store.advance(job_id, next_step, owner=owner)
     except ClaimLost as exc:
         log.warning("%s; dropping this worker's result of step %s", exc, step)
-        return None
-    return next_step
+        return Dispatch()
+    return Dispatch(step=next_step)
+
+
+@dataclass
+class Recovery:
+    """What recovery found: messages to send again (job id, what to send) and jobs it failed for good."""
+
+    resend: list[tuple[str, Dispatch]] = field(default_factory=list)
+    failed: list[Job] = field(default_factory=list)
+
+
+def recover_lost_work(settings: Settings, store: JobStore) -> Recovery:
+    """Queue again the steps and shards whose worker died (or whose message was lost); fail jobs out of attempts.
+
+    A failed job's work is removed like any failed job's.
+    """
+    stale, attempts = settings.job_stale_after_s, settings.job_max_attempts
+    steps, failed = store.recover_lost(lambda job: is_lost(job, stale), attempts)
+    shards, failed_at_shards = store.recover_lost_shards(lambda shard: is_lost(shard, stale), attempts)
+    recovery = Recovery([(job.id, Dispatch(step=job.step)) for job in steps], failed + failed_at_shards)
+    by_job: dict[str, list[int]] = {}
+    for shard in shards:
+        by_job.setdefault(shard.job_id, []).append(shard.shard)
+    recovery.resend += [(job_id, Dispatch(shards=tuple(numbers))) for job_id, numbers in by_job.items()]
+    releases = ReleaseStore(settings.data_dir)
+    for job in recovery.failed:
+        discard_job_work(store, releases, job)
+    return recovery
 
 
 def cancel_job(store: JobStore, releases: ReleaseStore, job_id: str) -> Job:
-    """Cancel a job: a queued one ends now (its candidate release, if any, is deleted); a running one is asked to stop."""
+    """Cancel a job: a queued one ends now (what it built, if anything, is removed); a running one is asked to stop."""
     job = store.request_cancel(job_id)
     if job.status == CANCELLED:
-        discard_candidate(store, releases, job)
+        discard_job_work(store, releases, job)
         return store.get(job_id)
     return job
 

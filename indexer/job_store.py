@@ -8,6 +8,11 @@ step once, and each step's output (model folder, release id) is recorded before 
 next step is enqueued, so a rerun resumes instead of starting over. A worker that
 dies leaves its job `running` with a stale heartbeat; `recover_lost` hands such jobs
 back to the queue (or fails them after `max_attempts`).
+
+The reembed step runs as shards on any number of workers: each shard has its own
+row, claimed, heartbeated and recovered like a job (`recover_lost_shards`), and the
+transaction that marks the last shard done says so (`complete_shard`), so exactly one
+worker goes on to assemble the release without a Celery result backend.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ QUEUED, RUNNING, SUCCEEDED, REJECTED, FAILED, CANCELLED = "queued", "running", "
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, REJECTED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, REJECTED, FAILED, CANCELLED})
 STEPS = {"retrain": ("retrain", "reembed", "evaluate", "promote"), "reembed": ("reembed", "evaluate", "promote")}
+SHARD_DONE = "done"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -49,6 +55,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
+CREATE TABLE IF NOT EXISTS shards (
+    job_id TEXT NOT NULL,
+    shard INTEGER NOT NULL,
+    documents INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    checksum TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    heartbeat REAL,
+    PRIMARY KEY (job_id, shard)
+);
+CREATE INDEX IF NOT EXISTS shards_status ON shards(status);
 """
 _JSON_COLUMNS = ("params", "progress", "metrics", "outputs")
 
@@ -87,6 +108,23 @@ class Job:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Shard:
+    """One shard of a job's re-embed: its size, its state (queued, running, done), who encodes it, how often."""
+
+    job_id: str
+    shard: int
+    documents: int
+    status: str
+    done: int = 0
+    worker: str | None = None
+    attempts: int = 0
+    checksum: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    heartbeat: float | None = None
 
 
 def _row_to_job(row) -> Job:
@@ -285,6 +323,11 @@ class JobStore:
             )
         return self.get(job_id)
 
+    @staticmethod
+    def _lost_message(what: str, attempts: int, job_id: str) -> str:
+        return (f"the worker running {what} was lost {attempts} times; check the worker log (out of memory? "
+                f"killed?) and retry with POST /v1/jobs/{job_id}/retry")
+
     def recover_lost(
         self, is_lost: Callable[[Job], bool], max_attempts: int
     ) -> tuple[list[Job], list[Job]]:
@@ -306,8 +349,7 @@ class JobStore:
                 if job.worker is None:
                     changed = db.execute(f"UPDATE jobs SET updated = ?, heartbeat = ? {unchanged}", (now, now, *args))
                 elif job.attempts >= max_attempts:
-                    message = (f"the worker running step {job.step} was lost {job.attempts} times; check the worker "
-                               f"log (out of memory? killed?) and retry with POST /v1/jobs/{job.id}/retry")
+                    message = self._lost_message(f"step {job.step}", job.attempts, job.id)
                     changed = db.execute(
                         f"UPDATE jobs SET status = ?, message = ?, error = ?, finished = ?, updated = ?, worker = NULL "
                         f"{unchanged}", (FAILED, message, "worker lost", now, now, *args))
@@ -317,4 +359,172 @@ class JobStore:
             if changed.rowcount:
                 recovered = self.get(job.id)
                 (failed if recovered.status == FAILED else resend).append(recovered)
+        return resend, failed
+
+    def add_shards(self, job_id: str, sizes: list[int] | tuple[int, ...], owner: str | None = None) -> None:
+        """Record the shards of a job's re-embed, all queued (only while `owner`, if given, holds the job)."""
+        now = time.time()
+        with self._db.transaction() as db:
+            self._check_owner(db, job_id, owner)
+            db.execute("DELETE FROM shards WHERE job_id = ?", (job_id,))
+            db.executemany(
+                "INSERT INTO shards(job_id, shard, documents, status, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                [(job_id, shard, size, QUEUED, now, now) for shard, size in enumerate(sizes)],
+            )
+
+    def shards(self, job_id: str) -> list[Shard]:
+        """The shards of a job's re-embed in corpus order; empty before it is planned and after it is assembled."""
+        rows = self._db.query("SELECT * FROM shards WHERE job_id = ? ORDER BY shard", (job_id,))
+        return [Shard(**dict(row)) for row in rows]
+
+    def remove_shards(self, job_id: str) -> None:
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM shards WHERE job_id = ?", (job_id,))
+
+    def claim_shard(self, job_id: str, shard: int, worker: str, stale_after_s: float) -> Shard | None:
+        """Take a shard for `worker`; None when the job is not running, the shard is done, or a live worker holds it.
+
+        Every claim is an attempt: the shard is encoded from the start (a matching file on disk is reused).
+        """
+        now = time.time()
+        with self._db.transaction() as db:
+            job = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT * FROM shards WHERE job_id = ? AND shard = ?", (job_id, shard)).fetchone()
+            if job is None or job["status"] != RUNNING or row is None or row["status"] == SHARD_DONE:
+                return None
+            held = row["worker"] is not None and row["worker"] != worker
+            if row["status"] == RUNNING and held and now - (row["heartbeat"] or 0) < stale_after_s:
+                return None
+            db.execute(
+                "UPDATE shards SET status = ?, worker = ?, attempts = attempts + 1, done = 0, heartbeat = ?, "
+                "updated = ? WHERE job_id = ? AND shard = ?",
+                (RUNNING, worker, now, now, job_id, shard),
+            )
+            db.execute("UPDATE jobs SET heartbeat = ?, updated = ? WHERE id = ?", (now, now, job_id))
+        return self._shard(job_id, shard)
+
+    def _shard(self, job_id: str, shard: int) -> Shard:
+        rows = self._db.query("SELECT * FROM shards WHERE job_id = ? AND shard = ?", (job_id, shard))
+        if not rows:
+            raise NotFound(f"job {job_id!r} has no shard {shard}")
+        return Shard(**dict(rows[0]))
+
+    @staticmethod
+    def _check_shard_owner(db, job_id: str, shard: int, owner: str) -> None:
+        row = db.execute(
+            "SELECT 1 FROM shards JOIN jobs ON jobs.id = shards.job_id WHERE shards.job_id = ? AND shard = ? "
+            "AND shards.worker = ? AND shards.status = ? AND jobs.status = ?",
+            (job_id, shard, owner, RUNNING, RUNNING),
+        ).fetchone()
+        if row is None:
+            raise ClaimLost(f"shard {shard} of job {job_id} is no longer held by {owner} (taken over, or job ended)")
+
+    def holds_shard(self, job_id: str, shard: int, owner: str) -> bool:
+        """True while `owner` still holds the shard of a running job."""
+        with self._db.lock:
+            try:
+                self._check_shard_owner(self._db.db, job_id, shard, owner)
+            except ClaimLost:
+                return False
+        return True
+
+    def report_shard(self, job_id: str, shard: int, owner: str, done: int | None = None, phase: str = "") -> bool:
+        """Heartbeat a held shard and, with `done`, record its progress and the job's over all shards.
+
+        Returns True when cancellation was requested; raises ClaimLost once the shard is not held.
+        """
+        now = time.time()
+        with self._db.transaction() as db:
+            self._check_shard_owner(db, job_id, shard, owner)
+            if done is None:
+                db.execute("UPDATE shards SET heartbeat = ? WHERE job_id = ? AND shard = ?", (now, job_id, shard))
+                db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ?", (now, job_id))
+            else:
+                db.execute("UPDATE shards SET done = ?, heartbeat = ?, updated = ? WHERE job_id = ? AND shard = ?",
+                           (done, now, now, job_id, shard))
+                progress = self._shards_progress(db, job_id, phase, now)
+                db.execute("UPDATE jobs SET progress = ?, heartbeat = ?, updated = ? WHERE id = ?",
+                           (json.dumps(progress), now, now, job_id))
+            row = self._row(db, job_id, "cancel_requested")
+        return bool(row[0])
+
+    @staticmethod
+    def _shards_progress(db, job_id: str, phase: str, now: float) -> dict:
+        """The job's progress over its shards: documents encoded of all, an ETA, and shards done, running, retried."""
+        row = db.execute(
+            "SELECT SUM(done) AS done, SUM(documents) AS total, COUNT(*) AS shards, MIN(created) AS started, "
+            "SUM(status = ?) AS finished, SUM(status = ?) AS running, SUM(attempts > 1) AS retried "
+            "FROM shards WHERE job_id = ?",
+            (SHARD_DONE, RUNNING, job_id),
+        ).fetchone()
+        done, total = row["done"] or 0, row["total"] or 0
+        eta = (now - row["started"]) / done * (total - done) if done else None
+        return {"step": "reembed", "phase": phase, "done": done, "total": total,
+                "eta_s": round(eta, 1) if eta is not None else None,
+                "shards": {"total": row["shards"], "done": row["finished"], "running": row["running"],
+                           "retried": row["retried"]}}
+
+    def complete_shard(self, job_id: str, shard: int, owner: str, checksum: str) -> bool:
+        """Mark a held shard done with its file's checksum; True for the one completion that leaves none undone.
+
+        The update and the count are one immediate transaction, and transactions on the
+        database are serialised, so of several workers finishing shards at once exactly
+        one sees zero left: that worker, and only it, goes on to assemble the release.
+        """
+        now = time.time()
+        with self._db.transaction() as db:
+            self._check_shard_owner(db, job_id, shard, owner)
+            db.execute(
+                "UPDATE shards SET status = ?, done = documents, checksum = ?, heartbeat = ?, updated = ? "
+                "WHERE job_id = ? AND shard = ?",
+                (SHARD_DONE, checksum, now, now, job_id, shard),
+            )
+            left = db.execute("SELECT COUNT(*) FROM shards WHERE job_id = ? AND status != ?",
+                              (job_id, SHARD_DONE)).fetchone()[0]
+            db.execute("UPDATE jobs SET heartbeat = ?, updated = ? WHERE id = ?", (now, now, job_id))
+        return left == 0
+
+    def recover_lost_shards(
+        self, is_lost: Callable[[Shard], bool], max_attempts: int
+    ) -> tuple[list[Shard], list[Job]]:
+        """Queue again the running shards whose worker is lost, or fail their job once a shard used up its attempts.
+
+        Like `recover_lost`, every change is conditional on the shard being as it was
+        read. Returns (shards to send again, jobs failed).
+        """
+        rows = self._db.query(
+            "SELECT shards.* FROM shards JOIN jobs ON jobs.id = shards.job_id "
+            "WHERE shards.status = ? AND jobs.status = ?",
+            (RUNNING, RUNNING),
+        )
+        resend, failed = [], []
+        for shard in (Shard(**dict(row)) for row in rows):
+            if not is_lost(shard):
+                continue
+            now, exhausted = time.time(), shard.attempts >= max_attempts
+            with self._db.transaction() as db:
+                unchanged = db.execute(
+                    "SELECT 1 FROM shards "
+                    "WHERE job_id = ? AND shard = ? AND status = ? AND worker IS ? AND updated = ?",
+                    (shard.job_id, shard.shard, RUNNING, shard.worker, shard.updated),
+                ).fetchone()
+                if unchanged is None:
+                    continue
+                if exhausted:
+                    message = self._lost_message(f"shard {shard.shard} of step reembed", shard.attempts, shard.job_id)
+                    changed = db.execute(
+                        "UPDATE jobs SET status = ?, message = ?, error = ?, finished = ?, updated = ?, worker = NULL "
+                        "WHERE id = ? AND status = ?",
+                        (FAILED, message, "worker lost", now, now, shard.job_id, RUNNING),
+                    ).rowcount
+                else:
+                    changed = db.execute(
+                        "UPDATE shards SET status = ?, worker = NULL, done = 0, updated = ? WHERE job_id = ? AND shard = ?",
+                        (QUEUED, now, shard.job_id, shard.shard),
+                    ).rowcount
+                    db.execute("UPDATE jobs SET heartbeat = ?, updated = ? WHERE id = ?", (now, now, shard.job_id))
+            if changed and exhausted:
+                failed.append(self.get(shard.job_id))
+            elif changed:
+                resend.append(self._shard(shard.job_id, shard.shard))
         return resend, failed

@@ -6,15 +6,18 @@ release. The release is assembled in a staging folder and only renamed into plac
 once complete, so an interrupted build leaves nothing listed and the active release
 untouched. An approximate index (HNSW, IVF) gets the configured search parameters and
 its recall@10 against exact search is measured on sampled documents and recorded
-(the vectors are kept in memory for that, once). An int8 build quantises the model into the staging folder first and goes
-on only if int8 document vectors agree with fp32 on a seeded sample of the corpus.
+(the vectors are kept in memory for that, once). An int8 build quantises the model into
+the staging folder first and goes on only if int8 document vectors agree with fp32 on a
+seeded sample of the corpus. `build_release` encodes in this process; its pieces (the
+stored model, the release spec, chunked encoding, publishing from embedded parts) also
+serve the rebuild sharded across workers (`embedding_shards.py`), so both publish alike.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +26,15 @@ from tqdm.auto import tqdm
 
 from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
-from indexer.manifest import INT8_MODEL_FILE, Int8Agreement, Manifest, NormStats
+from indexer.manifest import INT8_MODEL_FILE, Int8Agreement, Manifest, ModelRef, NormStats, RerankerRef
 from indexer.model_store import ModelStore
 from indexer.recall_check import measure_recall
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.vector_index import VectorIndex
 from training.bi_encoder import BiEncoder
-from training.errors import InvalidInput
+from training.errors import IntegrityError, InvalidInput
 from training.pooling import Pooling
-from training.precision import Precision, resolve
+from training.precision import ConcretePrecision, Precision, resolve
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,72 @@ class BuildOptions:
     ef_construction: int | None = None
 
 
-def _gate_int8(encoder: BiEncoder, documents: list[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
+@dataclass(frozen=True)
+class BuildModel:
+    """The stored model a build encodes with, its manifest reference, the reranker it carries and its precision."""
+
+    encoder: BiEncoder
+    ref: ModelRef
+    reranker: RerankerRef | None
+    precision: ConcretePrecision
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """A release as fixed before any document is encoded: its manifest less the index, the norms and the files."""
+
+    release_id: str
+    model: ModelRef
+    reranker: RerankerRef | None
+    precision: str
+    corpus_seq: int
+    doc_count: int
+    index_type: str
+    dim: int
+    ef_search: int | None = None
+    nprobe: int | None = None
+    ef_construction: int | None = None
+    int8_agreement: Int8Agreement | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReleaseSpec:
+        """The spec from `dataclasses.asdict` output (as read back from JSON)."""
+        nested = {"model": ModelRef, "reranker": RerankerRef, "int8_agreement": Int8Agreement}
+        return cls(**{key: nested[key](**value) if key in nested and value is not None else value
+                      for key, value in data.items()})
+
+
+@dataclass(frozen=True)
+class EmbeddedDocuments:
+    """Document ids with their unit vectors and their norms before normalisation, rows aligned."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    norms: np.ndarray
+
+
+def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildModel:
+    """Store the options' model (and reranker) by fingerprint and load the stored copy at the build's precision.
+
+    For int8 the encoder stays fp32 until `quantise_if_int8` quantises it against the corpus.
+    """
+    encoder, ref = ModelStore(releases.data_dir).put(
+        options.model_path,
+        name=options.model_name,
+        pooling=options.pooling,
+        query_max_length=options.query_max_length,
+        document_max_length=options.document_max_length,
+    )
+    precision = resolve(options.precision, encoder.device)
+    if precision != "int8":
+        encoder.precision = precision
+    reranker = None
+    if options.reranker_path is not None:
+        _, reranker = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
+    return BuildModel(encoder, ref, reranker, precision)
+
+
+def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
     """Quantise `encoder` into `folder`, switch it to int8, and return its agreement with fp32.
 
     The agreement is the cosine between fp32 and int8 vectors of up to `options.int8_sample`
@@ -85,6 +153,130 @@ def _gate_int8(encoder: BiEncoder, documents: list[Document], folder: Path, opti
     return agreement
 
 
+def snapshot_for_build(
+    corpus: CorpusStore, releases: ReleaseStore, options: BuildOptions, report: BuildProgress
+) -> tuple[BuildModel, int, list[Document]]:
+    """Store and load the build's model, then read the corpus snapshot to embed: (model, sequence, documents).
+
+    Refuses an empty corpus.
+    """
+    report("model", 0, 1)
+    model = load_build_model(releases, options)
+    seq, documents = corpus.snapshot()
+    if not documents:
+        raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
+    return model, seq, documents
+
+
+def quantise_if_int8(
+    model: BuildModel, documents: Sequence[Document], folder: Path, options: BuildOptions, report: BuildProgress
+) -> Int8Agreement | None:
+    """For an int8 build, quantise the encoder into `folder` and gate it on agreement with fp32; None otherwise."""
+    if model.precision != "int8":
+        return None
+    report("int8", 0, 1)
+    agreement = _gate_int8(model.encoder, documents, folder, options)
+    report("int8", 1, 1)
+    return agreement
+
+
+def release_spec(
+    release_id: str, model: BuildModel, options: BuildOptions, corpus_seq: int, doc_count: int,
+    int8_agreement: Int8Agreement | None,
+) -> ReleaseSpec:
+    """The spec of a release built from a corpus snapshot with `model` and `options`."""
+    return ReleaseSpec(
+        release_id=release_id,
+        model=model.ref,
+        reranker=model.reranker,
+        precision=model.encoder.precision,
+        corpus_seq=corpus_seq,
+        doc_count=doc_count,
+        index_type=options.index_type,
+        dim=model.encoder.dim,
+        ef_search=options.ef_search,
+        nprobe=options.nprobe,
+        ef_construction=options.ef_construction,
+        int8_agreement=int8_agreement,
+    )
+
+
+def embed_documents(
+    encoder: BiEncoder,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[EmbeddedDocuments]:
+    """Encode documents in chunks of `ENCODE_CHUNK`, yielding each chunk's vectors in input order.
+
+    `progress(done, total)` counts documents over all chunks.
+    """
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        stop = min(start + ENCODE_CHUNK, len(texts))
+
+        def advance(done: int, _total: int, offset: int = start) -> None:
+            if progress is not None:
+                progress(offset + done, len(texts))
+
+        encoded = encoder.encode_with_norms(
+            list(texts[start:stop]), "document", batch_size=batch_size, show_progress=False, progress=advance
+        )
+        yield EmbeddedDocuments(list(ids[start:stop]), encoded.vectors, encoded.norms)
+
+
+def publish_release(
+    releases: ReleaseStore, staging: Path, spec: ReleaseSpec, parts: Iterable[EmbeddedDocuments], report: BuildProgress
+) -> Manifest:
+    """Index the embedded parts in order, check recall, write the manifest and publish the staging folder.
+
+    An int8 spec expects its quantised encoder in `staging` already; it is checksummed with the index.
+    """
+    index = VectorIndex(spec.dim, spec.index_type, spec.ef_construction)
+    ids, norm_chunks, vector_chunks = [], [], []
+    for part in parts:
+        ids.extend(part.ids)
+        norm_chunks.append(part.norms)
+        if not index.exact:
+            vector_chunks.append(part.vectors)
+        index.add(part.ids, part.vectors)
+    if len(ids) != spec.doc_count:
+        raise IntegrityError(
+            f"release {spec.release_id}: {len(ids)} documents were embedded, expected {spec.doc_count}; build it again"
+        )
+    report("index", 0, 1)
+    index.set_search_params(ef_search=spec.ef_search, nprobe=spec.nprobe)
+    recall = None
+    if vector_chunks:
+        report("recall", 0, 1)
+        recall = measure_recall(index, ids, np.concatenate(vector_chunks))
+        vector_chunks.clear()
+        if recall.recall < LOW_RECALL:
+            log.warning("release %s: %s recall@%d is %.3f at %s; raise ef_search or nprobe for better results",
+                        spec.release_id, spec.index_type, recall.k, recall.recall, recall.search_params)
+    files = index.save(staging) + ([staging / INT8_MODEL_FILE] if spec.int8_agreement is not None else [])
+    manifest = Manifest(
+        release_id=spec.release_id,
+        created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        model=spec.model,
+        corpus_seq=spec.corpus_seq,
+        doc_count=spec.doc_count,
+        index_type=spec.index_type,
+        dim=spec.dim,
+        metric="inner_product",
+        document_norms=NormStats.of(np.concatenate(norm_chunks)),
+        files={path.name: sha256_file(path) for path in files},
+        reranker=spec.reranker,
+        precision=spec.precision,
+        int8_agreement=spec.int8_agreement,
+        search_params=index.search_params(),
+        recall=recall,
+    )
+    releases.publish(staging, manifest)
+    report("index", 1, 1)
+    return manifest
+
+
 def build_release(
     corpus: CorpusStore,
     releases: ReleaseStore,
@@ -95,87 +287,27 @@ def build_release(
     progress: BuildProgress | None = None,
     release_id: str | None = None,
 ) -> Manifest:
-    """Re-embed the whole corpus into a new published release; optionally make it active.
+    """Re-embed the whole corpus in this process into a new published release; optionally make it active.
 
-    `release_id` lets a job fix the id up front, so a rerun after a crash rebuilds
+    `release_id` lets a caller fix the id up front, so a rerun after a crash rebuilds
     the same release instead of leaving two behind.
     """
     report = progress or (lambda stage, done, total: None)
-    report("model", 0, 1)
-    encoder, ref = ModelStore(releases.data_dir).put(
-        options.model_path,
-        name=options.model_name,
-        pooling=options.pooling,
-        query_max_length=options.query_max_length,
-        document_max_length=options.document_max_length,
-    )
-    precision = resolve(options.precision, encoder.device)
-    if precision != "int8":
-        encoder.precision = precision
-    reranker_ref = None
-    if options.reranker_path is not None:
-        _, reranker_ref = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
-    seq, documents = corpus.snapshot()
-    if not documents:
-        raise InvalidInput("the corpus is empty; add documents with `lockstep ingest PATH` first")
-    index = VectorIndex(encoder.dim, options.index_type, options.ef_construction)
+    model, seq, documents = snapshot_for_build(corpus, releases, options, report)
     release_id = release_id or new_release_id()
-    norm_chunks, vector_chunks = [], []
     bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
     with releases.staging(release_id) as staging, bar:
-        agreement = None
-        if precision == "int8":
-            report("int8", 0, 1)
-            agreement = _gate_int8(encoder, documents, staging, options)
-            report("int8", 1, 1)
-        for start in range(0, len(documents), ENCODE_CHUNK):
-            chunk = documents[start : start + ENCODE_CHUNK]
+        agreement = quantise_if_int8(model, documents, staging, options, report)
 
-            def advance(done: int, _total: int, offset: int = start) -> None:
-                bar.update(offset + done - bar.n)
-                report("encode", offset + done, len(documents))
+        def advance(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+            report("encode", done, total)
 
-            encoded = encoder.encode_with_norms(
-                [doc.embedding_text() for doc in chunk],
-                "document",
-                batch_size=options.batch_size,
-                show_progress=False,
-                progress=advance,
-            )
-            norm_chunks.append(encoded.norms)
-            if not index.exact:
-                vector_chunks.append(encoded.vectors)
-            index.add([doc.id for doc in chunk], encoded.vectors)
-        report("index", 0, 1)
-        index.set_search_params(ef_search=options.ef_search, nprobe=options.nprobe)
-        recall = None
-        if vector_chunks:
-            report("recall", 0, 1)
-            recall = measure_recall(index, [doc.id for doc in documents], np.concatenate(vector_chunks))
-            vector_chunks.clear()
-            if recall.recall < LOW_RECALL:
-                log.warning("release %s: %s recall@%d is %.3f at %s; raise ef_search or nprobe for better results",
-                            release_id, options.index_type, recall.k, recall.recall, recall.search_params)
-        files = index.save(staging) + ([staging / INT8_MODEL_FILE] if agreement is not None else [])
-        manifest = Manifest(
-            release_id=release_id,
-            created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            model=ref,
-            corpus_seq=seq,
-            doc_count=len(documents),
-            index_type=options.index_type,
-            dim=encoder.dim,
-            metric="inner_product",
-            document_norms=NormStats.of(np.concatenate(norm_chunks)),
-            files={path.name: sha256_file(path) for path in files},
-            reranker=reranker_ref,
-            precision=encoder.precision,
-            int8_agreement=agreement,
-            search_params=index.search_params(),
-            recall=recall,
+        parts = embed_documents(model.encoder, [doc.id for doc in documents],
+                                [doc.embedding_text() for doc in documents], options.batch_size, advance)
+        manifest = publish_release(
+            releases, staging, release_spec(release_id, model, options, seq, len(documents), agreement), parts, report
         )
-        releases.publish(staging, manifest)
-    report("index", 1, 1)
     if activate:
         releases.activate(release_id)
     return manifest

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the API serves releases: auto (the GPU when torch sees one), cpu or cuda"
     )
+    shard_size: int = Field(
+        4096, ge=1, description="Documents per shard of a job's re-embed; the shards are encoded by any free workers"
+    )
     dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")
     batch_wait_ms: float = Field(2.0, ge=0, le=100, description="How long a query waits for others to batch with")
     max_query_batch: int = Field(64, ge=1, le=1024, description="Most query texts encoded in one call")

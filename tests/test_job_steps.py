@@ -3,16 +3,18 @@
 import dataclasses
 import subprocess
 import time
+from collections import deque
 
 import numpy as np
 import pytest
 import torch
 
 from indexer.corpus_store import CorpusStore
-from indexer.job_steps import JobCancelled, JobContext, cancel_job, is_lost, reembed, run_step, worker_identity
+from indexer.job_steps import Dispatch, cancel_job, is_lost, run_step, worker_identity
 from indexer.job_store import CANCELLED, REJECTED, SUCCEEDED, ClaimLost, JobStore
 from indexer.job_submission import retry_job, submit_job
 from indexer.quality_gate import _kendall_tau, shadow_agreement
+from indexer.reembed_shards import run_shard
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STAGING_PREFIX, ReleaseStore
 from indexer.settings import Settings
@@ -35,14 +37,31 @@ def setup(data_dir, tiny_model_dir, tmp_path):
     corpus.close()
 
 
+def drive(settings, store, corpus, job_id, step):
+    """Run a job from `step` as the workers would, its re-embed shards included, until nothing is left to send."""
+    pending = deque([Dispatch(step=step)])
+    while pending:
+        dispatch = pending.popleft()
+        if dispatch.step is not None:
+            pending.append(run_step(settings, store, corpus, job_id, dispatch.step))
+        pending.extend(run_shard(settings, store, job_id, shard) for shard in dispatch.shards)
+    return store.get(job_id)
+
+
+def run_reembed(settings, store, corpus, job_id):
+    """The reembed step as the workers run it: plan, every shard, then the step again; returns what comes after it."""
+    planned = run_step(settings, store, corpus, job_id, "reembed")
+    assert planned.step is None and planned.shards
+    after = [run_shard(settings, store, job_id, shard) for shard in planned.shards]
+    assert after == [Dispatch()] * (len(after) - 1) + [Dispatch(step="reembed")], "only the last shard sends the step"
+    return run_step(settings, store, corpus, job_id, "reembed")
+
+
 def run_job(settings, store, corpus, kind, params):
     """Submit a job and run its steps in order, as the workers would; returns the final record."""
     queued = []
     job = submit_job(store, lambda job_id, step: queued.append(step), settings.data_dir, kind, params)
-    step = queued[0]
-    while step is not None:
-        step = run_step(settings, store, corpus, job.id, step)
-    return store.get(job.id)
+    return drive(settings, store, corpus, job.id, queued[0])
 
 
 def collapsed_model(source, folder):
@@ -104,33 +123,37 @@ def test_training_that_does_not_help_builds_no_release(setup):
     assert not (settings.data_dir / "jobs" / job.id / "model.partial").exists()
 
 
-def test_cancelling_mid_encode_publishes_nothing_and_leaves_no_staging(setup, monkeypatch):
+def test_cancelling_mid_encode_publishes_nothing_and_leaves_no_staging_or_shards(setup, monkeypatch):
     settings, corpus, releases, store, _, live_id = setup
+    settings = settings.model_copy(update={"batch_size": 1, "shard_size": 30})
     job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
-    claimed = store.claim(job.id, "reembed", "me:1", 60)
-    report = JobStore.report
+    planned = run_step(settings, store, corpus, job.id, "reembed")
+    assert planned == Dispatch(shards=(0, 1, 2))
+    report = JobStore.report_shard
 
-    def cancel_once_encoding(self, job_id, progress=None):
-        if progress and progress.get("phase") == "reembed: encode":
+    def cancel_once_encoding(self, job_id, shard, owner, done=None, phase=""):
+        if done:
             self.request_cancel(job_id)
-        return report(self, job_id, progress)
+        return report(self, job_id, shard, owner, done, phase)
 
-    monkeypatch.setattr(JobStore, "report", cancel_once_encoding)
-    ctx = JobContext(settings.model_copy(update={"batch_size": 1}), store, claimed, corpus, releases)
-    with pytest.raises(JobCancelled, match="reembed: encode"):
-        reembed(ctx)
+    monkeypatch.setattr(JobStore, "report_shard", cancel_once_encoding)
+    assert run_shard(settings, store, job.id, 1) == Dispatch()
+    cancelled = store.get(job.id)
+    assert cancelled.status == CANCELLED and cancelled.message == "cancelled during reembed (shard 1); nothing was published"
+    assert run_shard(settings, store, job.id, 0) == Dispatch(), "the other shards are not encoded any more"
     assert [m.release_id for m in releases.list()] == [live_id]
     assert not list(releases.releases_dir.glob(f"{STAGING_PREFIX}*"))
+    assert store.shards(job.id) == [] and not (settings.data_dir / "jobs" / job.id / "shards").exists()
 
 
 def test_a_cancel_between_steps_removes_the_unpromoted_candidate(setup):
     settings, corpus, releases, store, _, live_id = setup
     job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
-    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    assert run_reembed(settings, store, corpus, job.id) == Dispatch(step="evaluate")
     built = store.get(job.id).outputs["release_id"]
     assert releases.exists(built)
     store.request_cancel(job.id)
-    assert run_step(settings, store, corpus, job.id, "evaluate") is None
+    assert run_step(settings, store, corpus, job.id, "evaluate") == Dispatch()
     final = store.get(job.id)
     assert final.status == CANCELLED and "nothing was published" in final.message
     assert not releases.exists(built) and releases.active() == live_id
@@ -139,10 +162,10 @@ def test_a_cancel_between_steps_removes_the_unpromoted_candidate(setup):
 def test_a_rerun_of_a_built_step_does_not_build_again(setup):
     settings, corpus, releases, store, _, _ = setup
     job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
-    run_step(settings, store, corpus, job.id, "reembed")
+    run_reembed(settings, store, corpus, job.id)
     count = len(releases.list())
     store.advance(job.id, "reembed")
-    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    assert run_step(settings, store, corpus, job.id, "reembed") == Dispatch(step="evaluate")
     assert len(releases.list()) == count
 
 
@@ -183,23 +206,20 @@ def test_lost_means_a_gone_or_reused_process_on_this_host_or_long_silence(setup)
 def test_retrying_a_job_cancelled_after_its_build_rebuilds_and_goes_live(setup):
     settings, corpus, releases, store, _, live_id = setup
     job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
-    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
+    assert run_reembed(settings, store, corpus, job.id) == Dispatch(step="evaluate")
     store.request_cancel(job.id)
     run_step(settings, store, corpus, job.id, "evaluate")
     stopped = store.get(job.id)
     assert stopped.status == CANCELLED and stopped.step == "reembed" and "release_id" not in stopped.outputs
     retry_job(store, lambda *_: None, job.id)
-    step = "reembed"
-    while step:
-        step = run_step(settings, store, corpus, job.id, step)
-    done = store.get(job.id)
+    done = drive(settings, store, corpus, job.id, "reembed")
     assert done.status == SUCCEEDED and releases.active() == done.outputs["release_id"] != live_id
 
 
 def test_cancelling_a_requeued_job_deletes_its_candidate(setup):
     settings, corpus, releases, store, _, live_id = setup
     job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {})
-    run_step(settings, store, corpus, job.id, "reembed")
+    run_reembed(settings, store, corpus, job.id)
     built = store.get(job.id).outputs["release_id"]
     store.recover_lost(lambda j: False, 3)
     store.claim(job.id, "evaluate", "gone:1:1", 60)
@@ -213,11 +233,11 @@ def test_promotion_is_gated_again_when_the_live_release_changed(setup, other_mod
     settings, corpus, releases, store, files, live_id = setup
     params = {"dev_queries": files["queries"], "dev_qrels": files["qrels"]}
     job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", params)
-    assert run_step(settings, store, corpus, job.id, "reembed") == "evaluate"
-    assert run_step(settings, store, corpus, job.id, "evaluate") == "promote"
+    assert run_reembed(settings, store, corpus, job.id) == Dispatch(step="evaluate")
+    assert run_step(settings, store, corpus, job.id, "evaluate") == Dispatch(step="promote")
     other = build_release(corpus, releases, BuildOptions(model_path=other_model_dir, precision="fp32"), activate=True)
-    assert run_step(settings, store, corpus, job.id, "promote") == "evaluate"
-    assert run_step(settings, store, corpus, job.id, "evaluate") in ("promote", None)
+    assert run_step(settings, store, corpus, job.id, "promote") == Dispatch(step="evaluate")
+    assert run_step(settings, store, corpus, job.id, "evaluate") in (Dispatch(step="promote"), Dispatch())
     assert store.get(job.id).metrics["gate"]["live_release"] == other.release_id
 
 

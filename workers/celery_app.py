@@ -3,9 +3,11 @@
 With `LOCKSTEP_BROKER_URL=redis://...` Redis is the broker; with nothing set, a
 SQLite file in the data dir is (kombu's SQLAlchemy transport), so `lockstep up`
 runs real worker processes on a laptop with no server. Job state lives in the job
-store, not in Celery, so no result backend is needed. Messages are acknowledged
-after the step ran (`acks_late`) and one at a time per worker, so a worker that
-dies does not lose its job; the job store's step claims make redelivery harmless.
+store, not in Celery, so no result backend is needed; for the same reason a re-embed's
+shards are joined in the job store rather than by a chord (see `indexer/reembed_shards.py`).
+Messages are acknowledged after the step ran (`acks_late`) and one at a time per
+worker, so a worker that dies does not lose its job; the job store's step and shard
+claims make redelivery harmless.
 """
 
 from __future__ import annotations

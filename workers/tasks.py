@@ -1,9 +1,12 @@
-"""The job steps as Celery tasks: each parses the job id, runs one step, and enqueues the next.
+"""The job steps as Celery tasks: each parses the job id, runs one step, and enqueues what comes next.
 
 A job is the chain retrain -> reembed -> evaluate -> promote (a re-embed job starts
 at reembed). The step's outputs are in the job store, so each task needs only the
-job id. Transient database contention is retried; every other failure is recorded
-on the job by the step itself.
+job id. The reembed step fans out as a Celery group of `lockstep.embed_shard` tasks,
+one per shard, over every worker; the worker that finishes the last shard (the job
+store says which, so no result backend or chord is needed) sends `lockstep.reembed`
+again to assemble the release. Transient database contention is retried; every
+other failure is recorded on the job by the step itself.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from celery import signals
+from celery import group, signals
 
 from indexer.corpus_store import CorpusStore
-from indexer.job_steps import is_lost, run_step
+from indexer.job_steps import Dispatch, recover_lost_work, run_step
 from indexer.job_store import JobStore
+from indexer.reembed_shards import run_shard
 from indexer.settings import Settings
 from workers.celery_app import app
 
@@ -46,11 +50,17 @@ def enqueue(job_id: str, step: str) -> None:
     app.send_task(f"lockstep.{step}", args=[job_id])
 
 
+def send(job_id: str, dispatch: Dispatch) -> None:
+    """Enqueue what finished work asks for: shards to encode, as one group any worker takes from, and a next step."""
+    if dispatch.shards:
+        group(embed_shard.si(job_id, shard) for shard in dispatch.shards).apply_async()
+    if dispatch.step is not None:
+        enqueue(job_id, dispatch.step)
+
+
 def _run(job_id: str, step: str) -> None:
     state = worker_state()
-    next_step = run_step(state.settings, state.jobs, state.corpus, job_id, step)
-    if next_step is not None:
-        enqueue(job_id, next_step)
+    send(job_id, run_step(state.settings, state.jobs, state.corpus, job_id, step))
 
 
 @app.task(name="lockstep.retrain", **RETRY)
@@ -61,6 +71,12 @@ def retrain(job_id: str) -> None:
 @app.task(name="lockstep.reembed", **RETRY)
 def reembed(job_id: str) -> None:
     _run(job_id, "reembed")
+
+
+@app.task(name="lockstep.embed_shard", **RETRY)
+def embed_shard(job_id: str, shard: int) -> None:
+    state = worker_state()
+    send(job_id, run_shard(state.settings, state.jobs, job_id, int(shard)))
 
 
 @app.task(name="lockstep.evaluate", **RETRY)
@@ -74,14 +90,13 @@ def promote(job_id: str) -> None:
 
 
 def recover_lost_jobs() -> None:
-    """Give jobs whose worker died back to the queue (or fail them once they used up their attempts)."""
+    """Give steps and shards whose worker died back to the queue (or fail jobs that used up their attempts)."""
     state = worker_state()
-    stale = state.settings.job_stale_after_s
-    resend, failed = state.jobs.recover_lost(lambda job: is_lost(job, stale), state.settings.job_max_attempts)
-    for job in resend:
-        log.warning("job %s lost its worker or its message at step %s; queueing that step again", job.id, job.step)
-        enqueue(job.id, job.step)
-    for job in failed:
+    recovery = recover_lost_work(state.settings, state.jobs)
+    for job_id, dispatch in recovery.resend:
+        log.warning("job %s lost a worker or a message; sending again: %s", job_id, dispatch)
+        send(job_id, dispatch)
+    for job in recovery.failed:
         log.error("job %s failed: %s", job.id, job.message)
 
 

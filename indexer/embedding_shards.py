@@ -1,0 +1,213 @@
+"""Embedding shards: one corpus snapshot cut into shards that workers encode apart, then assembled into a release.
+
+`plan_shards` stores the model, reads the corpus once as one snapshot (its change
+sequence goes into the manifest, so writes made while the shards are encoded are
+caught up by whoever serves the release, as after any build), and writes into a
+folder `plan.json` (the release spec and the shard sizes) and each shard's input (the
+ids and texts of its documents, in corpus order), so every shard sees the same corpus
+version. `encode_shard` encodes one input with the stored model at the planned
+precision and writes `shard-NNNNN.npz` (ids, float32 unit vectors, norms) atomically
+(temporary file, fsync, rename): a shard file is complete or absent, and one already
+there that matches its input is kept, not encoded again. `assemble_release` refuses
+while any shard is missing or differs from its recorded checksum, and otherwise adds
+the shards to the index in order and publishes through the same path as a
+single-process build. Nothing here knows about jobs or Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.corpus_store import CorpusStore
+from indexer.durable_files import fsync_dir, sha256_file, write_atomic
+from indexer.manifest import INT8_MODEL_FILE, Manifest
+from indexer.model_store import ModelStore
+from indexer.release_builder import (
+    BuildOptions, BuildProgress, EmbeddedDocuments, ReleaseSpec, embed_documents, publish_release, quantise_if_int8,
+    release_spec, snapshot_for_build,
+)
+from indexer.release_store import ReleaseStore
+from training.bi_encoder import BiEncoder
+from training.errors import IntegrityError, InvalidInput
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A planned re-embed: the release it builds and how many documents each shard holds, in corpus order."""
+
+    spec: ReleaseSpec
+    shard_size: int
+    sizes: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
+
+@dataclass(frozen=True)
+class EncodedShard:
+    """A shard's vector file on disk: its checksum, and whether it was already there (nothing was encoded)."""
+
+    shard: int
+    checksum: str
+    reused: bool
+
+
+def input_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.input.jsonl"
+
+
+def vectors_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.npz"
+
+
+def read_plan(folder: Path) -> ShardPlan:
+    """The plan `plan_shards` wrote into `folder`; IntegrityError when there is none."""
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise IntegrityError(f"{folder} holds no shard plan; plan the re-embed again")
+    data = json.loads(path.read_text())
+    return ShardPlan(ReleaseSpec.from_dict(data["spec"]), data["shard_size"], tuple(data["sizes"]))
+
+
+def plan_shards(
+    corpus: CorpusStore,
+    releases: ReleaseStore,
+    options: BuildOptions,
+    release_id: str,
+    folder: Path,
+    shard_size: int,
+    progress: BuildProgress | None = None,
+) -> ShardPlan:
+    """Snapshot the corpus and write the plan and every shard's input into `folder` (emptied first)."""
+    if shard_size < 1:
+        raise InvalidInput(f"shard size must be at least 1, not {shard_size}")
+    report = progress or (lambda stage, done, total: None)
+    model, seq, documents = snapshot_for_build(corpus, releases, options, report)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    agreement = quantise_if_int8(model, documents, folder, options, report)
+    sizes = []
+    for shard, start in enumerate(range(0, len(documents), shard_size)):
+        chunk = documents[start : start + shard_size]
+        lines = (json.dumps({"id": doc.id, "text": doc.embedding_text()}, ensure_ascii=False) + "\n" for doc in chunk)
+        write_atomic(input_path(folder, shard), "".join(lines))
+        sizes.append(len(chunk))
+    plan = ShardPlan(release_spec(release_id, model, options, seq, len(documents), agreement), shard_size, tuple(sizes))
+    write_atomic(folder / PLAN_FILE, json.dumps({"spec": asdict(plan.spec), "shard_size": shard_size, "sizes": sizes}))
+    report("plan", plan.count, plan.count)
+    return plan
+
+
+def _read_input(folder: Path, shard: int) -> tuple[list[str], list[str]]:
+    path = input_path(folder, shard)
+    if not path.is_file():
+        raise IntegrityError(f"shard {shard} has no input at {path}; plan the re-embed again")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [row["id"] for row in rows], [row["text"] for row in rows]
+
+
+def _read_vectors(path: Path, ids: list[str], dim: int) -> EmbeddedDocuments | None:
+    """The shard file at `path` if it holds exactly `ids` with float32 `dim`-wide vectors and norms, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored_ids, vectors, norms = data["ids"].tolist(), data["vectors"], data["norms"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    if stored_ids != ids or vectors.dtype != np.float32 or vectors.shape != (len(ids), dim):
+        return None
+    if norms.dtype != np.float32 or norms.shape != (len(ids),) or not np.isfinite(vectors).all():
+        return None
+    return EmbeddedDocuments(stored_ids, vectors, norms)
+
+
+def _write_vectors(path: Path, part: EmbeddedDocuments) -> None:
+    """Write a shard file so readers see it complete or not at all: temporary file, fsync, rename, fsync folder."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with temporary.open("xb") as handle:
+            np.savez(handle, ids=np.array(part.ids, dtype=str), vectors=part.vectors, norms=part.norms)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _shard_encoder(data_dir: Path, folder: Path, spec: ReleaseSpec) -> BiEncoder:
+    """The stored model, verified against the plan's fingerprint, at the plan's precision."""
+    encoder = ModelStore(data_dir).load(spec.model)
+    if spec.precision == "int8":
+        encoder.use_int8(folder / INT8_MODEL_FILE)
+    else:
+        encoder.precision = spec.precision
+    return encoder
+
+
+def encode_shard(
+    data_dir: Path, folder: Path, shard: int, batch_size: int, progress: Callable[[int, int], None] | None = None
+) -> EncodedShard:
+    """Encode one shard's input into its vector file, unless a file matching the input is already there."""
+    plan = read_plan(folder)
+    if not 0 <= shard < plan.count:
+        raise InvalidInput(f"shard {shard} does not exist; the plan has shards 0 to {plan.count - 1}")
+    ids, texts = _read_input(folder, shard)
+    path = vectors_path(folder, shard)
+    if _read_vectors(path, ids, plan.spec.dim) is not None:
+        return EncodedShard(shard, sha256_file(path), reused=True)
+    encoder = _shard_encoder(data_dir, folder, plan.spec)
+    parts = list(embed_documents(encoder, ids, texts, batch_size, progress))
+    _write_vectors(path, EmbeddedDocuments(
+        ids, np.concatenate([part.vectors for part in parts]), np.concatenate([part.norms for part in parts])
+    ))
+    return EncodedShard(shard, sha256_file(path), reused=False)
+
+
+def _assembled_parts(folder: Path, plan: ShardPlan) -> Iterator[EmbeddedDocuments]:
+    for shard in range(plan.count):
+        ids, _ = _read_input(folder, shard)
+        part = _read_vectors(vectors_path(folder, shard), ids, plan.spec.dim)
+        if part is None:
+            raise IntegrityError(f"shard {shard} of release {plan.spec.release_id} does not match its input; "
+                                 "encode it again")
+        yield part
+
+
+def assemble_release(
+    releases: ReleaseStore,
+    folder: Path,
+    checksums: Mapping[int, str | None] | None = None,
+    progress: BuildProgress | None = None,
+) -> Manifest:
+    """Publish the planned release from its shard files, in corpus order; refuses if any shard is missing.
+
+    With `checksums` (shard -> sha256 recorded when it was encoded) a file that changed since is refused too.
+    """
+    plan = read_plan(folder)
+    report = progress or (lambda stage, done, total: None)
+    unusable = [
+        shard for shard in range(plan.count)
+        if not vectors_path(folder, shard).is_file()
+        or (checksums is not None and checksums.get(shard) != sha256_file(vectors_path(folder, shard)))
+    ]
+    if unusable:
+        raise IntegrityError(
+            f"release {plan.spec.release_id} cannot be assembled: shard(s) {', '.join(map(str, unusable))} of "
+            f"{plan.count} are missing or differ from what was recorded when they were encoded; encode them again"
+        )
+    with releases.staging(plan.spec.release_id) as staging:
+        if plan.spec.int8_agreement is not None:
+            shutil.copyfile(folder / INT8_MODEL_FILE, staging / INT8_MODEL_FILE)
+        return publish_release(releases, staging, plan.spec, _assembled_parts(folder, plan), report)
