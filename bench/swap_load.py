@@ -2,7 +2,9 @@
 
 Every response must succeed and be scored by exactly the release it names: its
 scores are compared with the scores that release gives the same query in-process.
-Prints the request count, failures, mismatches, p50/p99 latency and throughput.
+The same load runs first without swaps (the baseline) and then with them; prints
+request counts, failures, mismatches, p50/p99 latency and throughput of both, and
+the ratios.
 Loopback only; stops by itself. The CI test `tests/test_swap_load.py` runs a short
 version of the same driver.
 
@@ -184,21 +186,28 @@ def main() -> None:
     expected = expected_scores(data_dir, [first, second], queries, 20)
     swap_to = [second if n % 2 == 0 else first for n in range(args.swaps)]
     server = _serve(data_dir, args.port)
+    base = f"http://127.0.0.1:{args.port}"
     try:
-        result = asyncio.run(drive(f"http://127.0.0.1:{args.port}", queries, args.clients, args.duration, swap_to))
+        steady = asyncio.run(drive(base, queries, args.clients, args.duration, []))
+        result = asyncio.run(drive(base, queries, args.clients, args.duration, swap_to))
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
-    wrong = mismatches(result, expected)
-    figures = result.summary()
-    print(f"{args.clients} clients, {args.duration:.0f} s, {len(result.swaps)} swaps: {figures['requests']} requests, "
-          f"{figures['failures']} failed, {len(wrong)} scored by another release than named; "
-          f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, {figures['requests_per_s']:.1f} req/s")
-    for line in (result.failures + wrong)[:10]:
+    wrong = mismatches(steady, expected) + mismatches(result, expected)
+    for label, run in (("no swaps", steady), (f"{len(result.swaps)} swaps", result)):
+        figures = run.summary()
+        print(f"{label:>9}: {args.clients} clients, {args.duration:.0f} s: {figures['requests']} requests, "
+              f"{figures['failures']} failed; p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+              f"{figures['requests_per_s']:.1f} req/s")
+    calm, swapping = steady.summary(), result.summary()
+    print(f"with swaps vs without: p99 {swapping['p99_ms'] / calm['p99_ms']:.2f}x, "
+          f"throughput {swapping['requests_per_s'] / calm['requests_per_s']:.2f}x; "
+          f"{len(wrong)} replies scored by another release than named ({len(result.swaps)} swaps)")
+    for line in (steady.failures + result.failures + wrong)[:10]:
         print("  ", line)
     print(f"reproduce: python bench/swap_load.py --scifact ../shared/data/scifact --data-dir bench-out/swap-data "
           f"--docs {args.docs} --clients {args.clients} --duration {args.duration:.0f} --swaps {args.swaps}")
-    if result.failures or wrong:
+    if steady.failures or result.failures or wrong:
         raise SystemExit(1)
 
 
