@@ -18,6 +18,7 @@ import typer
 
 from indexer.corpus_store import CorpusStore
 from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
+from indexer.release_events import announce
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
@@ -151,16 +152,20 @@ def releases_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--j
 @releases_app.command("activate")
 @_fail_cleanly
 def releases_activate(ctx: typer.Context, release_id: str) -> None:
-    """Make a release active (running services switch within their poll interval)."""
-    pointer = ReleaseStore(_settings(ctx).data_dir).activate(release_id)
+    """Make a release active; with a Redis broker running services switch at once, else within their poll interval."""
+    settings = _settings(ctx)
+    pointer = ReleaseStore(settings.data_dir).activate(release_id)
+    announce(settings, pointer.active)
     typer.echo(f"active release: {pointer.active}")
 
 
 @releases_app.command("rollback")
 @_fail_cleanly
 def releases_rollback(ctx: typer.Context) -> None:
-    """Re-activate the release that was active before the current one."""
-    pointer = ReleaseStore(_settings(ctx).data_dir).rollback()
+    """Re-activate the release that was active before the current one (announced like `activate`)."""
+    settings = _settings(ctx)
+    pointer = ReleaseStore(settings.data_dir).rollback()
+    announce(settings, pointer.active)
     typer.echo(f"rolled back; active release: {pointer.active}")
 
 

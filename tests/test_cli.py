@@ -1,6 +1,7 @@
 """The `lockstep` command line: ingest, build, releases, search, eval, with clean errors."""
 
 import json
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -113,7 +114,7 @@ def test_train_and_report_commands(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize(
     ("token", "message"),
-    [(None, "without an admin token"), ("changeme", "weak admin token"), ("short-token", "weak admin token")],
+    [(None, "without an admin token"), ("changeme", "weak or placeholder admin token"), ("short-token", "weak or placeholder admin token")],
 )
 def test_serving_beyond_loopback_needs_a_strong_admin_token(tmp_path, monkeypatch, token, message):
     if token:
@@ -122,3 +123,33 @@ def test_serving_beyond_loopback_needs_a_strong_admin_token(tmp_path, monkeypatc
         monkeypatch.delenv("LOCKSTEP_ADMIN_TOKEN", raising=False)
     result = runner.invoke(app, ["--data-dir", str(tmp_path), "serve", "--host", "0.0.0.0"])
     assert result.exit_code == 1 and message in result.output
+
+
+@pytest.mark.integration
+def test_a_cli_activation_is_announced_so_a_slow_polling_server_switches_at_once(tmp_path, tiny_model_dir, other_model_dir):
+    import httpx
+
+    from indexer.corpus_store import CorpusStore
+    from indexer.release_builder import BuildOptions, build_release
+    from indexer.release_store import ReleaseStore
+    from tests.conftest import SAMPLE_DOCS
+    from tests.processes import REDIS_URL, start_server, stop
+
+    data = tmp_path / "data"
+    corpus, releases = CorpusStore(data / "corpus.sqlite3"), ReleaseStore(data)
+    corpus.upsert(SAMPLE_DOCS)
+    first = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True).release_id
+    second = build_release(corpus, releases, BuildOptions(model_path=other_model_dir)).release_id
+    server, base = start_server(data, broker_url=REDIS_URL, poll_interval_s="600")
+    try:
+        assert httpx.get(f"{base}/readyz").json()["release"] == first
+        result = runner.invoke(app, ["--data-dir", str(data), "releases", "activate", second],
+                               env={"LOCKSTEP_BROKER_URL": REDIS_URL})
+        assert result.exit_code == 0, result.output
+        deadline = time.monotonic() + 2
+        while httpx.get(f"{base}/readyz").json()["release"] != second:
+            assert time.monotonic() < deadline, "the server did not switch within 2 s of the CLI activation"
+            time.sleep(0.05)
+    finally:
+        stop(server)
+        corpus.close()
