@@ -1,9 +1,9 @@
 """Two API replicas (real uvicorn processes) over one data dir serve the same release within 2 s of a switch.
 
 With Redis the announcement does it: the replicas poll only every 600 s here, so
-nothing else could. Without Redis (the embedded default) they follow the pointer
-on disk by polling, which also covers an activation from the CLI, which announces
-nothing.
+nothing else could. Without Redis (the embedded default) there is nothing to announce
+over, and they follow the pointer on disk by polling, whichever process (the CLI here)
+moved it.
 """
 
 import secrets
