@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.job_steps import RUN_DIR, job_recipe
+from indexer.job_steps import RUN_DIR, job_folder, job_recipe
 from indexer.job_store import Job, JobStore
 from training.errors import NotFound
 from training.report import RunReport, run_report
@@ -18,7 +18,7 @@ MAX_POINTS = 400
 
 def job_run_dir(data_dir: Path, job: Job) -> Path:
     """Where a retrain job's training run logs its metrics."""
-    return Path(data_dir) / "jobs" / job.id / RUN_DIR
+    return job_folder(Path(data_dir), job.id) / RUN_DIR
 
 
 def job_report(store: JobStore, data_dir: Path, job_id: str, max_points: int = MAX_POINTS) -> tuple[Job, RunReport]:

@@ -179,6 +179,12 @@ class JobStore:
         rows = self._db.query(f"SELECT * FROM jobs {where} ORDER BY created DESC, id DESC LIMIT ?", (*args, limit))
         return [_row_to_job(row) for row in rows]
 
+    def counts(self) -> dict[str, int]:
+        """How many jobs have each status (every status listed, 0 where none), counted by SQLite."""
+        rows = self._db.query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        found = {row["status"]: row["n"] for row in rows}
+        return {status: found.get(status, 0) for status in STATUSES}
+
     def for_release(self, release_id: str) -> Job | None:
         """The newest job that built `release_id`, if any."""
         rows = self._db.query(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
-from indexer.job_store import RUNNING, STATUSES
+from indexer.job_store import RUNNING
 
 if TYPE_CHECKING:
     from indexer.job_store import JobStore
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JOBS_SCANNED = 100_000
+RUNNING_JOBS_LISTED = 1000
 
 
 class _ScrapeTimeCollector(Collector):
@@ -45,11 +44,11 @@ class _ScrapeTimeCollector(Collector):
             yield self._release_info()
         if self.jobs is not None:
             try:
-                jobs = self.jobs.list(JOBS_SCANNED)
+                counts, running = self.jobs.counts(), self.jobs.list(RUNNING_JOBS_LISTED, RUNNING)
             except sqlite3.Error:
                 log.exception("reading the job store for /metrics failed; job metrics are left out of this scrape")
                 return
-            yield from self._job_metrics(jobs)
+            yield from self._job_metrics(counts, running)
 
     def _release_info(self) -> Metric:
         info = GaugeMetricFamily(
@@ -64,11 +63,10 @@ class _ScrapeTimeCollector(Collector):
         return info
 
     @staticmethod
-    def _job_metrics(jobs) -> Iterator[Metric]:
+    def _job_metrics(counts: dict[str, int], running) -> Iterator[Metric]:
         by_status = GaugeMetricFamily("lockstep_jobs", "Job records by status", labels=["status"])
-        counts = Tally(job.status for job in jobs)
-        for status in STATUSES:
-            by_status.add_metric([status], counts[status])
+        for status, count in counts.items():
+            by_status.add_metric([status], count)
         yield by_status
         progress = GaugeMetricFamily(
             "lockstep_job_progress_ratio", "Done/total of the running phase of each running job",
@@ -78,9 +76,9 @@ class _ScrapeTimeCollector(Collector):
                                 labels=["job", "kind", "step"])
         loss = GaugeMetricFamily("lockstep_training_loss", "Last training loss of each running retrain job",
                                  labels=["job"])
-        for job in jobs:
+        for job in running:
             report = job.progress
-            if job.status != RUNNING or not report.get("total"):
+            if not report.get("total"):
                 continue
             step = report.get("step", job.step)
             progress.add_metric([job.id, job.kind, step, report.get("phase", "")], report["done"] / report["total"])

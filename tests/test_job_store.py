@@ -33,6 +33,16 @@ def test_a_step_is_claimed_once_and_records_survive_reopening(store, tmp_path):
     assert reopened.metrics["training"] == {"ndcg@10": 0.5} and reopened.finished >= reopened.started
 
 
+def test_counts_cover_every_status(store):
+    assert set(store.counts().values()) == {0}
+    for _ in range(3):
+        store.create("reembed", {})
+    running = store.create("retrain", {})
+    store.claim(running.id, "retrain", "host:1", 60)
+    counts = store.counts()
+    assert counts[QUEUED] == 3 and counts[RUNNING] == 1 and counts[CANCELLED] == 0 and sum(counts.values()) == 4
+
+
 def test_a_stale_worker_loses_its_claim(store):
     job = store.create("reembed", {})
     store.claim(job.id, "reembed", "host:1", stale_after_s=60)
