@@ -71,7 +71,7 @@ def test_build_killed_mid_way_leaves_the_active_release_serving(server, tmp_path
     """Guards against a crashed build listing a partial release or disturbing the live one."""
     base, manifest, corpus, releases = server
     data_dir = releases.data_dir
-    corpus.upsert([Document(id=f"bulk{i}", text=f"quick brown fox {i} jumps over lazy dog " * 8) for i in range(30000)])
+    corpus.upsert([Document(id=f"bulk{i}", text=f"quick brown fox {i} jumps over lazy dog " * 8) for i in range(8000)])
     build = lockstep(data_dir, "build", "--model", str(tiny_model_dir), "--activate",
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -165,15 +165,15 @@ def test_search_across_two_swaps_never_fails_and_scores_match_the_named_release(
 
 @pytest.fixture
 def slow_stack(tmp_path, tiny_model_dir):
-    """Thousands of documents in six shards and a worker encoding one at a time, so a re-embed lasts long enough
+    """Thousands of documents in six shards and a worker encoding four at a time, so a re-embed lasts long enough
     to interfere with."""
     data_dir = tmp_path / "data"
     corpus = CorpusStore(data_dir / "corpus.sqlite3")
     corpus.upsert(Document(id=f"d{i}", title="", text=f"document {i} about protein cells and the quick fox")
-                  for i in range(6000))
+                  for i in range(3000))
     releases = ReleaseStore(data_dir)
     build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32", batch_size=256), activate=True)
-    settings = _redis_settings(model=tiny_model_dir, batch_size="1", shard_size="1000")
+    settings = _redis_settings(model=tiny_model_dir, batch_size="4", shard_size="500")
     server, base = start_server(data_dir, **settings)
     workers = []
     with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
@@ -216,7 +216,7 @@ def test_a_killed_worker_leaves_search_serving_and_the_rerun_catches_up_writes_m
     assert hits["release"] == new and hits["results"][0]["id"] == "late"
     everything = client.post("/v1/search", json={"query": "document 7 about protein cells", "k": 1000}).json()
     assert "d7" not in {r["id"] for r in everything["results"]}
-    assert releases.manifest(new).doc_count == 6000
+    assert releases.manifest(new).doc_count == 3000
 
 
 def test_a_running_job_can_be_cancelled_and_leaves_nothing_behind(slow_stack):
