@@ -22,7 +22,10 @@ def confine_paths(params: dict, roots: Sequence[Path]) -> None:
         value = params.get(key)
         if not isinstance(value, str) or not value:
             continue
-        path = Path(value).resolve()
+        try:
+            path = Path(value).resolve()
+        except (ValueError, OSError) as exc:
+            raise InvalidInput(f"{key}: {value!r} is not a usable path ({exc})") from exc
         if not any(path.is_relative_to(root) for root in allowed):
             folders = ", ".join(str(root) for root in allowed)
             raise InvalidInput(f"{key}: {value} is outside the folders jobs may read ({folders}); move the file "

@@ -38,6 +38,7 @@ def test_without_a_configured_token_admin_routes_are_closed(data_dir, built):
         ("POST", "/v1/jobs/retrain", {"pairs": [{"query": "q"}]}, 422, 'pairs.jsonl:1: needs a non-empty "positive"'),
         ("POST", "/v1/jobs/retrain", {"pairs": 3}, 422, "pairs"),
         ("POST", "/v1/jobs/reembed", {"model": "/etc"}, 422, "model: /etc is outside the folders jobs may read"),
+        ("POST", "/v1/jobs/reembed", {"dev_qrels": "a\u0000b"}, 422, "is not a usable path (embedded null byte)"),
         ("POST", "/v1/jobs/reembed", {"modle": "x"}, 422, "modle: Extra inputs are not permitted"),
         ("GET", "/v1/jobs/j-missing", None, 404, "job 'j-missing' does not exist"),
         ("POST", "/v1/jobs/j-missing/cancel", None, 404, "does not exist"),
