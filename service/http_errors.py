@@ -44,6 +44,7 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES = {
     400: {"model": ErrorBody, "description": "Empty input"},
     404: {"model": ErrorBody, "description": "No such document or release"},
+    413: {"model": ErrorBody, "description": "The request body is larger than LOCKSTEP_MAX_REQUEST_BYTES"},
     422: {"model": ErrorBody, "description": "Invalid input; the message says what to fix"},
     503: {"model": ErrorBody, "description": "No release loaded yet"},
     507: {"model": ErrorBody, "description": "The server's disk is full; nothing was written"},
