@@ -19,12 +19,19 @@ from training.cross_encoder_training import (
     CrossEncoderTrainingConfig,
     RerankGroup,
     bce_loss,
+    build_reranker_optimizer,
     group_scores,
     listwise_loss,
     train_cross_encoder,
 )
 from training.default_model import default_model_path
+from training.dev_eval import DevSet
 from training.errors import InvalidInput
+from training.evaluation import evaluate_run
+from training.examples import examples_from_qrels, known_positives
+from training.recipe import TeacherConfig
+from training.rerank_eval import evaluate_reranked, reranked_run
+from training.teacher import train_teacher
 from training.teacher_cache import TeacherScoreCache
 
 PAIRS = [
@@ -111,6 +118,25 @@ def test_rerank_returns_document_indices_best_first(reranker):
     assert len(reranker.rerank("quick fox", docs, top_n=2)) == 2
     with pytest.raises(InvalidInput, match="top_n"):
         reranker.rerank("quick fox", docs, top_n=0)
+
+
+def test_reranked_run_scores_each_bi_encoder_candidate_with_its_own_document(tiny_model_dir):
+    """Guards against reranked evaluation attaching a pair's score to another candidate's id, or reranking
+    documents the bi-encoder did not retrieve, so that its metrics say nothing about the reranker."""
+    encoder, reranker = BiEncoder.load(tiny_model_dir), CrossEncoder.load(tiny_model_dir, seed=4)
+    documents = {f"d{i}": text for i, (_, text) in enumerate(PAIRS)}
+    documents.update({f"s{i}": " ".join(random.Random(i).sample(CONTENT_WORDS, 4)) for i in range(6)})
+    queries = {"q1": "quick fox", "q2": "protein cancer", "q3": "python error"}
+    dev = DevSet(queries=queries, qrels={"q1": {"d0": 1}, "q2": {"d1": 1}, "q3": {"d4": 1}}, documents=documents)
+    run = reranked_run(encoder, reranker, dev, candidates=4, batch_size=2)
+    doc_ids = list(documents)
+    similarity = encoder.encode(list(queries.values()), "query") @ encoder.encode(list(documents.values()), "document").T
+    for row, (query_id, query) in enumerate(queries.items()):
+        assert set(run[query_id]) == {doc_ids[j] for j in np.argsort(-similarity[row])[:4]}
+        ids = list(run[query_id])
+        expected = reranker.score([(query, documents[doc_id]) for doc_id in ids])
+        assert np.allclose([run[query_id][doc_id] for doc_id in ids], expected, atol=1e-5)
+    assert evaluate_reranked(encoder, reranker, dev, candidates=4, batch_size=2) == evaluate_run(run, dev.qrels)
 
 
 def test_saved_model_loads_in_sentence_transformers_with_identical_scores(tiny_model_dir, tmp_path):
@@ -213,19 +239,63 @@ def test_bce_loss_labels_each_positive_one_and_each_negative_zero():
     assert torch.isfinite(flat.grad).all()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("loss", ["bce", "listwise"])
-def test_training_ranks_positives_above_negatives(tiny_model_dir, loss):
+def test_training_ranks_positives_above_negatives(tiny_model_dir, loss, precision):
     """Guards against a loss wired to the wrong target, sign or group so that training changes nothing useful."""
     model = CrossEncoder.load(tiny_model_dir)
-    groups = _synthetic_groups()
-    before = _ranking_accuracy(model, groups)
-    config = CrossEncoderTrainingConfig(loss=loss, epochs=30, learning_rate=5e-3, batch_size=8)
+    groups, held_out = _synthetic_groups(), _synthetic_groups(seed=1)
+    before = _ranking_accuracy(model, held_out)
+    config = CrossEncoderTrainingConfig(loss=loss, epochs=30, learning_rate=5e-3, batch_size=8, precision=precision)
     history = train_cross_encoder(model, groups, config)
-    after = _ranking_accuracy(model, groups)
+    after = _ranking_accuracy(model, held_out)
     assert before < 0.5, "the untrained model should be near chance (1 in 3)"
-    assert after >= 0.9, f"{loss}: ranking accuracy {before:.2f} -> {after:.2f}"
+    assert after >= 0.9, f"{loss}, {precision}: held-out ranking accuracy {before:.2f} -> {after:.2f}"
     assert [record["step"] for record in history] == list(range(1, 30 * 5 + 1))
     assert not model.model.training, "training left dropout switched on"
+
+
+def test_bf16_training_follows_fp32_training(tiny_model_dir):
+    """Guards against bf16 steps computing their loss on stale weights (an autocast region held across steps
+    keeps serving the bf16 copies it cast at the first step), which left the SciFact teacher untrained."""
+
+    def losses(precision: str) -> np.ndarray:
+        model = CrossEncoder.load(tiny_model_dir)
+        config = CrossEncoderTrainingConfig(
+            epochs=8, learning_rate=5e-3, batch_size=8, head_learning_rate_factor=1.0, precision=precision
+        )
+        return np.array([record["loss"] for record in train_cross_encoder(model, _synthetic_groups(), config)])
+
+    full, half = losses("fp32"), losses("bf16")
+    assert full[-5:].mean() < 0.5 * full[:5].mean(), "fp32 training should make progress in 40 steps"
+    assert np.abs(half - full).max() < 0.1, f"bf16 losses {half.round(3)} left fp32's {full.round(3)}"
+
+
+def test_teacher_trained_in_bf16_learns_its_training_queries(tiny_model_dir, tmp_path):
+    """Guards against the teacher a recipe trains being left untrained: the SciFact teacher, trained in bf16,
+    reranked dev queries at random because none of its steps saw the weights the previous ones updated."""
+    rng = random.Random(3)
+    topics = ["protein", "cancer", "python", "apple", "search", "vector"]
+    fillers = [word for word in CONTENT_WORDS if word not in topics and not word.startswith(("cell", "gene"))]
+    documents = {f"filler-{i}": " ".join(rng.sample(fillers, 3)) for i in range(40)}
+    qrels: dict[str, dict[str, int]] = {}
+    for topic in topics:
+        for i in range(4):
+            documents[f"{topic}-{i}"] = " ".join([topic, *rng.sample(fillers, 2)])
+            qrels.setdefault(topic, {})[f"{topic}-{i}"] = 1
+    examples = examples_from_qrels({topic: topic for topic in topics}, qrels, documents)
+    config = TeacherConfig(init=str(tiny_model_dir), epochs=20, learning_rate=5e-3, batch_size=4, negatives=2, max_length=32)
+    teacher = train_teacher(
+        config, BiEncoder.load(tiny_model_dir), examples, documents, known_positives(examples), tmp_path / "teacher", "bf16"
+    )
+    saved = CrossEncoder.load(tmp_path / "teacher")
+    assert saved.fingerprint == teacher.fingerprint
+    beaten = []
+    for example in examples:
+        others = [text for doc_id, text in documents.items() if doc_id not in qrels[example.query_id]]
+        scores = saved.score([(example.query, example.positive.text)] + [(example.query, text) for text in others])
+        beaten.append(float((scores[0] > scores[1:]).mean()))
+    assert np.mean(beaten) >= 0.7, f"positives outscore {np.mean(beaten):.2f} of the other documents (chance: 0.5)"
 
 
 def test_same_seed_gives_identical_weights(tiny_model_dir):
@@ -243,6 +313,21 @@ def test_same_seed_gives_identical_weights(tiny_model_dir):
     first, again, other = trained(13), trained(13), trained(14)
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_head_trains_at_a_multiple_of_the_encoder_rate(reranker):
+    """Guards against the freshly initialised classifier and pooler training at the encoder's fine-tuning rate,
+    which held a MiniLM-initialised reranker's loss at chance through the few hundred steps a teacher gets."""
+    head = {name for name, _ in reranker.model.named_parameters() if reranker.is_head_parameter(name)}
+    assert head == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    config = CrossEncoderTrainingConfig(learning_rate=1e-4, head_learning_rate_factor=20.0)
+    groups = build_reranker_optimizer(reranker, config).param_groups
+    rates = {id(param): (group["lr"], group["weight_decay"]) for group in groups for param in group["params"]}
+    parameters = dict(reranker.model.named_parameters())
+    assert len(rates) == len(parameters)
+    for name, param in parameters.items():
+        decay = 0.0 if name.endswith("bias") or "LayerNorm" in name else 0.01
+        assert rates[id(param)] == pytest.approx((2e-3 if name in head else 1e-4, decay)), name
 
 
 def test_learning_rate_warms_up_then_decays(reranker):
@@ -264,6 +349,8 @@ def test_learning_rate_warms_up_then_decays(reranker):
         {"warmup_ratio": 1.0},
         {"weight_decay": -0.1},
         {"max_grad_norm": 0.0},
+        {"head_learning_rate_factor": 0.0},
+        {"precision": "int8"},
     ],
 )
 def test_invalid_training_settings_are_refused(settings):

@@ -151,6 +151,14 @@ class CrossEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def is_head_parameter(self, name: str) -> bool:
+        """Whether parameter `name` is part of the relevance head: the classifier, or the pooler feeding it.
+
+        A bi-encoder checkpoint trains neither (it pools token vectors), so training starts them from scratch.
+        """
+        prefix = f"{self.model.base_model_prefix}."
+        return not name.startswith(prefix) or name.startswith(f"{prefix}pooler.")
+
     @property
     def fingerprint(self) -> str:
         """sha256 over weights, tokenizer and max length; recomputed only after the weights change in place."""

@@ -15,8 +15,15 @@ Two losses, both over the raw logits the reranker returns at inference:
 The loss maths takes a padded `(groups, 1 + negatives)` score matrix, so it is tested on
 plain tensors without a model. Training is seeded (shuffling and dropout), clips
 gradients, uses AdamW with warmup and cosine decay (`training.schedule`) and leaves the
-model in eval mode. Left out here: mixed precision, gradient accumulation, mining
-negatives and distillation from a teacher's scores (see `training.teacher_cache`).
+model in eval mode. The head (the classifier and the pooler feeding it) trains at
+`head_learning_rate_factor` times the rate: from a bi-encoder checkpoint it starts from
+scratch with near-zero logits, and at the encoder's rate much of a teacher's few hundred
+steps is spent near chance. In bf16, autocast covers each step's forward pass and
+nothing else: autocast caches the bf16 copy of every weight until its region is left,
+so one region around the whole loop would run every step on the weights as they were
+at the first step while the optimiser updated the fp32 weights unseen. Left out here:
+gradient accumulation, mining negatives and distillation from a teacher's scores (see
+`training.teacher_cache`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from training.cross_encoder import CrossEncoder
-from training.schedule import build_optimizer, warmup_cosine
+from training.precision import TrainingPrecision, autocast
+from training.schedule import NO_DECAY, warmup_cosine
 
 RerankLoss = Literal["bce", "listwise"]
 ProgressCallback = Callable[[int, int, float], None]
@@ -65,7 +73,7 @@ class RerankGroup:
 
 @dataclass(frozen=True)
 class CrossEncoderTrainingConfig:
-    """How to train: the loss, epochs, optimiser settings and the seed."""
+    """How to train: the loss, epochs, optimiser settings, the forward pass's precision and the seed."""
 
     loss: RerankLoss = "listwise"
     epochs: int = 1
@@ -74,11 +82,15 @@ class CrossEncoderTrainingConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    head_learning_rate_factor: float = 20.0
+    precision: TrainingPrecision = "fp32"
     seed: int = 13
 
     def __post_init__(self) -> None:
         if self.loss not in ("bce", "listwise"):
             raise ValueError(f"loss must be 'bce' or 'listwise', got {self.loss!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -91,6 +103,8 @@ class CrossEncoderTrainingConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm}")
+        if not (math.isfinite(self.head_learning_rate_factor) and self.head_learning_rate_factor > 0):
+            raise ValueError(f"head_learning_rate_factor must be a positive finite number, got {self.head_learning_rate_factor}")
 
 
 def group_scores(flat: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +139,26 @@ def bce_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"bce": bce_loss, "listwise": listwise_loss}
 
 
+def build_reranker_optimizer(model: CrossEncoder, config: CrossEncoderTrainingConfig) -> torch.optim.AdamW:
+    """AdamW with no decay on biases and norms (as `training.schedule`) and the head at a multiple of the rate."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.model.named_parameters():
+        if param.requires_grad:
+            key = (model.is_head_parameter(name), not any(part in name for part in NO_DECAY))
+            groups.setdefault(key, []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "lr": config.learning_rate * (config.head_learning_rate_factor if head else 1.0),
+                "weight_decay": config.weight_decay if decay else 0.0,
+            }
+            for (head, decay), params in sorted(groups.items())
+        ],
+        lr=config.learning_rate,
+    )
+
+
 def train_cross_encoder(
     model: CrossEncoder,
     groups: Sequence[RerankGroup],
@@ -141,7 +175,7 @@ def train_cross_encoder(
     loss_fn = LOSSES[config.loss]
     steps_per_epoch = math.ceil(len(groups) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = build_optimizer(model.model, config.learning_rate, config.weight_decay)
+    optimizer = build_reranker_optimizer(model, config)
     scheduler = warmup_cosine(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     history: list[dict] = []
     bar = tqdm(total=total_steps, desc=f"training reranker ({config.loss})", unit="step", disable=not show_progress)
@@ -156,8 +190,9 @@ def train_cross_encoder(
                 for start in range(0, len(groups), config.batch_size):
                     chosen = [groups[i] for i in order[start : start + config.batch_size]]
                     batch = model.batch([pair for group in chosen for pair in group.pairs()])
-                    flat = model.logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                    loss = loss_fn(*group_scores(flat, [1 + len(group.negatives) for group in chosen]))
+                    with autocast(config.precision, model.device):
+                        flat = model.logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+                    loss = loss_fn(*group_scores(flat.float(), [1 + len(group.negatives) for group in chosen]))
                     step = len(history) + 1
                     if not torch.isfinite(loss):
                         raise ValueError(f"loss became {loss.item()} at step {step}; lower the learning rate")

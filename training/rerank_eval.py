@@ -7,16 +7,18 @@ metrics as retrieval alone, so the two are directly comparable.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.dev_eval import DevSet
-from training.evaluation import evaluate_run
+from training.evaluation import Run, evaluate_run
 from training.precision import autocast
 
 
-def evaluate_reranked(
+def reranked_run(
     encoder: BiEncoder,
     reranker: CrossEncoder,
     dev: DevSet,
@@ -24,8 +26,8 @@ def evaluate_reranked(
     candidates: int = 50,
     batch_size: int = 64,
     precision: str = "fp32",
-) -> dict[str, float]:
-    """nDCG@10, Recall@100 and MRR@10 after reranking each dev query's top `candidates` documents."""
+) -> Run:
+    """Each dev query's top `candidates` documents by the bi-encoder, mapped to the cross-encoder's scores."""
     doc_ids = list(dev.documents)
     query_ids = list(dev.queries)
     with autocast(precision, encoder.device):
@@ -37,8 +39,12 @@ def evaluate_reranked(
     pairs = [(dev.queries[q], dev.documents[doc_ids[j]]) for q, row in zip(query_ids, top) for j in row]
     with autocast(precision, reranker.device):
         reranked = reranker.score(pairs, batch_size=batch_size)
-    run = {
+    return {
         q: {doc_ids[j]: float(reranked[i * depth + r]) for r, j in enumerate(row)}
         for i, (q, row) in enumerate(zip(query_ids, top))
     }
-    return evaluate_run(run, dev.qrels)
+
+
+def evaluate_reranked(encoder: BiEncoder, reranker: CrossEncoder, dev: DevSet, **options: Any) -> dict[str, float]:
+    """nDCG@10, Recall@100 and MRR@10 of `reranked_run` (same keyword options: candidates, batch_size, precision)."""
+    return evaluate_run(reranked_run(encoder, reranker, dev, **options), dev.qrels)

@@ -18,7 +18,6 @@ from training.cross_encoder_training import CrossEncoderTrainingConfig, RerankGr
 from training.default_model import default_model_path
 from training.examples import TrainingExample
 from training.mining import MiningConfig, mine_hard_negatives
-from training.precision import autocast
 from training.recipe import TeacherConfig
 from training.teacher_cache import TeacherScoreCache
 
@@ -52,10 +51,10 @@ def train_teacher(
     log.info("teacher training data: %s", report.as_dict())
     teacher = CrossEncoder.load(config.init or default_model_path(), max_length=config.max_length, seed=seed)
     training = CrossEncoderTrainingConfig(
-        loss=config.loss, epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size, seed=seed
+        loss=config.loss, epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
+        precision=precision, seed=seed,
     )
-    with autocast(precision, teacher.device):
-        train_cross_encoder(teacher, rerank_groups(mined), training, show_progress=show_progress)
+    train_cross_encoder(teacher, rerank_groups(mined), training, show_progress=show_progress)
     teacher.save(out_dir)
     return teacher
 
