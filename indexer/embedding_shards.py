@@ -146,9 +146,9 @@ def _write_vectors(path: Path, part: EmbeddedDocuments) -> None:
     fsync_dir(path.parent)
 
 
-def _shard_encoder(data_dir: Path, folder: Path, spec: ReleaseSpec) -> BiEncoder:
-    """The stored model, verified against the plan's fingerprint, at the plan's precision."""
-    encoder = ModelStore(data_dir).load(spec.model)
+def _shard_encoder(data_dir: Path, folder: Path, spec: ReleaseSpec, device: str) -> BiEncoder:
+    """The stored model on `device`, verified against the plan's fingerprint, at the plan's precision."""
+    encoder = ModelStore(data_dir).load(spec.model, device=device)
     if spec.precision == "int8":
         encoder.use_int8(folder / INT8_MODEL_FILE)
     else:
@@ -157,9 +157,14 @@ def _shard_encoder(data_dir: Path, folder: Path, spec: ReleaseSpec) -> BiEncoder
 
 
 def encode_shard(
-    data_dir: Path, folder: Path, shard: int, batch_size: int, progress: Callable[[int, int], None] | None = None
+    data_dir: Path,
+    folder: Path,
+    shard: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
 ) -> EncodedShard:
-    """Encode one shard's input into its vector file, unless a file matching the input is already there."""
+    """Encode one shard's input on `device` into its vector file, unless a file matching the input is already there."""
     plan = read_plan(folder)
     if not 0 <= shard < plan.count:
         raise InvalidInput(f"shard {shard} does not exist; the plan has shards 0 to {plan.count - 1}")
@@ -167,7 +172,7 @@ def encode_shard(
     path = vectors_path(folder, shard)
     if _read_vectors(path, ids, plan.spec.dim) is not None:
         return EncodedShard(shard, sha256_file(path), reused=True)
-    encoder = _shard_encoder(data_dir, folder, plan.spec)
+    encoder = _shard_encoder(data_dir, folder, plan.spec, device)
     parts = list(embed_documents(encoder, ids, texts, batch_size, progress))
     _write_vectors(path, EmbeddedDocuments(
         ids, np.concatenate([part.vectors for part in parts]), np.concatenate([part.norms for part in parts])

@@ -39,6 +39,7 @@ from indexer.retrieval_eval import judged_queries
 from indexer.release_builder import BuildOptions
 from indexer.release_events import announce
 from indexer.release_store import ReleaseStore, new_release_id
+from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
 from indexer.training_inputs import load_training_data
@@ -208,6 +209,7 @@ def retrain(ctx: JobContext) -> StepOutcome:
             base, data, recipe, partial, run_dir,
             progress=lambda stage, step, total, metrics: ctx.progress(f"retrain: {stage}", step, total, metrics),
             should_stop=ctx.should_stop,
+            device=resolve_device(ctx.settings.device),
         )
     except TrainingCancelled as exc:
         raise JobCancelled(str(exc)) from exc
@@ -248,6 +250,7 @@ def _build_options(ctx: JobContext) -> BuildOptions:
         ef_search=ctx.settings.ef_search,
         nprobe=ctx.settings.nprobe,
         ef_construction=ctx.settings.ef_construction,
+        device=resolve_device(ctx.settings.device),
     )
 
 

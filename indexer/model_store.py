@@ -51,11 +51,12 @@ class ModelStore:
         pooling: Pooling | None = None,
         query_max_length: int | None = None,
         document_max_length: int | None = None,
+        device: str = "cpu",
     ) -> tuple[BiEncoder, ModelRef]:
-        """Store the model at `source` (if not stored yet) and return it loaded from the store."""
+        """Store the model at `source` (if not stored yet) and return it loaded from the store onto `device`."""
         source = Path(source).resolve()
         if source.parent == self.models_dir.resolve() and not any((pooling, query_max_length, document_max_length)):
-            encoder = BiEncoder.load(source, name=name)
+            encoder = BiEncoder.load(source, name=name, device=device)
             if _folder_name(encoder.fingerprint) == source.name:
                 return encoder, model_ref(encoder, f"models/{source.name}")
         original = BiEncoder.load(
@@ -65,7 +66,7 @@ class ModelStore:
             query_max_length=query_max_length,
             document_max_length=document_max_length,
         )
-        stored, folder = self._store(original, BiEncoder.load)
+        stored, folder = self._store(original, lambda path: BiEncoder.load(path, device=device))
         return stored, model_ref(stored, f"models/{folder.name}")
 
     def put_reranker(self, source: str | Path, *, max_length: int | None = None) -> tuple[CrossEncoder, RerankerRef]:

@@ -24,6 +24,7 @@ from indexer.job_steps import (
 )
 from indexer.job_store import ClaimLost, JobStore
 from indexer.release_store import ReleaseStore
+from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def run_shard(settings: Settings, store: JobStore, job_id: str, shard: int) -> D
             if store.report_shard(job_id, shard, owner):
                 raise JobCancelled(f"job {job_id} was cancelled before shard {shard} started")
             encoded = encode_shard(settings.data_dir, job_folder(settings.data_dir, job_id) / SHARDS_DIR, shard,
-                                   settings.batch_size, progress)
+                                   settings.batch_size, progress, device=resolve_device(settings.device))
     except ClaimLost as exc:
         log.warning("%s; dropping this worker's work on it", exc)
         return Dispatch()

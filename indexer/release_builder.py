@@ -62,6 +62,7 @@ class BuildOptions:
     ef_search: int | None = None
     nprobe: int | None = None
     ef_construction: int | None = None
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
         pooling=options.pooling,
         query_max_length=options.query_max_length,
         document_max_length=options.document_max_length,
+        device=options.device,
     )
     precision = resolve(options.precision, encoder.device)
     if precision != "int8":

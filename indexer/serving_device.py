@@ -1,6 +1,7 @@
-"""Where a release is served: the GPU when CUDA is present (model and, where FAISS has GPU support, the index), else the CPU.
+"""Where models run: the GPU when CUDA is present, else the CPU; served indexes follow where FAISS has GPU support.
 
 `LOCKSTEP_DEVICE=auto` picks CUDA when torch sees a GPU; `cpu` and `cuda` force one.
+Serving, builds, shard encoding and training all resolve their device here.
 A FAISS index moves to the GPU only with a faiss-gpu build (the `gpu` extra) and an
 index type FAISS can clone there (Flat, IVF); anything else keeps serving from the
 CPU copy, and the log says so.

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     nprobe: int = Field(16, ge=1, le=65536, description="IVF lists searched per query in new builds (recall vs speed)")
     batch_size: int = Field(64, ge=1, le=4096, description="Encoder batch size")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where the API serves releases: auto (the GPU when torch sees one), cpu or cuda"
+        "auto", description="Where releases are served, built and trained: auto (the GPU when torch sees one), cpu or cuda"
     )
     shard_size: int = Field(
         4096, ge=1, description="Documents per shard of a job's re-embed; the shards are encoded by any free workers"

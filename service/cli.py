@@ -21,6 +21,7 @@ from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
 from indexer.release_events import announce
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
+from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from training.errors import InvalidInput, LockstepError
 
@@ -85,6 +86,7 @@ def _build(
         ef_search=settings.ef_search,
         nprobe=settings.nprobe,
         ef_construction=settings.ef_construction,
+        device=resolve_device(settings.device),
     )
     try:
         manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
@@ -286,7 +288,8 @@ def train(
         loaded = dataclasses.replace(loaded, run=dataclasses.replace(loaded.run, sts_probe=str(sts_probe)))
     with distributed.process_group():
         main = distributed.is_main()
-        summary = fine_tune(model or settings.model_path(), data, loaded, out, run_dir, show_progress=True)
+        summary = fine_tune(model or settings.model_path(), data, loaded, out, run_dir, show_progress=True,
+                            device=resolve_device(settings.device))
     if not main:
         return
     report = render_report(run_dir)
@@ -322,7 +325,7 @@ def train_reranker(
 
     settings = _settings(ctx)
     data = _training_data(queries, qrels, corpus, pairs)
-    encoder = BiEncoder.load(settings.model_path())
+    encoder = BiEncoder.load(settings.model_path(), device=resolve_device(settings.device))
     examples = examples_from_qrels(data.queries, data.qrels, data.documents)
     config = TeacherConfig(init=str(init or ""), loss=loss, epochs=epochs, negatives=negatives)
     train_teacher(config, encoder, examples, data.documents, known_positives(examples, data.qrels), out,

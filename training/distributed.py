@@ -74,11 +74,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device() -> torch.device:
-    """Where this process trains: its own GPU in an NCCL group, else the CPU."""
-    if is_active() and dist.get_backend() == dist.Backend.NCCL:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def device(single: str = "cpu") -> torch.device:
+    """Where this process trains: its own GPU in an NCCL group, the CPU in a gloo group, else `single`."""
+    if is_active():
+        if dist.get_backend() == dist.Backend.NCCL:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return torch.device(single)
 
 
 def barrier() -> None:

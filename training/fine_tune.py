@@ -124,14 +124,16 @@ def fine_tune(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     thresholds: Thresholds | None = None,
+    device: str = "cpu",
 ) -> RunSummary:
-    """Fine-tune the bi-encoder at `model_path` with `recipe`; the best model is saved to `out_dir`."""
+    """Fine-tune the bi-encoder at `model_path` with `recipe` on `device` (each process's own under torchrun);
+    the best model is saved to `out_dir`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     main = distributed.is_main()
     show_progress, progress = show_progress and main, progress if main else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    encoder = BiEncoder.load(model_path, device=str(distributed.device()))
+    encoder = BiEncoder.load(model_path, device=str(distributed.device(device)))
     precision = resolve_training(recipe.run.precision, encoder.device)
     train_ids, dev_ids = split_queries(list(data.qrels), recipe.run.dev_fraction, recipe.run.seed)
     train_qrels = {q: data.qrels[q] for q in train_ids}

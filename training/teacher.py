@@ -49,7 +49,9 @@ def train_teacher(
         precision=precision, show_progress=show_progress,
     )
     log.info("teacher training data: %s", report.as_dict())
-    teacher = CrossEncoder.load(config.init or default_model_path(), max_length=config.max_length, seed=seed)
+    teacher = CrossEncoder.load(
+        config.init or default_model_path(), max_length=config.max_length, seed=seed, device=str(encoder.device)
+    )
     training = CrossEncoderTrainingConfig(
         loss=config.loss, epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
         precision=precision, seed=seed,
@@ -71,7 +73,7 @@ def obtain_teacher(
 ) -> tuple[CrossEncoder, TeacherScoreCache]:
     """The configured teacher (trained into `<run_dir>/teacher` if none is given) and its score cache."""
     if config.model:
-        teacher = CrossEncoder.load(config.model, max_length=config.max_length)
+        teacher = CrossEncoder.load(config.model, max_length=config.max_length, device=str(encoder.device))
     else:
         teacher = train_teacher(config, encoder, examples, documents, positives, run_dir / TEACHER_DIR, precision, show_progress=show_progress)
     return teacher, TeacherScoreCache(run_dir / CACHE_FILE)
