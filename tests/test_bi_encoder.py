@@ -34,6 +34,25 @@ def test_batch_size_does_not_change_vectors(tiny_encoder):
     assert np.allclose(tiny_encoder.encode(TEXTS, batch_size=1), tiny_encoder.encode(TEXTS, batch_size=3), atol=1e-5)
 
 
+def test_batches_are_capped_by_padded_tokens_and_keep_the_vectors(tiny_encoder):
+    """Long texts go in small batches, short ones in full batches, and no cap changes a vector."""
+    texts = TEXTS * 4
+    lengths = sorted((len(ids) for ids in tiny_encoder.tokenize(texts, "document")), reverse=True)
+    done: list[int] = []
+    capped = tiny_encoder.encode(texts, batch_size=8, max_batch_tokens=2 * lengths[0],
+                                 progress=lambda count, total: done.append(count))
+    sizes = np.diff([0, *done]).tolist()
+    assert done[-1] == len(texts) and sizes[0] == 2, "the longest texts must fill at most the token budget"
+    start = 0
+    for size in sizes:
+        assert size == 1 or size * lengths[start] <= 2 * lengths[0]
+        start += size
+    assert max(sizes) == 8, "short texts must fill the batch up to batch_size"
+    assert np.allclose(capped, tiny_encoder.encode(texts, batch_size=8), atol=1e-5)
+    single = tiny_encoder.encode(texts, batch_size=8, max_batch_tokens=1)
+    assert np.allclose(single, capped, atol=1e-5), "a budget below one text still encodes each text alone"
+
+
 def test_query_and_document_max_lengths_are_separate(tiny_model_dir):
     encoder = BiEncoder.load(tiny_model_dir, query_max_length=8, document_max_length=64)
     long_text = TEXTS[3]

@@ -3,7 +3,9 @@
 Loads a Hugging Face or sentence-transformers folder (safetensors only, never remote
 code), pools token outputs, and returns L2-normalised float32 vectors so inner product
 equals cosine. Encoding sorts texts by token length and pads per batch, so short texts
-do not pay for long ones. `save` writes sentence-transformers' layout, so
+do not pay for long ones, and caps each batch's padded tokens as well as its texts: a
+batch of long documents stays small enough for its activations to stay in cache, one of
+short queries fills up to `batch_size`. `save` writes sentence-transformers' layout, so
 `SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
 `precision` selects fp32 or bf16 autocast for encoding (see `training.precision`), or
 int8, where `forward` is a quantised ONNX Runtime session (`training.int8`) instead
@@ -36,6 +38,7 @@ ProgressCallback = Callable[[int, int], None]
 LOCKSTEP_CONFIG = "lockstep.json"
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PROGRESS_BAR_MIN_TEXTS = 512
+MAX_BATCH_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,17 @@ def _folder_max_length(model_dir: Path, model: PreTrainedModel) -> int:
         if isinstance(value, int) and 0 < value < 100_000:
             return min(value, limit)
     return min(512, limit)
+
+
+def _batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
+    """Split `order` (longest first) into runs of at most `batch_size` rows whose padded size, rows times the
+    first row's length, stays within `max_tokens`; a single row longer than that is a batch of its own."""
+    batches, start = [], 0
+    while start < len(order):
+        rows = max(1, min(batch_size, max_tokens // max(int(lengths[order[start]]), 1)))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
 
 
 class BiEncoder:
@@ -220,10 +234,12 @@ class BiEncoder:
         kind: TextKind = "document",
         *,
         batch_size: int = 32,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
         show_progress: bool | None = None,
         progress: ProgressCallback | None = None,
     ) -> Encoded:
-        """Encode texts in length-sorted batches; returns unit vectors in input order and raw norms."""
+        """Encode texts in length-sorted batches of at most `batch_size` texts and `max_batch_tokens` padded
+        tokens (one text at least); returns unit vectors in input order and raw norms."""
         if isinstance(texts, str):
             raise InvalidInput("encode takes a list of texts, not a single string")
         self._check_forward()
@@ -236,18 +252,19 @@ class BiEncoder:
         order = np.argsort(-lengths, kind="stable")
         if show_progress is None:
             show_progress = len(texts) >= PROGRESS_BAR_MIN_TEXTS
-        bar = tqdm(total=len(texts), desc=f"encoding {kind}s", unit="text", disable=not show_progress)
+        bar = tqdm(total=len(texts), desc="encoding queries" if kind == "query" else "encoding documents", unit="text", disable=not show_progress)
+        done = 0
         with torch.inference_mode(), autocast(self.precision, self.device), bar:
-            for start in range(0, len(texts), batch_size):
-                rows = order[start : start + batch_size]
+            for rows in _batches(order, lengths, batch_size, max_batch_tokens):
                 input_ids, attention_mask = self._pad([token_ids[i] for i in rows])
                 pooled = self.embed(input_ids, attention_mask).float()
                 batch_norms = pooled.norm(dim=1)
                 vectors[rows] = (pooled / batch_norms.clamp(min=1e-12).unsqueeze(1)).cpu().numpy()
                 norms[rows] = batch_norms.cpu().numpy()
                 bar.update(len(rows))
+                done += len(rows)
                 if progress is not None:
-                    progress(min(start + batch_size, len(texts)), len(texts))
+                    progress(done, len(texts))
         return Encoded(vectors, norms, lengths)
 
     def encode(self, texts: Sequence[str], kind: TextKind = "document", **kwargs) -> np.ndarray:
