@@ -39,7 +39,10 @@ class Settings(BaseSettings):
         4096, ge=1, description="Documents per shard of a job's re-embed; the shards are encoded by any free workers"
     )
     dynamic_batching: bool = Field(True, description="Group concurrent query encodes into one encoder call")
-    batch_wait_ms: float = Field(2.0, ge=0, le=100, description="How long a query waits for others to batch with")
+    batch_wait_ms: float = Field(
+        0.0, ge=0, le=100,
+        description="How long a query waits for others to batch with; at 0 a batch is what queued while the encoder was busy",
+    )
     max_query_batch: int = Field(64, ge=1, le=1024, description="Most query texts encoded in one call")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

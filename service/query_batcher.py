@@ -4,7 +4,9 @@ Requests put their texts on a queue; one task takes the first, waits at most
 `max_wait_ms` for more (up to `max_batch` texts), and encodes each release's texts
 in one call off the event loop. While a batch is being encoded the next one fills,
 so under load batches grow by themselves and the encoder's fixed cost per call is
-paid once per batch instead of once per request. Texts are only ever batched with
+paid once per batch instead of once per request. That is why the service waits 0 ms
+by default: a lone query is encoded at once, and queries that arrive while the
+encoder is busy form the next batch. Texts are only ever batched with
 others for the same release, so a query is never encoded by another release's model.
 """
 
@@ -32,7 +34,7 @@ class _Pending:
 class QueryBatcher:
     """Encodes query texts for a release, batching concurrent callers when enabled."""
 
-    def __init__(self, enabled: bool = True, max_wait_ms: float = 2.0, max_batch: int = 64, on_batch=None) -> None:
+    def __init__(self, enabled: bool = True, max_wait_ms: float = 0.0, max_batch: int = 64, on_batch=None) -> None:
         self.enabled = enabled
         self.max_wait = max_wait_ms / 1000.0
         self.max_batch = max_batch
