@@ -252,7 +252,8 @@ class BiEncoder:
         order = np.argsort(-lengths, kind="stable")
         if show_progress is None:
             show_progress = len(texts) >= PROGRESS_BAR_MIN_TEXTS
-        bar = tqdm(total=len(texts), desc="encoding queries" if kind == "query" else "encoding documents", unit="text", disable=not show_progress)
+        desc = "encoding queries" if kind == "query" else "encoding documents"
+        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress)
         done = 0
         with torch.inference_mode(), autocast(self.precision, self.device), bar:
             for rows in _batches(order, lengths, batch_size, max_batch_tokens):
