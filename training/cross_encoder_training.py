@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from training.cross_encoder import CrossEncoder
 from training.precision import TrainingPrecision, autocast
-from training.schedule import NO_DECAY, warmup_cosine
+from training.schedule import build_optimizer, warmup_cosine
 
 RerankLoss = Literal["bce", "listwise"]
 ProgressCallback = Callable[[int, int, float], None]
@@ -140,23 +140,10 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"bce"
 
 
 def build_reranker_optimizer(model: CrossEncoder, config: CrossEncoderTrainingConfig) -> torch.optim.AdamW:
-    """AdamW with no decay on biases and norms (as `training.schedule`) and the head at a multiple of the rate."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.model.named_parameters():
-        if param.requires_grad:
-            key = (model.is_head_parameter(name), not any(part in name for part in NO_DECAY))
-            groups.setdefault(key, []).append(param)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "lr": config.learning_rate * (config.head_learning_rate_factor if head else 1.0),
-                "weight_decay": config.weight_decay if decay else 0.0,
-            }
-            for (head, decay), params in sorted(groups.items())
-        ],
-        lr=config.learning_rate,
-    )
+    """`training.schedule.build_optimizer` with the head at `head_learning_rate_factor` times the rate."""
+    factor = config.head_learning_rate_factor
+    return build_optimizer(model.model, config.learning_rate, config.weight_decay,
+                           rate_factor=lambda name: factor if model.is_head_parameter(name) else 1.0)
 
 
 def train_cross_encoder(

@@ -7,6 +7,7 @@ Bias and LayerNorm weights get no weight decay, as in BERT's original recipe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -14,16 +15,25 @@ from torch.optim.lr_scheduler import LambdaLR
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm", "norm.weight")
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW with weight decay on every parameter except biases and normalisation weights."""
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float = 0.01, rate_factor: Callable[[str], float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter except biases and normalisation weights; `rate_factor`
+    maps a parameter's name to a multiple of `lr` for it (1 for all when not given)."""
     if lr <= 0 or not math.isfinite(lr):
         raise ValueError(f"learning rate must be a positive finite number, got {lr}")
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if any(part in name for part in NO_DECAY) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+            key = (rate_factor(name) if rate_factor else 1.0, not any(part in name for part in NO_DECAY))
+            groups.setdefault(key, []).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": lr * factor, "weight_decay": weight_decay if decay else 0.0}
+            for (factor, decay), params in sorted(groups.items())
+        ],
+        lr=lr,
+    )
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
