@@ -89,6 +89,7 @@ class LiveRelease:
             raise IntegrityError(f"release {manifest.release_id}: index or model dimension differs from manifest {manifest.dim}")
         self.manifest = manifest
         encoder.precision = manifest.precision
+        encoder.prepare_for_serving()
         self.encoder = encoder
         self.index = index
         self.batch_size = batch_size

@@ -144,3 +144,34 @@ def test_bf16_encoding_agrees_with_fp32(tiny_encoder):
     lowered = tiny_encoder.encode(TEXTS)
     assert lowered.dtype == np.float32 and np.allclose(np.linalg.norm(lowered, axis=1), 1.0, atol=1e-5)
     assert (reference * lowered).sum(axis=1).min() >= 0.99
+
+
+def test_serving_in_bf16_stores_linear_weights_once_and_changes_no_output(tiny_model_dir):
+    """Guards against a serving shortcut that moves the vectors or the fingerprint by a single bit."""
+    reference = BiEncoder.load(tiny_model_dir)
+    reference.precision = "bf16"
+    expected = reference.encode(TEXTS, "query")
+    served = BiEncoder.load(tiny_model_dir)
+    served.precision = "bf16"
+    served.prepare_for_serving()
+    linear = [m for m in served.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert np.array_equal(served.encode(TEXTS, "query"), expected)
+    assert np.array_equal(served.encode(TEXTS[:1], "query"), reference.encode(TEXTS[:1], "query"))
+    assert served.fingerprint == reference.fingerprint
+
+
+def test_an_encoder_prepared_for_serving_keeps_its_precision(tiny_model_dir):
+    served = BiEncoder.load(tiny_model_dir)
+    served.precision = "bf16"
+    served.prepare_for_serving()
+    served.precision = "fp32"
+    with pytest.raises(InvalidInput, match="prepared to serve in bf16"):
+        served.encode(TEXTS)
+
+
+def test_serving_in_fp32_keeps_fp32_weights(tiny_model_dir):
+    served = BiEncoder.load(tiny_model_dir)
+    served.prepare_for_serving()
+    assert all(p.dtype == torch.float32 for p in served.model.parameters())
+    assert np.array_equal(served.encode(TEXTS), BiEncoder.load(tiny_model_dir).encode(TEXTS))

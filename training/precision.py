@@ -62,3 +62,19 @@ def autocast(precision: ConcretePrecision, device: torch.device) -> contextlib.A
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def store_linear_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Store every linear layer's weight and bias in `dtype`, for inference under autocast to `dtype` only.
+
+    Autocast casts fp32 weights again in each region it enters, and a server enters one per
+    request: for a one-query batch those casts cost as much as the arithmetic. Weights
+    already in the autocast dtype are used as they are, so outputs stay bit-identical. The
+    model no longer trains and no longer runs outside autocast.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(module.weight.to(dtype), requires_grad=False)
+                if module.bias is not None:
+                    module.bias = torch.nn.Parameter(module.bias.to(dtype), requires_grad=False)
