@@ -28,6 +28,7 @@ from training.bi_encoder import BiEncoder, Encoded
 from training.cross_encoder import CrossEncoder
 from training.errors import EmptyInput, IntegrityError, InvalidInput
 from training.precision import autocast
+from training.score_fusion import RerankPolicy, check_weight, fuse
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class LiveRelease:
         index: VectorIndex,
         batch_size: int = 64,
         reranker: CrossEncoder | None = None,
-        rerank_candidates: int = 50,
+        rerank_policy: RerankPolicy = RerankPolicy(),
     ) -> None:
         if encoder.fingerprint != manifest.model.fingerprint:
             raise IntegrityError(
@@ -94,7 +95,7 @@ class LiveRelease:
         self.index = index
         self.batch_size = batch_size
         self.reranker = reranker
-        self.rerank_candidates = rerank_candidates
+        self.rerank_policy = rerank_policy
         self.applied_seq = manifest.corpus_seq
         self._catch_up_lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -110,7 +111,7 @@ class LiveRelease:
         release_id: str,
         *,
         batch_size: int = 64,
-        rerank_candidates: int = 50,
+        rerank_policy: RerankPolicy = RerankPolicy(),
         device: str = "cpu",
     ) -> LiveRelease:
         """Load and verify a release; raises IntegrityError if it does not match its manifest."""
@@ -130,7 +131,7 @@ class LiveRelease:
             raise IntegrityError(
                 f"release {release_id}: index holds {len(index)} vectors but the manifest says {manifest.doc_count}"
             )
-        return cls(manifest, encoder, index, batch_size, reranker, rerank_candidates)
+        return cls(manifest, encoder, index, batch_size, reranker, rerank_policy)
 
     def catch_up(self, corpus: CorpusStore) -> int:
         """Apply corpus writes made after this release's sequence; returns how many were applied."""
@@ -175,27 +176,43 @@ class LiveRelease:
                 "or build a release with `lockstep build --reranker PATH`"
             )
 
-    def search(self, corpus: CorpusStore, query: str, k: int, rerank: bool = False) -> SearchOutcome:
+    def search(
+        self, corpus: CorpusStore, query: str, k: int, rerank: bool = False, rerank_weight: float | None = None
+    ) -> SearchOutcome:
         """Encode one query with this release's model, search this release's index, optionally rerank."""
         self.check_search(query, rerank)
         started = time.perf_counter()
         vector = self.encode_queries([query])
-        return self.search_encoded(corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3)
+        return self.search_encoded(
+            corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3, rerank_weight=rerank_weight
+        )
 
     def search_encoded(
-        self, corpus: CorpusStore, query: str, vector: np.ndarray, k: int, rerank: bool = False, encode_ms: float = 0.0
+        self,
+        corpus: CorpusStore,
+        query: str,
+        vector: np.ndarray,
+        k: int,
+        rerank: bool = False,
+        encode_ms: float = 0.0,
+        rerank_weight: float | None = None,
     ) -> SearchOutcome:
-        """Search with a query vector this release's model produced (e.g. in a batch with other queries)."""
+        """Search with a query vector this release's model produced (e.g. in a batch with other queries).
+
+        Reranking rescores the policy's candidates with the cross-encoder and orders them by the
+        fused score (`training.score_fusion`); `rerank_weight` overrides the policy's weight.
+        """
         self.check_search(query, rerank)
+        weight = self.rerank_policy.weight if rerank_weight is None else check_weight(rerank_weight)
         clock = [time.perf_counter()]
-        hits = self.index.search(vector, max(k, self.rerank_candidates) if rerank else k)[0]
+        hits = self.index.search(vector, max(k, self.rerank_policy.candidates) if rerank else k)[0]
         clock.append(time.perf_counter())
         documents = corpus.get_many([hit.doc_id for hit in hits])
         scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
         clock.append(time.perf_counter())
         names = ["search", "fetch"]
         if rerank:
-            scored = self._rerank(query, scored)
+            scored = self._rerank(query, scored, weight)
             clock.append(time.perf_counter())
             names.append("rerank")
         timings = {"encode": encode_ms}
@@ -203,10 +220,11 @@ class LiveRelease:
         timings["total"] = encode_ms + (clock[-1] - clock[0]) * 1e3
         return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()})
 
-    def _rerank(self, query: str, hits: list[SearchHit]) -> list[SearchHit]:
+    def _rerank(self, query: str, hits: list[SearchHit], weight: float) -> list[SearchHit]:
         if not hits:
             return hits
         with self._encode_lock, autocast(self.manifest.precision, self.reranker.device):
-            scores = self.reranker.score([(query, hit.document.embedding_text()) for hit in hits], batch_size=self.batch_size)
+            logits = self.reranker.score([(query, hit.document.embedding_text()) for hit in hits], batch_size=self.batch_size)
+        scores = fuse(np.array([hit.score for hit in hits]), logits, weight)
         order = sorted(range(len(hits)), key=lambda i: -scores[i])
         return [SearchHit(float(scores[i]), hits[i].document) for i in order]

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.score_fusion import DEFAULT_RERANK_CANDIDATES, DEFAULT_RERANK_WEIGHT, RerankPolicy
+
 
 class Settings(BaseSettings):
     """Every knob Lockstep reads from the environment (prefix `LOCKSTEP_`)."""
@@ -21,7 +23,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./lockstep-data"), description="Where the corpus, models and releases live")
     model: Path | None = Field(None, description="Model folder for new builds; default: packaged all-MiniLM-L6-v2")
     reranker: Path | None = Field(None, description="Cross-encoder folder new builds carry for `rerank: true`")
-    rerank_candidates: int = Field(50, ge=1, le=1000, description="Candidates the cross-encoder rescores per query")
+    rerank_candidates: int = Field(
+        DEFAULT_RERANK_CANDIDATES, ge=1, le=1000, description="Candidates the cross-encoder rescores per query"
+    )
+    rerank_weight: float = Field(
+        DEFAULT_RERANK_WEIGHT, ge=0.0, le=1.0,
+        description="Cross-encoder's weight when its standardised score is fused with the bi-encoder's (1: rank by it alone)",
+    )
     index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
@@ -86,6 +94,10 @@ class Settings(BaseSettings):
     def redis_url(self) -> str | None:
         """The broker URL when it is Redis (used for release notifications), else None."""
         return self.broker_url if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")) else None
+
+    def rerank_policy(self) -> RerankPolicy:
+        """How searches with `rerank: true` rerank: candidates rescored and the cross-encoder's weight."""
+        return RerankPolicy(self.rerank_candidates, self.rerank_weight)
 
     def model_path(self) -> Path:
         """The model folder new builds use."""

@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         corpus = CorpusStore(settings.corpus_path)
         releases = ReleaseStore(settings.data_dir)
         device = resolve_device(settings.device)
-        holder = ReleaseHolder(releases, corpus, settings.batch_size, settings.rerank_candidates, device)
+        holder = ReleaseHolder(releases, corpus, settings.batch_size, settings.rerank_policy(), device)
         await run_in_threadpool(holder.refresh)
         batcher = QueryBatcher(
             settings.dynamic_batching, settings.batch_wait_ms, settings.max_query_batch, metrics.encoder_batch.observe

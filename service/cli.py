@@ -197,7 +197,7 @@ def _load_active(settings: Settings):
     if active is None:
         raise NotReady("no release is active; run `lockstep build --activate` first")
     corpus = CorpusStore(settings.corpus_path)
-    live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_candidates=settings.rerank_candidates)
+    live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_policy=settings.rerank_policy())
     live.catch_up(corpus)
     return live, corpus
 
@@ -209,10 +209,13 @@ def search(
     text: str,
     k: Annotated[int, typer.Option("-k", min=1, max=1000, help="How many results")] = 10,
     rerank: Annotated[bool, typer.Option(help="Rerank with the release's cross-encoder")] = False,
+    rerank_weight: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Cross-encoder's weight in the fused score (1: it alone)")
+    ] = None,
 ) -> None:
     """Search the active release from the command line (no server needed)."""
     live, corpus = _load_active(_settings(ctx))
-    outcome = live.search(corpus, text, k, rerank)
+    outcome = live.search(corpus, text, k, rerank, rerank_weight)
     typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
     for rank, hit in enumerate(outcome.hits, start=1):
         snippet = " ".join(hit.document.text.split())[:100]

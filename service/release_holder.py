@@ -18,6 +18,7 @@ from indexer.corpus_store import CorpusStore, Document, WriteResult
 from indexer.live_release import LiveRelease
 from indexer.release_store import ReleaseStore
 from training.errors import LockstepError, NotReady
+from training.score_fusion import RerankPolicy
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ class ReleaseHolder:
     """The live release of one process, kept in step with the data dir's active pointer."""
 
     def __init__(
-        self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64, rerank_candidates: int = 50,
-        device: str = "cpu",
+        self, releases: ReleaseStore, corpus: CorpusStore, batch_size: int = 64,
+        rerank_policy: RerankPolicy = RerankPolicy(), device: str = "cpu",
     ) -> None:
         self.releases = releases
         self.corpus = corpus
         self.batch_size = batch_size
-        self.rerank_candidates = rerank_candidates
+        self.rerank_policy = rerank_policy
         self.device = device
         self.current: LiveRelease | None = None
         self.last_error: str | None = None
@@ -58,7 +59,7 @@ class ReleaseHolder:
             if active is not None and not self._recently_refused(active) and (live is None or live.release_id != active):
                 try:
                     candidate = LiveRelease.load(
-                        self.releases, active, batch_size=self.batch_size, rerank_candidates=self.rerank_candidates,
+                        self.releases, active, batch_size=self.batch_size, rerank_policy=self.rerank_policy,
                         device=self.device,
                     )
                     candidate.catch_up(self.corpus)

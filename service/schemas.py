@@ -19,6 +19,11 @@ class SearchRequest(BaseModel):
     query: str = Field(..., max_length=MAX_QUERY_CHARS, description="The query text")
     k: int = Field(10, ge=1, le=MAX_K, description="How many results to return")
     rerank: bool = Field(False, description="Rerank the candidates with the release's cross-encoder")
+    rerank_weight: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Cross-encoder's weight when its standardised score is fused with the bi-encoder's "
+        "(1: rank by the cross-encoder alone); default: the service's LOCKSTEP_RERANK_WEIGHT",
+    )
 
 
 class SearchResult(BaseModel):

@@ -128,15 +128,19 @@ def test_reranked_run_scores_each_bi_encoder_candidate_with_its_own_document(tin
     documents.update({f"s{i}": " ".join(random.Random(i).sample(CONTENT_WORDS, 4)) for i in range(6)})
     queries = {"q1": "quick fox", "q2": "protein cancer", "q3": "python error"}
     dev = DevSet(queries=queries, qrels={"q1": {"d0": 1}, "q2": {"d1": 1}, "q3": {"d4": 1}}, documents=documents)
-    run = reranked_run(encoder, reranker, dev, candidates=4, batch_size=2)
+    alone = reranked_run(encoder, reranker, dev, candidates=4, weight=1.0, batch_size=2)
+    fused = reranked_run(encoder, reranker, dev, candidates=4, weight=0.3, batch_size=2)
     doc_ids = list(documents)
     similarity = encoder.encode(list(queries.values()), "query") @ encoder.encode(list(documents.values()), "document").T
     for row, (query_id, query) in enumerate(queries.items()):
-        assert set(run[query_id]) == {doc_ids[j] for j in np.argsort(-similarity[row])[:4]}
-        ids = list(run[query_id])
-        expected = reranker.score([(query, documents[doc_id]) for doc_id in ids])
-        assert np.allclose([run[query_id][doc_id] for doc_id in ids], expected, atol=1e-5)
-    assert evaluate_reranked(encoder, reranker, dev, candidates=4, batch_size=2) == evaluate_run(run, dev.qrels)
+        top = np.argsort(-similarity[row])[:4]
+        assert list(alone[query_id]) == list(fused[query_id]) == [doc_ids[j] for j in top]
+        ce = reranker.score([(query, documents[doc_ids[j]]) for j in top])
+        assert np.allclose(list(alone[query_id].values()), ce, atol=1e-5)
+        z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+        expected = 0.3 * z(ce.astype(np.float64)) + 0.7 * z(similarity[row, top].astype(np.float64))
+        assert np.allclose(list(fused[query_id].values()), expected, atol=1e-4)
+    assert evaluate_reranked(encoder, reranker, dev, candidates=4, weight=1.0, batch_size=2) == evaluate_run(alone, dev.qrels)
 
 
 def test_saved_model_loads_in_sentence_transformers_with_identical_scores(tiny_model_dir, tmp_path):

@@ -48,6 +48,7 @@ def test_search_answers_from_the_active_release(client, built):
         ({"k": 3}, 422, "query: Field required"),
         ({"query": "x", "unknown": 1}, 422, "unknown: Extra inputs"),
         ({"query": "x", "rerank": True}, 422, "no cross-encoder"),
+        ({"query": "x", "rerank": True, "rerank_weight": 1.5}, 422, "rerank_weight: Input should be less than or equal to 1"),
     ],
 )
 def test_bad_search_input_is_a_4xx_that_says_what_to_fix(client, payload, status, fragment):
@@ -170,25 +171,29 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def test_rerank_uses_the_release_cross_encoder(data_dir, corpus, releases, tiny_model_dir):
-    """Guards against `rerank: true` silently returning bi-encoder order, or a reranker from another release."""
+    """Guards against `rerank: true` silently returning bi-encoder order, a reranker from another release,
+    or a fused score that mixes up which candidate each score belongs to."""
     from training.cross_encoder import CrossEncoder
+    from training.score_fusion import fuse
 
     corpus.upsert(SAMPLE_DOCS)
     options = BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir, precision="fp32")
     manifest = build_release(corpus, releases, options, activate=True)
     assert manifest.reranker is not None and manifest.reranker.path != manifest.model.path
     reranker = CrossEncoder.load(releases.data_dir / manifest.reranker.path)
-    settings = Settings(data_dir=data_dir, rerank_candidates=4)
+    settings = Settings(data_dir=data_dir, rerank_candidates=4, rerank_weight=0.4)
     with TestClient(create_app(settings)) as client:
-        body = client.post("/v1/search", json={"query": "apple banana", "k": 3, "rerank": True}).json()
+        alone = client.post("/v1/search", json={"query": "apple banana", "k": 3, "rerank": True, "rerank_weight": 1}).json()
+        fused = client.post("/v1/search", json={"query": "apple banana", "k": 3, "rerank": True}).json()
         plain = client.post("/v1/search", json={"query": "apple banana", "k": 4}).json()
-    assert "rerank" in body["timings_ms"] and len(body["results"]) == 3
+    assert "rerank" in alone["timings_ms"] and len(alone["results"]) == len(fused["results"]) == 3
     candidates = {hit["id"]: hit for hit in plain["results"]}
     texts = [f"{candidates[i]['title']} {candidates[i]['text']}" for i in candidates]
-    scores = reranker.score([("apple banana", t) for t in texts])
-    expected = sorted(zip(scores, candidates), reverse=True)[:3]
-    assert [hit["id"] for hit in body["results"]] == [doc_id for _, doc_id in expected]
-    assert [hit["score"] for hit in body["results"]] == pytest.approx([score for score, _ in expected], abs=1e-4)
+    logits = reranker.score([("apple banana", t) for t in texts])
+    for body, scores in ((alone, logits), (fused, fuse([hit["score"] for hit in candidates.values()], logits, 0.4))):
+        expected = sorted(zip(scores, candidates), reverse=True)[:3]
+        assert [hit["id"] for hit in body["results"]] == [doc_id for _, doc_id in expected]
+        assert [hit["score"] for hit in body["results"]] == pytest.approx([score for score, _ in expected], abs=1e-4)
 
 
 def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_dir, corpus, releases, tiny_model_dir):

@@ -1,8 +1,9 @@
 """Quality of bi-encoder retrieval followed by cross-encoder reranking of the top candidates.
 
 The bi-encoder retrieves the top `candidates` documents per query (exact search); the
-cross-encoder rescores them and the reranked list is scored with the same trec_eval
-metrics as retrieval alone, so the two are directly comparable.
+cross-encoder rescores them, its scores are fused with the bi-encoder's
+(`training.score_fusion`, weight 1 for the cross-encoder alone), and the reranked list
+is scored with the same trec_eval metrics as retrieval alone, so they compare directly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from training.cross_encoder import CrossEncoder
 from training.dev_eval import DevSet
 from training.evaluation import Run, evaluate_run
 from training.precision import autocast
+from training.score_fusion import DEFAULT_RERANK_CANDIDATES, DEFAULT_RERANK_WEIGHT, fuse
 
 
 def reranked_run(
@@ -23,11 +25,12 @@ def reranked_run(
     reranker: CrossEncoder,
     dev: DevSet,
     *,
-    candidates: int = 50,
+    candidates: int = DEFAULT_RERANK_CANDIDATES,
+    weight: float = DEFAULT_RERANK_WEIGHT,
     batch_size: int = 64,
     precision: str = "fp32",
 ) -> Run:
-    """Each dev query's top `candidates` documents by the bi-encoder, mapped to the cross-encoder's scores."""
+    """Each dev query's top `candidates` documents by the bi-encoder, mapped to their fused scores."""
     doc_ids = list(dev.documents)
     query_ids = list(dev.queries)
     with autocast(precision, encoder.device):
@@ -38,13 +41,14 @@ def reranked_run(
     top = np.argsort(-scores, axis=1)[:, :depth]
     pairs = [(dev.queries[q], dev.documents[doc_ids[j]]) for q, row in zip(query_ids, top) for j in row]
     with autocast(precision, reranker.device):
-        reranked = reranker.score(pairs, batch_size=batch_size)
+        reranked = reranker.score(pairs, batch_size=batch_size).reshape(len(query_ids), depth)
+    fused = fuse(np.take_along_axis(scores, top, axis=1), reranked, weight)
     return {
-        q: {doc_ids[j]: float(reranked[i * depth + r]) for r, j in enumerate(row)}
+        q: {doc_ids[j]: float(fused[i, r]) for r, j in enumerate(row)}
         for i, (q, row) in enumerate(zip(query_ids, top))
     }
 
 
 def evaluate_reranked(encoder: BiEncoder, reranker: CrossEncoder, dev: DevSet, **options: Any) -> dict[str, float]:
-    """nDCG@10, Recall@100 and MRR@10 of `reranked_run` (same keyword options: candidates, batch_size, precision)."""
+    """nDCG@10, Recall@100 and MRR@10 of `reranked_run` (same keyword options: candidates, weight, batch_size, precision)."""
     return evaluate_run(reranked_run(encoder, reranker, dev, **options), dev.qrels)

@@ -19,7 +19,7 @@ async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchR
     encoded = await state.batcher.embed(live, [body.query])
     encode_ms = (time.perf_counter() - started) * 1e3
     outcome = await run_in_threadpool(
-        live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms
+        live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms, body.rerank_weight
     )
     return SearchResponse(
         release=outcome.release_id,
