@@ -28,7 +28,7 @@ from training.bi_encoder import BiEncoder, Encoded
 from training.cross_encoder import CrossEncoder
 from training.errors import EmptyInput, IntegrityError, InvalidInput
 from training.precision import autocast
-from training.score_fusion import RerankPolicy, check_weight, fuse
+from training.score_fusion import RerankPolicy, fuse
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class LiveRelease:
         fused score (`training.score_fusion`); `rerank_weight` overrides the policy's weight.
         """
         self.check_search(query, rerank)
-        weight = self.rerank_policy.weight if rerank_weight is None else check_weight(rerank_weight)
+        weight = self.rerank_policy.weight if rerank_weight is None else rerank_weight
         clock = [time.perf_counter()]
         hits = self.index.search(vector, max(k, self.rerank_policy.candidates) if rerank else k)[0]
         clock.append(time.perf_counter())

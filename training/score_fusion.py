@@ -21,10 +21,10 @@ DEFAULT_RERANK_WEIGHT = 0.5
 DEFAULT_RERANK_CANDIDATES = 50
 
 
-def check_weight(weight: float) -> float:
+def check_weight(weight: float) -> None:
+    """Refuse a cross-encoder weight outside [0, 1]."""
     if not 0.0 <= weight <= 1.0:
         raise InvalidInput(f"rerank weight must be between 0 and 1 (1 ranks by the cross-encoder alone), got {weight}")
-    return weight
 
 
 @dataclass(frozen=True)
