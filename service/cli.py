@@ -412,6 +412,7 @@ def up(
     corpus: Annotated[Optional[Path], typer.Option(help="Ingest this JSONL corpus (default: a demo corpus when empty)")] = None,
 ) -> None:
     """Everything on embedded defaults: ingest, build and activate if needed, then serve with a job worker."""
+    import signal
     import subprocess
 
     from indexer.demo_corpus import stdlib_documents
@@ -434,6 +435,9 @@ def up(
     settings = _admin_token(settings)
     worker_process = subprocess.Popen(_worker_command([]), env=_settings_env(settings))
     typer.echo(f"job worker started (pid {worker_process.pid}); Ctrl-C stops the API and the worker")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; exiting through
+    # Python instead of dying on it lets `finally` stop the worker rather than orphan it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         _serve(settings)
     finally:

@@ -257,33 +257,50 @@ def test_the_embedded_default_runs_the_same_job_without_redis(tmp_path, tiny_mod
         corpus.close()
 
 
-def test_lockstep_up_serves_with_a_worker_prints_a_token_and_ctrl_c_stops_both(tmp_path, tiny_model_dir):
+def _start_up(tmp_path, tiny_model_dir) -> tuple[subprocess.Popen, list[str], str, int]:
+    """`lockstep up` with no admin token set; returns it, its output so far, its URL once ready and the worker's pid."""
     port = free_port()
     env = {**lockstep_env(tmp_path / "data", model=tiny_model_dir, precision="fp32"), "PYTHONUNBUFFERED": "1"}
     env.pop("LOCKSTEP_ADMIN_TOKEN", None)
     up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines = []
+    while not any("job worker started" in line for line in lines):
+        line = up.stdout.readline()
+        if not line:
+            up.kill()
+            pytest.fail(f"lockstep up exited early: {lines}")
+        lines.append(line)
+    worker_pid = int(next(line for line in lines if "job worker started" in line).split("pid ")[1].split(")")[0])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return up, lines, base, worker_pid
+
+
+def test_lockstep_up_serves_with_a_worker_prints_a_token_and_ctrl_c_stops_both(tmp_path, tiny_model_dir):
+    up, lines, base, worker_pid = _start_up(tmp_path, tiny_model_dir)
     try:
-        while not any("job worker started" in line for line in lines):
-            line = up.stdout.readline()
-            assert line, f"lockstep up exited early: {lines}"
-            lines.append(line)
         token = next(line.rsplit(" ", 1)[1].strip() for line in lines if line.startswith("admin token"))
-        worker_pid = int(next(line for line in lines if "job worker started" in line).split("pid ")[1].split(")")[0])
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                          headers={"Authorization": f"Bearer {token}"}) as client:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
+        with httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
             job = wait_for_job(client, client.post("/v1/jobs/reembed", json={}).json()["id"], finished)
             assert job["status"] == "succeeded", job
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)
+
+
+def test_lockstep_up_stopped_with_sigterm_stops_its_worker_too(tmp_path, tiny_model_dir):
+    """Guards against `docker stop` or `kill` leaving `lockstep up`'s job worker running as an orphan."""
+    up, _, _, worker_pid = _start_up(tmp_path, tiny_model_dir)
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=30) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)
