@@ -1,12 +1,13 @@
-"""Corpus encoding throughput: Lockstep's encoder (fp32, bf16, int8) vs sentence-transformers (fp32, bf16 autocast).
+"""Corpus encoding throughput: Lockstep's encoder (fp32 and bf16 on torch and openvino, int8) vs sentence-transformers.
 
 Encodes the SciFact corpus (title + text, 256 tokens max) with the packaged
-all-MiniLM-L6-v2 and prints documents/s, tokens/s, the speed-up over
-sentence-transformers' default fp32 `encode` measured in the same run, cosine
-agreement with it, the share of this machine's measured matmul peak reached (MiniLM-L6
-costs about 24 MFLOP per token; int8 is measured against the fp32 peak) and, over the
-whole corpus, nDCG@10 on the 809 judged SciFact train queries (test labels are held back)
-by exact search with each encoder.
+all-MiniLM-L6-v2, for each precision on each runtime (openvino when installed), and
+prints documents/s, tokens/s, the speed-up over sentence-transformers' default fp32
+`encode` and over it under bf16 autocast (both measured in the same run), cosine
+agreement with its fp32 vectors, the share of this machine's measured matmul peak
+reached (MiniLM-L6 costs about 24 MFLOP per token; int8 is measured against the fp32
+peak) and, over the whole corpus, nDCG@10 on the 809 judged SciFact train queries
+(test labels are held back) by exact search with each encoder.
 The peak is the best of a square 2048 product and the model's own feed-forward shape
 (8,192 tokens x 384 x 1,536), since oneDNN reaches AMX's rate only on some shapes.
 
@@ -32,6 +33,12 @@ from training.default_model import default_model_path  # noqa: E402
 from training.eval_data import load_qrels, load_queries  # noqa: E402
 from training.evaluation import evaluate_run  # noqa: E402
 from training.precision import cpu_supports_bf16  # noqa: E402
+
+try:
+    import openvino  # noqa: F401
+    RUNTIMES = ("torch", "openvino")
+except ImportError:
+    RUNTIMES = ("torch",)
 
 FLOP_PER_TOKEN = 24e6
 
@@ -82,10 +89,8 @@ def main() -> None:
     query_ids = [q for q in all_queries if q in judged]
     query_texts = [all_queries[q] for q in query_ids]
     query_vectors: dict[str, np.ndarray] = {}
-    ours = BiEncoder.load(default_model_path())
-    tokens = int(sum(len(ids) for ids in ours.tokenize(texts, "document")))
+    tokens = int(sum(len(ids) for ids in BiEncoder.load(default_model_path()).tokenize(texts, "document")))
     theirs = SentenceTransformer(str(default_model_path()), device="cpu")
-    ours.encode(texts[:64])
     theirs.encode(texts[:64])
 
     runs: dict[str, tuple[np.ndarray, float]] = {}
@@ -97,33 +102,40 @@ def main() -> None:
             runs["sentence-transformers bf16 autocast"] = timed(lambda: theirs.encode(texts, normalize_embeddings=True))
             query_vectors["sentence-transformers bf16 autocast"] = theirs.encode(query_texts, normalize_embeddings=True,
                                                                                  show_progress_bar=False)
-    precisions = ("fp32", "bf16", "int8") if cpu_supports_bf16() else ("fp32", "int8")
+    precisions = ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
+    configs = [(runtime, precision) for runtime in RUNTIMES for precision in precisions] + [("onnxruntime", "int8")]
     with tempfile.TemporaryDirectory() as scratch:
-        for precision in precisions:
-            if precision == "int8":
-                ours.use_int8(ours.export_int8(Path(scratch) / "encoder.int8.onnx"))
-                ours.encode(texts[:64])
-            else:
-                ours.precision = precision
-            runs[f"lockstep {precision}"] = timed(lambda: ours.encode(
+        for runtime, precision in configs:
+            encoder = BiEncoder.load(default_model_path())
+            encoder.precision = "fp32" if precision == "int8" else precision
+            if runtime == "openvino":
+                encoder.use_openvino()
+            elif runtime == "onnxruntime":
+                encoder.use_int8(encoder.export_int8(Path(scratch) / "encoder.int8.onnx"))
+            encoder.encode(texts[:64], show_progress=False)
+            name = f"lockstep {precision} ({runtime})"
+            runs[name] = timed(lambda: encoder.encode(
                 texts, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, show_progress=False))
-            query_vectors[f"lockstep {precision}"] = ours.encode(query_texts, "query", show_progress=False)
+            query_vectors[name] = encoder.encode(query_texts, "query", show_progress=False)
 
     peak = {"fp32": matmul_peak(torch.float32)}
     if cpu_supports_bf16():
         peak["bf16"] = matmul_peak(torch.bfloat16)
     reference, base_time = runs["sentence-transformers fp32"]
+    bf16_time = runs.get("sentence-transformers bf16 autocast", (None, float("nan")))[1]
     print(f"{len(texts)} documents, {tokens} tokens, {torch.get_num_threads()} threads; "
           f"matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
     whole = len(texts) == len(rows)
     print(f"batch {args.batch_size} texts / {args.max_batch_tokens} padded tokens for Lockstep, 32 texts for sentence-transformers"
           + ("" if whole else "; nDCG@10 needs the whole corpus (no --limit)"))
-    print(f"{'encoder':<38}{'docs/s':>9}{'tokens/s':>11}{'vs ST fp32':>12}{'min cos':>10}{'% peak':>9}{'nDCG@10':>9}")
+    print(f"{'encoder':<38}{'docs/s':>9}{'tokens/s':>11}{'vs ST fp32':>12}{'vs ST bf16':>12}{'min cos':>10}"
+          f"{'% peak':>9}{'nDCG@10':>9}")
     for name, (vectors, seconds) in runs.items():
         cosine = float(np.sum(vectors * reference, axis=1).min())
         share = tokens * FLOP_PER_TOKEN / seconds / 1e9 / peak["bf16" if "bf16" in name else "fp32"]
         ndcg = f"{exact_ndcg(judged, doc_ids, vectors, query_vectors[name], query_ids):>9.4f}" if whole else f"{'n/a':>9}"
-        print(f"{name:<38}{len(texts) / seconds:>9.1f}{tokens / seconds:>11.0f}{base_time / seconds:>11.2f}x{cosine:>10.5f}"
+        print(f"{name:<38}{len(texts) / seconds:>9.1f}{tokens / seconds:>11.0f}{base_time / seconds:>11.2f}x"
+              f"{bf16_time / seconds:>11.2f}x{cosine:>10.5f}"
               f"{share:>8.1%}{ndcg}")
     print("reproduce: python bench/encode_throughput.py --data ../shared/data/scifact"
           + (f" --limit {args.limit}" if args.limit else "") + f" --batch-size {args.batch_size}"

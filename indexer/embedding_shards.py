@@ -35,6 +35,7 @@ from indexer.release_builder import (
     BuildOptions, BuildProgress, EmbeddedDocuments, ReleaseSpec, embed_documents, publish_release, quantise_if_int8,
     release_spec, snapshot_for_build,
 )
+from indexer.release_runtime import attach_runtime
 from indexer.release_store import ReleaseStore
 from training.bi_encoder import BiEncoder
 from training.errors import IntegrityError, InvalidInput
@@ -149,10 +150,7 @@ def _write_vectors(path: Path, part: EmbeddedDocuments) -> None:
 def _shard_encoder(data_dir: Path, folder: Path, spec: ReleaseSpec, device: str) -> BiEncoder:
     """The stored model on `device`, verified against the plan's fingerprint, at the plan's precision."""
     encoder = ModelStore(data_dir).load(spec.model, device=device)
-    if spec.precision == "int8":
-        encoder.use_int8(folder / INT8_MODEL_FILE)
-    else:
-        encoder.precision = spec.precision
+    attach_runtime(encoder, folder, spec.precision, spec.runtime)
     return encoder
 
 

@@ -247,6 +247,7 @@ def _build_options(ctx: JobContext) -> BuildOptions:
         batch_size=ctx.settings.batch_size,
         reranker_path=ctx.settings.data_dir / live.reranker.path if live and live.reranker else ctx.settings.reranker,
         precision=ctx.settings.precision,
+        runtime=ctx.settings.runtime,
         ef_search=ctx.settings.ef_search,
         nprobe=ctx.settings.nprobe,
         ef_construction=ctx.settings.ef_construction,

@@ -2,9 +2,10 @@
 
 Loading checks every file against the manifest's checksums and the model against
 the manifest's fingerprint, and refuses the release if anything differs, so a query
-is never scored by one model against another model's vectors. An int8 release encodes
-through the quantised ONNX model stored (and checksummed) in its folder, the one its
-documents were embedded with. After loading, writes made to the corpus since the
+is never scored by one model against another model's vectors. Queries run on the
+release's precision and runtime (`release_runtime`): an int8 release encodes through
+the quantised ONNX model stored (and checksummed) in its folder, the one its documents
+were embedded with, an openvino release through the graph compiled from its model. After loading, writes made to the corpus since the
 release was built are caught up with the same model.
 """
 
@@ -22,6 +23,7 @@ from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
 from indexer.manifest import INT8_MODEL_FILE, Manifest
 from indexer.model_store import ModelStore
+from indexer.release_runtime import attach_runtime
 from indexer.release_store import ReleaseStore
 from indexer.vector_index import Hit, VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
@@ -62,13 +64,6 @@ def _verify_files(folder: Path, manifest: Manifest) -> None:
             )
 
 
-def _int8_model(folder: Path, manifest: Manifest) -> Path:
-    """The quantised encoder of an int8 release; it must be among the files the manifest checksums."""
-    if INT8_MODEL_FILE not in manifest.files:
-        raise IntegrityError(f"release {manifest.release_id} is int8 but its manifest lists no {INT8_MODEL_FILE}; rebuild it")
-    return folder / INT8_MODEL_FILE
-
-
 class LiveRelease:
     """The model and index of one release, plus the corpus writes applied since it was built."""
 
@@ -88,8 +83,12 @@ class LiveRelease:
             )
         if index.dim != manifest.dim or encoder.dim != manifest.dim:
             raise IntegrityError(f"release {manifest.release_id}: index or model dimension differs from manifest {manifest.dim}")
+        if (encoder.precision, encoder.runtime) != (manifest.precision, manifest.runtime):
+            raise IntegrityError(
+                f"release {manifest.release_id} was built in {manifest.precision} on {manifest.runtime} but was given "
+                f"an encoder in {encoder.precision} on {encoder.runtime}; attach the release's runtime first"
+            )
         self.manifest = manifest
-        encoder.precision = manifest.precision
         encoder.prepare_for_serving()
         self.encoder = encoder
         self.index = index
@@ -120,8 +119,9 @@ class LiveRelease:
         _verify_files(folder, manifest)
         models = ModelStore(releases.data_dir)
         encoder = models.load(manifest.model, device=device)
-        if manifest.precision == "int8":
-            encoder.use_int8(_int8_model(folder, manifest))
+        if manifest.precision == "int8" and INT8_MODEL_FILE not in manifest.files:
+            raise IntegrityError(f"release {release_id} is int8 but its manifest lists no {INT8_MODEL_FILE}; rebuild it")
+        attach_runtime(encoder, folder, manifest.precision, manifest.runtime)
         reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
         index = VectorIndex.load(folder)
         index.set_search_params(**manifest.search_params)

@@ -1,7 +1,8 @@
 """The release manifest: everything needed to serve, audit and compare a release.
 
 It names the exact model (fingerprint and content-addressed folder) and the numeric
-precision its vectors were computed in (queries use the same), the corpus
+precision and runtime (torch, openvino or onnxruntime) its vectors were computed with
+(queries use the same), the corpus
 state the vectors reflect (change sequence, document count), the index (factory,
 dimension, metric, search parameters and, for approximate kinds, recall@10 against
 exact search measured at build time), the document norms before normalisation (a drift signal),
@@ -106,6 +107,7 @@ class Manifest:
     reranker: RerankerRef | None = None
     precision: str = "fp32"
     int8_agreement: Int8Agreement | None = None
+    runtime: str = "torch"
     search_params: dict[str, int] = field(default_factory=dict)
     recall: RecallCheck | None = None
     format_version: int = FORMAT_VERSION
@@ -122,6 +124,7 @@ class Manifest:
             data["reranker"] = RerankerRef(**data["reranker"])
         if data.get("int8_agreement") is not None:
             data["int8_agreement"] = Int8Agreement(**data["int8_agreement"])
+        data.setdefault("runtime", "onnxruntime" if data.get("precision") == "int8" else "torch")
         if data.get("recall") is not None:
             data["recall"] = RecallCheck(**data["recall"])
         return cls(**data)

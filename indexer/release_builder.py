@@ -29,6 +29,7 @@ from indexer.durable_files import sha256_file
 from indexer.manifest import INT8_MODEL_FILE, Int8Agreement, Manifest, ModelRef, NormStats, RerankerRef
 from indexer.model_store import ModelStore
 from indexer.recall_check import measure_recall
+from indexer.release_runtime import BuildRuntime, choose_runtime
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.vector_index import VectorIndex
 from training.bi_encoder import BiEncoder
@@ -57,6 +58,7 @@ class BuildOptions:
     document_max_length: int | None = None
     reranker_path: Path | None = None
     precision: Precision = "auto"
+    runtime: BuildRuntime = "torch"
     int8_min_cosine: float = 0.98
     int8_sample: int = 256
     ef_search: int | None = None
@@ -91,6 +93,7 @@ class ReleaseSpec:
     nprobe: int | None = None
     ef_construction: int | None = None
     int8_agreement: Int8Agreement | None = None
+    runtime: str = "torch"
 
     @classmethod
     def from_dict(cls, data: dict) -> ReleaseSpec:
@@ -123,8 +126,7 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
         device=options.device,
     )
     precision = resolve(options.precision, encoder.device)
-    if precision != "int8":
-        encoder.precision = precision
+    choose_runtime(encoder, precision, options.runtime)
     reranker = None
     if options.reranker_path is not None:
         _, reranker = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
@@ -200,6 +202,7 @@ def release_spec(
         nprobe=options.nprobe,
         ef_construction=options.ef_construction,
         int8_agreement=int8_agreement,
+        runtime=model.encoder.runtime,
     )
 
 
@@ -271,6 +274,7 @@ def publish_release(
         reranker=spec.reranker,
         precision=spec.precision,
         int8_agreement=spec.int8_agreement,
+        runtime=spec.runtime,
         search_params=index.search_params(),
         recall=recall,
     )

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         description="Encoding precision of new builds: auto (bf16 where the CPU or GPU supports it, else fp32), "
         "fp32, bf16, or int8 (quantised ONNX model, kept only if it agrees with fp32)",
     )
+    runtime: Literal["torch", "openvino"] = Field(
+        "torch",
+        description="What runs the encoder of new fp32 and bf16 builds: torch, or openvino (CPU only, compiled graph, "
+        "faster; needs `pip install 'lockstep[openvino]'`); int8 always runs on ONNX Runtime",
+    )
     ef_search: int = Field(64, ge=1, le=4096, description="HNSW search breadth of new builds (recall vs speed)")
     ef_construction: int = Field(40, ge=4, le=4096, description="HNSW build breadth of new builds (graph quality)")
     nprobe: int = Field(16, ge=1, le=65536, description="IVF lists searched per query in new builds (recall vs speed)")

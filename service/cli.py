@@ -74,6 +74,7 @@ def _build(
     activate: bool,
     reranker: Path | None = None,
     precision: str | None = None,
+    runtime: str | None = None,
 ) -> None:
     corpus = CorpusStore(settings.corpus_path)
     options = BuildOptions(
@@ -83,6 +84,7 @@ def _build(
         batch_size=settings.batch_size,
         reranker_path=reranker or settings.reranker,
         precision=precision or settings.precision,
+        runtime=runtime or settings.runtime,
         ef_search=settings.ef_search,
         nprobe=settings.nprobe,
         ef_construction=settings.ef_construction,
@@ -93,7 +95,7 @@ def _build(
     finally:
         corpus.close()
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
-    precision = manifest.precision
+    precision = f"{manifest.precision} on {manifest.runtime}"
     if manifest.int8_agreement is not None:
         precision += f" (mean cosine {manifest.int8_agreement.mean_cosine:.4f} with fp32)"
     index = manifest.index_type
@@ -125,6 +127,7 @@ def build(
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
+    runtime: Annotated[Optional[str], typer.Option(help="What runs the fp32/bf16 encoder: torch or openvino (default $LOCKSTEP_RUNTIME or torch)")] = None,
     ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default $LOCKSTEP_EF_SEARCH or 64)")] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists searched per query (default $LOCKSTEP_NPROBE or 16)")] = None,
     ef_construction: Annotated[Optional[int], typer.Option(min=4, help="HNSW build breadth (default $LOCKSTEP_EF_CONSTRUCTION or 40)")] = None,
@@ -132,7 +135,7 @@ def build(
     """Re-embed the whole corpus into a new release."""
     requested = {"ef_search": ef_search, "nprobe": nprobe, "ef_construction": ef_construction}
     overrides = {k: v for k, v in requested.items() if v is not None}
-    _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision)
+    _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision, runtime)
 
 
 @releases_app.command("list")

@@ -9,7 +9,9 @@ short queries fills up to `batch_size`. `save` writes sentence-transformers' lay
 `SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
 `precision` selects fp32 or bf16 autocast for encoding (see `training.precision`), or
 int8, where `forward` is a quantised ONNX Runtime session (`training.int8`) instead
-of the torch module; tokenisation, batching and pooling are the same either way.
+of the torch module; `use_openvino` runs fp32 or bf16 through a graph OpenVINO compiled
+(`training.openvino_runtime`). Tokenisation, batching and pooling are the same for
+every runtime.
 Left out here: training loops (they live in their own modules).
 """
 
@@ -67,6 +69,9 @@ class Encoded:
 
     def rows(self, start: int, stop: int) -> Encoded:
         return Encoded(self.vectors[start:stop], self.norms[start:stop], self.lengths[start:stop])
+
+
+Runtime = Literal["torch", "openvino", "onnxruntime"]
 
 
 class TransformerForward(Protocol):
@@ -203,6 +208,23 @@ class BiEncoder:
         self.forward = OnnxForward(Path(path))
         self.precision = "int8"
 
+    def use_openvino(self) -> None:
+        """Encode through OpenVINO at the current precision (fp32 or bf16) from now on (see `training.openvino_runtime`).
+
+        The torch weights stay for the fingerprint and for training; openvino is imported
+        here, so other processes never load it.
+        """
+        from training.openvino_runtime import OpenVinoForward
+
+        self.forward = OpenVinoForward(self.model, self.precision)
+
+    @property
+    def runtime(self) -> Runtime:
+        """What runs the transformer: torch, openvino, or onnxruntime (int8)."""
+        if isinstance(self.forward, TorchForward):
+            return "torch"
+        return "onnxruntime" if self.forward.precision == "int8" else "openvino"
+
     def prepare_for_serving(self) -> None:
         """Fix this encoder to its current precision for many small encode calls, as a release serves queries.
 
@@ -211,7 +233,7 @@ class BiEncoder:
         fingerprint is taken first, from the weights as loaded.
         """
         _ = self.fingerprint
-        if self.precision == "bf16":
+        if self.precision == "bf16" and isinstance(self.forward, TorchForward):
             store_linear_weights(self.model, torch.bfloat16)
         self._serving_precision = self.precision
 
@@ -225,8 +247,11 @@ class BiEncoder:
         runs_torch = isinstance(self.forward, TorchForward)
         if self.precision == "int8" and runs_torch:
             raise InvalidInput("int8 encoding runs a quantised ONNX model; attach one with `use_int8(path)` first")
-        if self.precision != "int8" and not runs_torch:
-            raise InvalidInput(f"this encoder runs an int8 ONNX model and cannot encode in {self.precision}; load it again")
+        if not runs_torch and self.forward.precision != self.precision:
+            raise InvalidInput(
+                f"this encoder runs a {self.runtime} model compiled for {self.forward.precision} and cannot encode "
+                f"in {self.precision}; load it again"
+            )
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled, not yet normalised embeddings; differentiable through `TorchForward` (training calls this)."""

@@ -10,49 +10,20 @@ to measure (the release builder gates on it).
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import PreTrainedModel
 
-OUTPUT_NAME = "last_hidden_state"
+from training.transformer_graph import OUTPUT_NAME, LastHiddenState, example_inputs, feeds, input_names
+
 OPSET_VERSION = 17
 DYNAMIC_AXES = {0: "batch", 1: "sequence"}
-
-
-class _LastHiddenState(torch.nn.Module):
-    """The transformer with positional tensor inputs and its last hidden state as the only output."""
-
-    def __init__(self, model: PreTrainedModel, input_names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.model = model
-        self.input_names = input_names
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.input_names, inputs))).last_hidden_state
-
-
-def _input_names(model: PreTrainedModel) -> tuple[str, ...]:
-    """The inputs the exported graph takes: ids and mask, plus token type ids if the model accepts them."""
-    names = ("input_ids", "attention_mask")
-    return names + ("token_type_ids",) if "token_type_ids" in inspect.signature(model.forward).parameters else names
-
-
-def _example_inputs(model: PreTrainedModel, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """A two-row batch whose second row is padded, so the trace follows the masked attention path."""
-    device = next(model.parameters()).device
-    input_ids = torch.ones((2, 8), dtype=torch.long, device=device)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 5:] = 0
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
-    return tuple(tensors[name] for name in names)
 
 
 def export_onnx(model: PreTrainedModel, path: Path) -> Path:
@@ -61,13 +32,13 @@ def export_onnx(model: PreTrainedModel, path: Path) -> Path:
     Uses the TorchScript exporter (`dynamo=False`), which needs no packages beyond
     torch; its deprecation and tracer warnings are expected and silenced.
     """
-    names = _input_names(model)
-    wrapper = _LastHiddenState(model, names).eval()
+    names = input_names(model)
+    wrapper = LastHiddenState(model, names).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,
-            _example_inputs(model, names),
+            example_inputs(model, names),
             str(path),
             dynamo=False,
             input_names=list(names),
@@ -102,6 +73,8 @@ class OnnxForward:
     the session never competes with torch, FAISS or the server for the cores.
     """
 
+    precision = "int8"
+
     def __init__(self, path: Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_cores()
@@ -114,7 +87,5 @@ class OnnxForward:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last hidden state `(batch, tokens, dim)` as float32, on the inputs' device."""
-        ids = input_ids.cpu().numpy()
-        feeds = {"input_ids": ids, "attention_mask": attention_mask.cpu().numpy(), "token_type_ids": np.zeros_like(ids)}
-        (hidden,) = self.session.run([OUTPUT_NAME], {name: feeds[name] for name in self.input_names})
+        (hidden,) = self.session.run([OUTPUT_NAME], feeds(self.input_names, input_ids, attention_mask))
         return torch.from_numpy(hidden).to(input_ids.device)

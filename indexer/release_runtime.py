@@ -1,0 +1,48 @@
+"""How a release's encoder runs: the precision and runtime its manifest records, applied to a loaded encoder.
+
+Queries must be encoded exactly as the corpus was, so every process that encodes for a
+release (the server, a drift probe, a shard worker) attaches the runtime through here:
+torch (fp32 or bf16 autocast), openvino (fp32 or bf16, compiled for the CPU) or
+onnxruntime (int8, the quantised model stored in the release).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from indexer.manifest import INT8_MODEL_FILE
+from training.bi_encoder import BiEncoder
+from training.errors import InvalidInput
+from training.precision import ConcretePrecision
+
+BuildRuntime = Literal["torch", "openvino"]
+BUILD_RUNTIMES = ("torch", "openvino")
+
+
+def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: BuildRuntime) -> None:
+    """Set a new build's encoder to `precision` on `runtime`; int8 is attached later, by its quantisation gate."""
+    if runtime not in BUILD_RUNTIMES:
+        raise InvalidInput(f"runtime must be 'torch' or 'openvino', got {runtime!r}")
+    if precision == "int8":
+        if runtime != "torch":
+            raise InvalidInput(
+                "int8 releases run their quantised model on ONNX Runtime, not openvino; "
+                "build int8 with runtime torch, or openvino with precision fp32 or bf16"
+            )
+        return
+    encoder.precision = precision
+    if runtime == "openvino":
+        encoder.use_openvino()
+
+
+def attach_runtime(encoder: BiEncoder, folder: Path, precision: str, runtime: str) -> None:
+    """Make `encoder` encode as the release in `folder` was built: its precision on its runtime."""
+    if precision == "int8":
+        encoder.use_int8(folder / INT8_MODEL_FILE)
+        return
+    encoder.precision = precision
+    if runtime == "openvino":
+        encoder.use_openvino()
+    elif runtime != "torch":
+        raise InvalidInput(f"release in {folder} names runtime {runtime!r}, which this version cannot run; upgrade lockstep")

@@ -1,0 +1,76 @@
+"""fp32 and bf16 encoding through OpenVINO: the bi-encoder's transformer converted in-process and compiled for the CPU.
+
+PyTorch runs a BERT layer as a dozen separate kernels, each a pass over memory;
+OpenVINO's CPU plugin fuses attention, GELU, LayerNorm and the residual adds into the
+matrix products around them, which is where eager bf16 loses most of its time on a
+CPU. The graph is converted from the loaded weights each time a release loads (a few
+seconds), so a release stores nothing beyond its model; the manifest records the
+runtime, and queries run through the same compiled graph as the corpus did.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+from transformers import PreTrainedModel
+
+from training.errors import InvalidInput
+from training.precision import ConcretePrecision
+from training.transformer_graph import LastHiddenState, example_inputs, feeds, input_names
+
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+INSTALL_HINT = "install it with `pip install 'lockstep[openvino]'`"
+
+
+def openvino_module():
+    """The `openvino` package, or InvalidInput saying how to install it."""
+    try:
+        import openvino
+    except ImportError as error:
+        raise InvalidInput(f"the openvino runtime needs the openvino package, which is not installed; {INSTALL_HINT}") from error
+    return openvino
+
+
+class OpenVinoForward:
+    """The transformer compiled by OpenVINO for the CPU at one precision; called like `TorchForward`.
+
+    One infer request serves every call, under a lock (requests are not re-entrant),
+    and its output is copied out before the lock is released. Threads follow torch's
+    setting (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
+    """
+
+    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision, threads: int | None = None) -> None:
+        if precision not in INFERENCE_PRECISION:
+            raise InvalidInput(f"the openvino runtime encodes in fp32 or bf16, not {precision}")
+        if next(model.parameters()).device.type != "cpu":
+            raise InvalidInput("the openvino runtime runs on the CPU; use the torch runtime on a GPU")
+        ov = openvino_module()
+        self.precision = precision
+        self.input_names = input_names(model)
+        wrapper = LastHiddenState(model, self.input_names).eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            graph = ov.convert_model(wrapper, example_input=example_inputs(model, self.input_names))
+        config = {
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+        }
+        self.compiled = ov.Core().compile_model(graph, "CPU", config)
+        compiled_for = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if compiled_for != INFERENCE_PRECISION[precision]:
+            raise InvalidInput(
+                f"OpenVINO compiled this model for {compiled_for}, not {precision}: the CPU lacks the instructions; "
+                "build with precision auto or fp32"
+            )
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden state `(batch, tokens, dim)` as float32 on the CPU."""
+        inputs = list(feeds(self.input_names, input_ids, attention_mask).values())
+        with self._lock:
+            hidden = self._request.infer(inputs)[0].copy()
+        return torch.from_numpy(hidden)
