@@ -1,6 +1,7 @@
 """End-to-end search latency over HTTP against a real `lockstep serve` process.
 
-Builds (or reuses) a SciFact release in `--data-dir`, starts the server with and
+Builds (or reuses) a SciFact release in `--data-dir` (with the `LOCKSTEP_*` settings
+of the environment, e.g. `LOCKSTEP_RUNTIME=openvino`), starts the server with and
 without dynamic batching, and drives it with 1, 4 and 16 concurrent clients for a
 fixed number of requests each, sending SciFact queries (k=10) over connections
 opened before the clock starts. Prints p50/p99 latency and throughput per setting;
@@ -27,6 +28,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+REPRODUCED_ENV = ("OMP_NUM_THREADS", "LOCKSTEP_RUNTIME", "LOCKSTEP_PRECISION")
 
 
 def lockstep(data_dir: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
@@ -107,6 +109,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="requests per client per setting")
     args = parser.parse_args()
     ensure_release(args.data_dir.resolve(), args.scifact)
+    active = json.loads((args.data_dir / "releases" / "ACTIVE.json").read_text())["active"]
+    manifest = json.loads((args.data_dir / "releases" / active / "manifest.json").read_text())
+    print(f"release {active}: {manifest['doc_count']} documents, {manifest['index_type']}, "
+          f"{manifest['precision']} on {manifest.get('runtime', 'torch')}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     queries = [json.loads(line)["text"] for line in (args.scifact / "queries.jsonl").read_text().splitlines()]
     table = {batching: measure(args.data_dir.resolve(), queries, batching, args.requests) for batching in (False, True)}
     print(f"{'clients':>8}{'batching':>10}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}")
@@ -116,7 +122,9 @@ def main() -> None:
             print(f"{clients:>8}{'on' if batching else 'off':>10}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['requests_per_s']:>8.1f}")
     gain = table[True][16]["requests_per_s"] / table[False][16]["requests_per_s"]
     print(f"throughput at 16 clients, batching on vs off: {gain:.2f}x")
-    print("reproduce: python bench/search_latency.py --scifact ../shared/data/scifact --data-dir bench-out/search-data")
+    settings = " ".join(f"{name}={os.environ[name]}" for name in REPRODUCED_ENV if name in os.environ)
+    print(f"reproduce: {settings + ' ' if settings else ''}python bench/search_latency.py --scifact {args.scifact} "
+          f"--data-dir {args.data_dir}")
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def test_what_the_dockerfile_copies_builds_a_wheel_with_every_module_and_data_fi
 
 
 @pytest.mark.parametrize(("name", "base", "torch_index", "extra"), [
-    ("Dockerfile", "python:3.11-slim", "https://download.pytorch.org/whl/cpu", None),
+    ("Dockerfile", "python:3.11-slim", "https://download.pytorch.org/whl/cpu", "openvino"),
     ("Dockerfile.gpu", "nvidia/cuda:", "https://download.pytorch.org/whl/cu1", "gpu"),
 ])
 def test_dockerfile_base_torch_build_and_extras(name, base, torch_index, extra, project):
