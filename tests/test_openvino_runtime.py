@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -140,3 +141,15 @@ def test_cli_build_takes_the_runtime_and_says_it(tmp_path, tiny_model_dir):
     assert result.exit_code == 0 and re.search(r", fp32 on openvino, model tiny-bert-0", result.output), result.output
     result = CliRunner().invoke(cli, [*build, "tensorrt"])
     assert result.exit_code != 0 and "runtime must be 'torch' or 'openvino', got 'tensorrt'" in result.output
+
+
+def test_a_process_without_openvino_refuses_an_openvino_release_and_says_how_to_install_it(
+    corpus, releases, tiny_model_dir, monkeypatch
+):
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir, precision="fp32", runtime="openvino")
+    manifest = build_release(corpus, releases, options, activate=True)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(InvalidInput, match=r"needs the openvino package, which is not installed; install it with "
+                                           r"`pip install 'lockstep\[openvino\]'`"):
+        LiveRelease.load(releases, manifest.release_id)

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from training.errors import InvalidInput
 from training.precision import ConcretePrecision
@@ -46,7 +47,7 @@ class OpenVinoForward:
     (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
     """
 
-    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision, threads: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision) -> None:
         if precision not in INFERENCE_PRECISION:
             raise InvalidInput(f"the openvino runtime encodes in fp32 or bf16, not {precision}")
         if next(model.parameters()).device.type != "cpu":
@@ -55,13 +56,19 @@ class OpenVinoForward:
         self.precision = precision
         self.input_names = input_names(model)
         wrapper = LastHiddenState(model, self.input_names).eval()
+        # Tracing reads attributes transformers warns about (an unset loss type); they do not affect the graph.
+        verbosity = hf_logging.get_verbosity()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            graph = ov.convert_model(wrapper, example_input=example_inputs(model, self.input_names))
+            hf_logging.set_verbosity_error()
+            try:
+                graph = ov.convert_model(wrapper, example_input=example_inputs(model, self.input_names))
+            finally:
+                hf_logging.set_verbosity(verbosity)
         config = {
             "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
             "PERFORMANCE_HINT": "THROUGHPUT",
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         }
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
         compiled_for = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
