@@ -53,13 +53,13 @@ class _ScrapeTimeCollector(Collector):
     def _release_info(self) -> Metric:
         info = GaugeMetricFamily(
             "lockstep_release_info", "1 for the release this process serves, labelled with its model and index",
-            labels=["release", "model", "fingerprint", "precision", "index_type"],
+            labels=["release", "model", "fingerprint", "precision", "runtime", "index_type"],
         )
         live = self.holder.current
         if live is not None:
             manifest = live.manifest
             info.add_metric([manifest.release_id, manifest.model.name, manifest.model.fingerprint,
-                             manifest.precision, manifest.index_type], 1)
+                             manifest.precision, manifest.runtime, manifest.index_type], 1)
         return info
 
     @staticmethod

@@ -69,7 +69,7 @@ def test_the_served_release_and_its_index_size(client, built):
     assert _value(samples, "lockstep_active_release", release=built.release_id) == 1
     assert _value(samples, "lockstep_index_documents") == len(SAMPLE_DOCS)
     info = {"release": built.release_id, "model": built.model.name, "fingerprint": built.model.fingerprint,
-            "precision": "fp32", "index_type": "Flat"}
+            "precision": "fp32", "runtime": "torch", "index_type": "Flat"}
     assert _value(samples, "lockstep_release_info", **info) == 1
     client.put("/v1/documents", json={"documents": [{"id": "extra", "text": "green apple"}]})
     assert _value(_scrape(client), "lockstep_index_documents") == len(SAMPLE_DOCS) + 1
