@@ -5,8 +5,9 @@ the manifest's fingerprint, and refuses the release if anything differs, so a qu
 is never scored by one model against another model's vectors. Queries run on the
 release's precision and runtime (`release_runtime`): an int8 release encodes through
 the quantised ONNX model stored (and checksummed) in its folder, the one its documents
-were embedded with, an openvino release through the graph compiled from its model. After loading, writes made to the corpus since the
-release was built are caught up with the same model.
+were embedded with, an openvino release through the graph compiled from its model.
+After loading, writes made to the corpus since the release was built are caught up
+with the same model.
 """
 
 from __future__ import annotations

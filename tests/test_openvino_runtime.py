@@ -15,9 +15,10 @@ from indexer.live_release import LiveRelease
 from indexer.manifest import MANIFEST_FILE, Manifest
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import new_release_id
+from indexer.vector_index import VectorIndex
 from service.cli import app as cli
 from training.bi_encoder import BiEncoder, TorchForward
-from training.errors import InvalidInput
+from training.errors import IntegrityError, InvalidInput
 from training.precision import cpu_supports_bf16
 from tests.conftest import SAMPLE_DOCS
 
@@ -98,6 +99,15 @@ def test_an_openvino_release_records_its_runtime_and_serves_queries_through_it(c
     corpus.upsert([new])
     assert live.catch_up(corpus) == 1
     assert np.array_equal(live.index.reconstruct("d6"), live.encoder.encode([new.embedding_text()])[0])
+
+
+def test_a_release_is_not_served_by_an_encoder_on_another_runtime(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir, precision="fp32", runtime="openvino")
+    manifest = build_release(corpus, releases, options)
+    index = VectorIndex.load(releases.path(manifest.release_id))
+    with pytest.raises(IntegrityError, match="built in fp32 on openvino but was given an encoder in fp32 on torch"):
+        LiveRelease(manifest, BiEncoder.load(tiny_model_dir), index)
 
 
 def test_shards_of_an_openvino_plan_encode_through_openvino(corpus, releases, tiny_model_dir, data_dir, tmp_path, monkeypatch):
