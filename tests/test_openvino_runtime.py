@@ -2,25 +2,32 @@
 
 import json
 import re
+import secrets
+import signal
 import sys
+import time
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from indexer.corpus_store import Document
+from indexer.corpus_store import CorpusStore, Document
 from indexer.embedding_shards import assemble_release, encode_shard, plan_shards
+from indexer.job_store import SUCCEEDED, JobStore
+from indexer.job_submission import submit_job
 from indexer.live_release import LiveRelease
 from indexer.manifest import MANIFEST_FILE, Manifest
 from indexer.release_builder import BuildOptions, build_release
-from indexer.release_store import new_release_id
+from indexer.release_store import ReleaseStore, new_release_id
+from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
 from service.cli import app as cli
+from service.job_queue import JobQueue
 from training.bi_encoder import BiEncoder, TorchForward
 from training.errors import IntegrityError, InvalidInput
 from training.precision import cpu_supports_bf16
 from tests.conftest import SAMPLE_DOCS
+from tests.processes import REDIS_URL, start_worker, stop
 
 pytest.importorskip("openvino", reason="the openvino runtime needs `pip install 'lockstep[openvino]'`")
 
@@ -163,3 +170,33 @@ def test_a_process_without_openvino_refuses_an_openvino_release_and_says_how_to_
     with pytest.raises(InvalidInput, match=r"needs the openvino package, which is not installed; install it with "
                                            r"`pip install 'lockstep\[openvino\]'`"):
         LiveRelease.load(releases, manifest.release_id)
+
+
+@pytest.mark.integration
+def test_a_real_worker_reembeds_through_openvino_and_the_release_goes_live(tmp_path, tiny_model_dir):
+    """A Celery worker on Redis, told `LOCKSTEP_RUNTIME=openvino`, runs a sharded re-embed whose release records it."""
+    data_dir = tmp_path / "data"
+    corpus = CorpusStore(data_dir / "corpus.sqlite3")
+    corpus.upsert(SAMPLE_DOCS)
+    releases = ReleaseStore(data_dir)
+    live_id = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"), activate=True).release_id
+    env = {"broker_url": REDIS_URL, "queue": f"lockstep-openvino-{secrets.token_hex(4)}", "precision": "fp32",
+           "runtime": "openvino", "model": tiny_model_dir, "shard_size": "2"}
+    settings = Settings(data_dir=data_dir, **env)
+    worker = start_worker(data_dir, tmp_path / "worker.log", **env, log_level="info")
+    store, queue = JobStore(settings.jobs_path), JobQueue(settings)
+    try:
+        job = submit_job(store, queue.enqueue, data_dir, "reembed", {})
+        deadline = time.monotonic() + 180
+        while not store.get(job.id).terminal and time.monotonic() < deadline:
+            time.sleep(0.1)
+        done = store.get(job.id)
+        assert done.status == SUCCEEDED, (done, (tmp_path / "worker.log").read_text()[-3000:])
+        assert releases.active() == done.outputs["release_id"] != live_id
+        assert releases.manifest(releases.active()).runtime == "openvino"
+        assert LiveRelease.load(releases, releases.active()).search(corpus, "apple banana cherry", k=1).hits[0].document.id == "d3"
+    finally:
+        stop(worker, signal.SIGKILL)
+        queue.close()
+        store.close()
+        corpus.close()
