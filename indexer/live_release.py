@@ -24,7 +24,7 @@ from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
 from indexer.manifest import INT8_MODEL_FILE, Manifest
 from indexer.model_store import ModelStore
-from indexer.release_runtime import attach_runtime
+from indexer.release_runtime import attach_reranker_runtime, attach_runtime
 from indexer.release_store import ReleaseStore
 from indexer.vector_index import Hit, VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
@@ -124,6 +124,8 @@ class LiveRelease:
             raise IntegrityError(f"release {release_id} is int8 but its manifest lists no {INT8_MODEL_FILE}; rebuild it")
         attach_runtime(encoder, folder, manifest.precision, manifest.runtime)
         reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
+        if reranker is not None:
+            attach_reranker_runtime(reranker, manifest.precision, manifest.runtime)
         index = VectorIndex.load(folder)
         index.set_search_params(**manifest.search_params)
         if device == "cuda":

@@ -3,7 +3,8 @@
 Queries must be encoded exactly as the corpus was, so every process that encodes for a
 release (the server, a drift probe, a shard worker) attaches the runtime through here:
 torch (fp32 or bf16 autocast), openvino (fp32 or bf16, compiled for the CPU) or
-onnxruntime (int8, the quantised model stored in the release).
+onnxruntime (int8, the quantised model stored in the release). A release's reranker
+follows it onto openvino.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 
 from indexer.manifest import INT8_MODEL_FILE
 from training.bi_encoder import BiEncoder
+from training.cross_encoder import CrossEncoder
 from training.errors import InvalidInput
 from training.precision import ConcretePrecision
 
@@ -34,6 +36,12 @@ def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: Bu
     encoder.precision = precision
     if runtime == "openvino":
         encoder.use_openvino()
+
+
+def attach_reranker_runtime(reranker: CrossEncoder, precision: str, runtime: str) -> None:
+    """Score with the release's runtime: openvino at its precision; torch otherwise (an int8 release's reranker stays fp32)."""
+    if runtime == "openvino":
+        reranker.use_openvino(precision)
 
 
 def attach_runtime(encoder: BiEncoder, folder: Path, precision: str, runtime: str) -> None:

@@ -6,6 +6,7 @@ import secrets
 import signal
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,9 +25,11 @@ from indexer.vector_index import VectorIndex
 from service.cli import app as cli
 from service.job_queue import JobQueue
 from training.bi_encoder import BiEncoder, TorchForward
+from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, InvalidInput
 from training.precision import cpu_supports_bf16
 from tests.conftest import SAMPLE_DOCS
+from tests.test_cross_encoder import PAIRS
 from tests.processes import REDIS_URL, start_worker, stop
 
 pytest.importorskip("openvino", reason="the openvino runtime needs `pip install 'lockstep[openvino]'`")
@@ -43,13 +46,13 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def _refuse(*args, **kwargs):
+    raise AssertionError("the torch transformer ran on the openvino path")
+
+
 def _refuse_torch(monkeypatch) -> None:
     """Make the torch path unusable, so anything encoded afterwards went through OpenVINO's graph."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the torch transformer ran on the openvino path")
-
-    monkeypatch.setattr(TorchForward, "__call__", refuse)
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
 
 
 def test_openvino_fp32_matches_torch_in_every_batch_shape(tiny_model_dir, monkeypatch):
@@ -115,6 +118,32 @@ def test_a_release_is_not_served_by_an_encoder_on_another_runtime(corpus, releas
     index = VectorIndex.load(releases.path(manifest.release_id))
     with pytest.raises(IntegrityError, match="built in fp32 on openvino but was given an encoder in fp32 on torch"):
         LiveRelease(manifest, BiEncoder.load(tiny_model_dir), index)
+
+
+def test_an_openvino_reranker_scores_like_torch_in_every_batch_shape(tiny_model_dir, monkeypatch):
+    """Guards against a graph that drops the token types of the pair, which BERT's cross-attention reads."""
+    reranker = CrossEncoder.load(tiny_model_dir, max_length=48, seed=2)
+    reference = reranker.score(PAIRS)
+    reranker.use_openvino("fp32")
+    assert reranker.runtime == "openvino"
+    monkeypatch.setattr(CrossEncoder, "logits", _refuse)
+    for batch_size in (1, 3, 32):
+        assert np.abs(reranker.score(PAIRS, batch_size=batch_size) - reference).max() < 1e-4
+
+
+def test_an_openvino_release_reranks_through_openvino(corpus, releases, tiny_model_dir, monkeypatch):
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir, precision="fp32", runtime="openvino")
+    manifest = build_release(corpus, releases, options)
+    torch_live = LiveRelease.load(releases, build_release(corpus, releases, replace(options, runtime="torch")).release_id)
+    expected = torch_live.search(corpus, "apple banana cherry", k=3, rerank=True)
+    live = LiveRelease.load(releases, manifest.release_id)
+    assert live.reranker.runtime == "openvino"
+    monkeypatch.setattr(CrossEncoder, "logits", _refuse)
+    _refuse_torch(monkeypatch)
+    found = live.search(corpus, "apple banana cherry", k=3, rerank=True)
+    assert [hit.document.id for hit in found.hits] == [hit.document.id for hit in expected.hits]
+    assert np.allclose([hit.score for hit in found.hits], [hit.score for hit in expected.hits], atol=1e-4)
 
 
 def test_shards_of_an_openvino_plan_encode_through_openvino(corpus, releases, tiny_model_dir, data_dir, tmp_path, monkeypatch):

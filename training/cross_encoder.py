@@ -12,7 +12,8 @@ folder whose encoder weights do not match the architecture is refused rather tha
 silently re-initialised. Scoring sorts pairs by token length and pads per batch, like
 the bi-encoder. `save` writes a plain Hugging Face folder that
 `sentence_transformers.CrossEncoder(path)` loads and scores identically: it declares the
-identity activation, so both return raw logits, not sigmoid probabilities.
+identity activation, so both return raw logits, not sigmoid probabilities. A release on
+the openvino runtime scores through a graph compiled from the same weights (`use_openvino`).
 Left out here: training (`training.cross_encoder_training`), teacher score caching
 (`training.teacher_cache`) and precision tricks.
 """
@@ -40,6 +41,8 @@ from transformers import (
 from training.bi_encoder import PROGRESS_BAR_MIN_TEXTS, _require_safetensors
 from training.errors import InvalidInput
 from training.fingerprint import compute_fingerprint
+from training.openvino_runtime import CompiledGraph
+from training.precision import ConcretePrecision
 
 Pair = tuple[str, str]
 
@@ -116,6 +119,7 @@ class CrossEncoder:
         self.tokenizer = tokenizer
         self._max_length = max_length
         self._fingerprint: tuple[tuple[int, ...], str] | None = None
+        self._graph: CompiledGraph | None = None
 
     @classmethod
     def load(
@@ -201,6 +205,27 @@ class CrossEncoder:
             raise InvalidInput("a batch needs at least one (query, document) pair")
         return self._pad(self._tokenize(checked), range(len(checked)))
 
+    def use_openvino(self, precision: ConcretePrecision) -> None:
+        """Score through OpenVINO at `precision` (fp32 or bf16) from now on, as a release on that runtime does.
+
+        `logits` stays the differentiable torch path for training; only `score` uses the graph.
+        """
+        self._graph = CompiledGraph(self.model, precision, output="logits")
+
+    @property
+    def runtime(self) -> str:
+        """What runs `score`: torch, or openvino after `use_openvino`."""
+        return "torch" if self._graph is None else "openvino"
+
+    def _score_batch(self, batch: PairBatch) -> np.ndarray:
+        """One batch's logits as float32, through the compiled graph when there is one."""
+        if self._graph is None:
+            return self.logits(batch.input_ids, batch.attention_mask, batch.token_type_ids).float().cpu().numpy()
+        tensors = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                   "token_type_ids": batch.token_type_ids if batch.token_type_ids is not None
+                   else torch.zeros_like(batch.input_ids)}
+        return self._graph.run([tensors[name].cpu().numpy() for name in self._graph.input_names]).reshape(-1)
+
     def logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -227,9 +252,7 @@ class CrossEncoder:
         with torch.inference_mode(), bar:
             for start in range(0, len(checked), batch_size):
                 rows = order[start : start + batch_size]
-                batch = self._pad(encoded, rows)
-                logits = self.logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                scores[rows] = logits.float().cpu().numpy()
+                scores[rows] = self._score_batch(self._pad(encoded, rows))
                 bar.update(len(rows))
         return scores
 

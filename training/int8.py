@@ -20,7 +20,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import PreTrainedModel
 
-from training.transformer_graph import OUTPUT_NAME, LastHiddenState, example_inputs, feeds, input_names
+from training.transformer_graph import OUTPUT_NAME, NamedOutput, example_inputs, feeds, input_names
 
 OPSET_VERSION = 17
 DYNAMIC_AXES = {0: "batch", 1: "sequence"}
@@ -33,7 +33,7 @@ def export_onnx(model: PreTrainedModel, path: Path) -> Path:
     torch; its deprecation and tracer warnings are expected and silenced.
     """
     names = input_names(model)
-    wrapper = LastHiddenState(model, names).eval()
+    wrapper = NamedOutput(model, names).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(

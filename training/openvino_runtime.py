@@ -1,11 +1,12 @@
-"""fp32 and bf16 encoding through OpenVINO: the bi-encoder's transformer converted in-process and compiled for the CPU.
+"""fp32 and bf16 inference through OpenVINO: a transformer converted in-process and compiled for the CPU.
 
 PyTorch runs a BERT layer as a dozen separate kernels, each a pass over memory;
 OpenVINO's CPU plugin fuses attention, GELU, LayerNorm and the residual adds into the
 matrix products around them, which is where eager bf16 loses most of its time on a
 CPU. The graph is converted from the loaded weights each time a release loads (a few
 seconds), so a release stores nothing beyond its model; the manifest records the
-runtime, and queries run through the same compiled graph as the corpus did.
+runtime, and queries run through the same compiled graph as the corpus did. A
+release's reranker runs on the same runtime (`CrossEncoder.use_openvino`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from training.errors import InvalidInput
 from training.precision import ConcretePrecision
-from training.transformer_graph import LastHiddenState, example_inputs, feeds, input_names
+from training.transformer_graph import OUTPUT_NAME, NamedOutput, example_inputs, feeds, input_names
 
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 INSTALL_HINT = "install it with `pip install 'lockstep[openvino]'`"
@@ -35,19 +36,19 @@ def openvino_module():
     return openvino
 
 
-class OpenVinoForward:
-    """The transformer compiled by OpenVINO for the CPU at one precision; called like `TorchForward`.
+class CompiledGraph:
+    """A transformer compiled by OpenVINO for the CPU at one precision, with one named output.
 
     Compiled for throughput: OpenVINO splits the threads into streams (on two cores, two
-    streams of one thread), and each call splits its batch's rows across them, since one
+    streams of one thread), and each run splits its batch's rows across them, since one
     thread per stream keeps every core busy through the elementwise work a single
     multi-threaded stream leaves partly serial (10% more documents/s on two cores). A
-    lone query runs on one stream. Calls are serialised (requests are not re-entrant),
-    and outputs are copied out before the next call. Threads follow torch's setting
+    single row runs on one stream. Runs are serialised (requests are not re-entrant),
+    and outputs are copied out before the next run. Threads follow torch's setting
     (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
     """
 
-    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision) -> None:
+    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision, output: str = OUTPUT_NAME) -> None:
         if precision not in INFERENCE_PRECISION:
             raise InvalidInput(f"the openvino runtime encodes in fp32 or bf16, not {precision}")
         if next(model.parameters()).device.type != "cpu":
@@ -55,7 +56,7 @@ class OpenVinoForward:
         ov = openvino_module()
         self.precision = precision
         self.input_names = input_names(model)
-        wrapper = LastHiddenState(model, self.input_names).eval()
+        wrapper = NamedOutput(model, self.input_names, output).eval()
         # Tracing reads attributes transformers warns about (an unset loss type); they do not affect the graph.
         verbosity = hf_logging.get_verbosity()
         with warnings.catch_warnings(), torch.no_grad():
@@ -81,15 +82,27 @@ class OpenVinoForward:
         self._requests = [self.compiled.create_infer_request() for _ in range(max(1, streams))]
         self._lock = threading.Lock()
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The last hidden state `(batch, tokens, dim)` as float32 on the CPU."""
-        arrays = list(feeds(self.input_names, input_ids, attention_mask).values())
+    def run(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """The output for one padded batch, given as one array per input in `input_names` order."""
         parts = np.array_split(np.arange(len(arrays[0])), min(len(self._requests), len(arrays[0])))
         with self._lock:
             for request, rows in zip(self._requests, parts):
                 request.start_async([array[rows[0] : rows[-1] + 1] for array in arrays])
-            hidden = []
+            outputs = []
             for request, _ in zip(self._requests, parts):
                 request.wait()
-                hidden.append(request.get_output_tensor(0).data.copy())
-        return torch.from_numpy(np.concatenate(hidden))
+                outputs.append(request.get_output_tensor(0).data.copy())
+        return np.concatenate(outputs)
+
+
+class OpenVinoForward:
+    """The bi-encoder's transformer as a `CompiledGraph` of its last hidden state; called like `TorchForward`."""
+
+    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision) -> None:
+        self.graph = CompiledGraph(model, precision)
+        self.precision = precision
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden state `(batch, tokens, dim)` as float32 on the CPU."""
+        arrays = list(feeds(self.graph.input_names, input_ids, attention_mask).values())
+        return torch.from_numpy(self.graph.run(arrays))

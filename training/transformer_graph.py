@@ -1,8 +1,8 @@
-"""The transformer as a graph other runtimes take: positional tensor inputs in, last hidden state out.
+"""The transformer as a graph other runtimes take: positional tensor inputs in, one named output out.
 
-Both runtimes that run the bi-encoder outside torch (ONNX Runtime for int8, OpenVINO
-for fp32 and bf16) trace the same wrapper with the same inputs, so tokenisation,
-length bucketing, pooling and normalisation stay in `BiEncoder` for every runtime.
+Both runtimes that run models outside torch (ONNX Runtime for int8, OpenVINO for fp32
+and bf16) trace the same wrapper with the same inputs, so tokenisation, length
+bucketing, pooling and normalisation stay in `BiEncoder` for every runtime.
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from transformers import PreTrainedModel
 OUTPUT_NAME = "last_hidden_state"
 
 
-class LastHiddenState(torch.nn.Module):
-    """The transformer with positional tensor inputs and its last hidden state as the only output."""
+class NamedOutput(torch.nn.Module):
+    """The transformer with positional tensor inputs and one named output (the last hidden state, or a head's logits)."""
 
-    def __init__(self, model: PreTrainedModel, input_names: tuple[str, ...]) -> None:
+    def __init__(self, model: PreTrainedModel, input_names: tuple[str, ...], output: str = OUTPUT_NAME) -> None:
         super().__init__()
         self.model = model
         self.input_names = input_names
+        self.output = output
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.input_names, inputs))).last_hidden_state
+        return getattr(self.model(**dict(zip(self.input_names, inputs))), self.output)
 
 
 def input_names(model: PreTrainedModel) -> tuple[str, ...]:
