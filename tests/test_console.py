@@ -25,6 +25,10 @@ from training.diagnostics import REMEDIES
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TOKEN = "console-test-admin-token"
+# The tiny recipe's whole job can finish in about a second, between two of the page's
+# 1 s polls; twenty times its epochs keep the retrain step running for several polls
+# on any machine, so the page is seen showing progress.
+PROGRESS_RECIPE = TINY_RECIPE.replace("epochs = 6", "epochs = 120")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 pytestmark = [
@@ -165,7 +169,7 @@ def test_a_retrain_started_in_the_ui_shows_progress_and_completes(page, stack):
     page.get_by_text("Start a retrain").click()
     _expect(page.locator("#recipe option")).to_contain_text(["default", "quick", "custom (TOML)"])
     page.get_by_label("Recipe", exact=True).select_option("custom")
-    page.get_by_label("Recipe (TOML)").fill(TINY_RECIPE)
+    page.get_by_label("Recipe (TOML)").fill(PROGRESS_RECIPE)
     page.get_by_label("Queries (queries.jsonl)").fill(stack.files["queries"])
     page.get_by_label("Judgements (qrels TSV)").fill(stack.files["qrels"])
     page.get_by_role("button", name="Start retrain").click()
