@@ -31,6 +31,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from training.errors import InvalidInput
 from training.fingerprint import model_fingerprint
+from training.openvino_runtime import OpenVinoForward
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
 
@@ -77,11 +78,15 @@ Runtime = Literal["torch", "openvino", "onnxruntime"]
 class TransformerForward(Protocol):
     """Runs the transformer: padded `(input_ids, attention_mask)` to the last hidden state `(batch, tokens, dim)`."""
 
+    runtime: Runtime
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 
 
 class TorchForward:
     """The transformer run by torch: differentiable, fp32 or under bf16 autocast."""
+
+    runtime = "torch"
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -211,19 +216,15 @@ class BiEncoder:
     def use_openvino(self) -> None:
         """Encode through OpenVINO at the current precision (fp32 or bf16) from now on (see `training.openvino_runtime`).
 
-        The torch weights stay for the fingerprint and for training; openvino is imported
-        here, so other processes never load it.
+        The torch weights stay for the fingerprint and for training; the openvino package
+        itself is imported only when the graph is compiled, so other processes never load it.
         """
-        from training.openvino_runtime import OpenVinoForward
-
         self.forward = OpenVinoForward(self.model, self.precision)
 
     @property
     def runtime(self) -> Runtime:
         """What runs the transformer: torch, openvino, or onnxruntime (int8)."""
-        if isinstance(self.forward, TorchForward):
-            return "torch"
-        return "onnxruntime" if self.forward.precision == "int8" else "openvino"
+        return self.forward.runtime
 
     def prepare_for_serving(self) -> None:
         """Fix this encoder to its current precision for many small encode calls, as a release serves queries.

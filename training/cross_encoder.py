@@ -221,10 +221,7 @@ class CrossEncoder:
         """One batch's logits as float32, through the compiled graph when there is one."""
         if self._graph is None:
             return self.logits(batch.input_ids, batch.attention_mask, batch.token_type_ids).float().cpu().numpy()
-        tensors = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                   "token_type_ids": batch.token_type_ids if batch.token_type_ids is not None
-                   else torch.zeros_like(batch.input_ids)}
-        return self._graph.run([tensors[name].cpu().numpy() for name in self._graph.input_names]).reshape(-1)
+        return self._graph.run(batch.input_ids, batch.attention_mask, batch.token_type_ids).reshape(-1)
 
     def logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None

@@ -74,6 +74,7 @@ class OnnxForward:
     """
 
     precision = "int8"
+    runtime = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()

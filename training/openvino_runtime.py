@@ -82,8 +82,11 @@ class CompiledGraph:
         self._requests = [self.compiled.create_infer_request() for _ in range(max(1, streams))]
         self._lock = threading.Lock()
 
-    def run(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """The output for one padded batch, given as one array per input in `input_names` order."""
+    def run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """The output for one padded batch (token type ids all zero unless given)."""
+        arrays = list(feeds(self.input_names, input_ids, attention_mask, token_type_ids).values())
         parts = np.array_split(np.arange(len(arrays[0])), min(len(self._requests), len(arrays[0])))
         with self._lock:
             for request, rows in zip(self._requests, parts):
@@ -98,11 +101,12 @@ class CompiledGraph:
 class OpenVinoForward:
     """The bi-encoder's transformer as a `CompiledGraph` of its last hidden state; called like `TorchForward`."""
 
+    runtime = "openvino"
+
     def __init__(self, model: PreTrainedModel, precision: ConcretePrecision) -> None:
         self.graph = CompiledGraph(model, precision)
         self.precision = precision
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last hidden state `(batch, tokens, dim)` as float32 on the CPU."""
-        arrays = list(feeds(self.graph.input_names, input_ids, attention_mask).values())
-        return torch.from_numpy(self.graph.run(arrays))
+        return torch.from_numpy(self.graph.run(input_ids, attention_mask))

@@ -45,10 +45,12 @@ def example_inputs(model: PreTrainedModel, names: tuple[str, ...]) -> tuple[torc
     return tuple(tensors[name] for name in names)
 
 
-def feeds(names: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
-    """The numpy arrays a runtime is fed for `names`: token type ids are all zero, as in single-segment encoding."""
+def feeds(
+    names: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+) -> dict[str, np.ndarray]:
+    """The numpy arrays a runtime is fed for `names`; token type ids default to all zero, as in single-segment encoding."""
     ids = input_ids.cpu().numpy()
     arrays = {"input_ids": ids, "attention_mask": attention_mask.cpu().numpy()}
     if "token_type_ids" in names:
-        arrays["token_type_ids"] = np.zeros_like(ids)
+        arrays["token_type_ids"] = np.zeros_like(ids) if token_type_ids is None else token_type_ids.cpu().numpy()
     return {name: arrays[name] for name in names}
