@@ -29,7 +29,7 @@ import numpy as np
 
 from indexer.corpus_store import CorpusStore
 from indexer.durable_files import fsync_dir, sha256_file, write_atomic
-from indexer.manifest import INT8_MODEL_FILE, Manifest
+from indexer.manifest import Manifest, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.release_builder import (
     BuildOptions, BuildProgress, EmbeddedDocuments, ReleaseSpec, embed_documents, publish_release, quantise_if_int8,
@@ -212,5 +212,6 @@ def assemble_release(
         )
     with releases.staging(plan.spec.release_id) as staging:
         if plan.spec.int8_agreement is not None:
-            shutil.copyfile(folder / INT8_MODEL_FILE, staging / INT8_MODEL_FILE)
+            for name in int8_model_files(plan.spec.runtime):
+                shutil.copyfile(folder / name, staging / name)
         return publish_release(releases, staging, plan.spec, _assembled_parts(folder, plan), report)

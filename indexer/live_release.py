@@ -22,7 +22,7 @@ import numpy as np
 
 from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
-from indexer.manifest import INT8_MODEL_FILE, Manifest
+from indexer.manifest import Manifest, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.release_runtime import attach_reranker_runtime, attach_runtime
 from indexer.release_store import ReleaseStore
@@ -120,8 +120,9 @@ class LiveRelease:
         _verify_files(folder, manifest)
         models = ModelStore(releases.data_dir)
         encoder = models.load(manifest.model, device=device)
-        if manifest.precision == "int8" and INT8_MODEL_FILE not in manifest.files:
-            raise IntegrityError(f"release {release_id} is int8 but its manifest lists no {INT8_MODEL_FILE}; rebuild it")
+        missing = [name for name in int8_model_files(manifest.runtime) if name not in manifest.files]
+        if manifest.precision == "int8" and missing:
+            raise IntegrityError(f"release {release_id} is int8 but its manifest lists no {', '.join(missing)}; rebuild it")
         attach_runtime(encoder, folder, manifest.precision, manifest.runtime)
         reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
         if reranker is not None:

@@ -7,8 +7,9 @@ state the vectors reflect (change sequence, document count), the index (factory,
 dimension, metric, search parameters and, for approximate kinds, recall@10 against
 exact search measured at build time), the document norms before normalisation (a drift signal),
 evaluation metrics if any, and a sha256 of every file in the release. An int8 release
-also holds its quantised encoder (`INT8_MODEL_FILE`, checksummed like the index) and
-how closely its document vectors agreed with fp32 when it was built.
+also holds its quantised encoder (`int8_model_files`: an ONNX model on onnxruntime, an
+OpenVINO IR pair on openvino, checksummed like the index) and how closely its document
+vectors agreed with fp32 when it was built.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from indexer.recall_check import RecallCheck
 
 MANIFEST_FILE = "manifest.json"
 INT8_MODEL_FILE = "encoder.int8.onnx"
+OPENVINO_INT8_FILES = ("encoder.int8.xml", "encoder.int8.bin")
 FORMAT_VERSION = 1
+
+
+def int8_model_files(runtime: str) -> tuple[str, ...]:
+    """The files an int8 release on `runtime` stores its quantised encoder in; the first is the one to load."""
+    return OPENVINO_INT8_FILES if runtime == "openvino" else (INT8_MODEL_FILE,)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from indexer.corpus_store import CorpusStore, Document
 from indexer.durable_files import sha256_file
-from indexer.manifest import INT8_MODEL_FILE, Int8Agreement, Manifest, ModelRef, NormStats, RerankerRef
+from indexer.manifest import Int8Agreement, Manifest, ModelRef, NormStats, RerankerRef, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.recall_check import measure_recall
 from indexer.release_runtime import BuildRuntime, choose_runtime
@@ -43,6 +43,7 @@ BuildProgress = Callable[[str, int, int], None]
 LOW_RECALL = 0.9
 ENCODE_CHUNK = 4096
 INT8_SAMPLE_SEED = 13
+INT8_CALIBRATION = 128
 
 
 @dataclass(frozen=True)
@@ -134,18 +135,26 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
 
 
 def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
-    """Quantise `encoder` into `folder`, switch it to int8, and return its agreement with fp32.
+    """Quantise `encoder` into `folder` for the build's runtime, switch it to int8, and return its agreement with fp32.
 
-    The agreement is the cosine between fp32 and int8 vectors of up to `options.int8_sample`
-    seeded documents; below `options.int8_min_cosine` (mean) the build fails with the figures,
-    and the caller's staging folder, ONNX file included, is removed.
+    On torch the model is quantised dynamically for ONNX Runtime; on openvino statically,
+    calibrated on up to `INT8_CALIBRATION` documents. Both samples come from one seeded
+    permutation of the corpus, the agreement sample from its front and the calibration
+    sample from its back, so they share no document unless the corpus is too small for
+    both. The agreement is the cosine between fp32 and int8 vectors of up to
+    `options.int8_sample` documents; below `options.int8_min_cosine` (mean) the build fails
+    with the figures, and the caller's staging folder, model files included, is removed.
     """
-    rng = np.random.default_rng(INT8_SAMPLE_SEED)
-    rows = np.sort(rng.choice(len(documents), size=min(options.int8_sample, len(documents)), replace=False))
-    texts = [documents[row].embedding_text() for row in rows]
+    order = np.random.default_rng(INT8_SAMPLE_SEED).permutation(len(documents))
+    texts = [documents[row].embedding_text() for row in np.sort(order[: options.int8_sample])]
     encoder.precision = "fp32"
     reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
-    encoder.use_int8(encoder.export_int8(folder / INT8_MODEL_FILE))
+    if options.runtime == "openvino":
+        calibration = [documents[row].embedding_text() for row in np.sort(order[::-1][:INT8_CALIBRATION])]
+        model = encoder.quantise_openvino_int8(folder / int8_model_files("openvino")[0], calibration)
+    else:
+        model = encoder.export_int8(folder / int8_model_files("onnxruntime")[0])
+    encoder.use_int8(model)
     quantised = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
     agreement = Int8Agreement.of(np.sum(reference * quantised, axis=1))
     if agreement.mean_cosine < options.int8_min_cosine:
@@ -235,7 +244,7 @@ def publish_release(
 ) -> Manifest:
     """Index the embedded parts in order, check recall, write the manifest and publish the staging folder.
 
-    An int8 spec expects its quantised encoder in `staging` already; it is checksummed with the index.
+    An int8 spec expects its quantised encoder's files in `staging` already; they are checksummed with the index.
     """
     index = VectorIndex(spec.dim, spec.index_type, spec.ef_construction)
     ids, norm_chunks, vector_chunks = [], [], []
@@ -259,7 +268,8 @@ def publish_release(
         if recall.recall < LOW_RECALL:
             log.warning("release %s: %s recall@%d is %.3f at %s; raise ef_search or nprobe for better results",
                         spec.release_id, spec.index_type, recall.k, recall.recall, recall.search_params)
-    files = index.save(staging) + ([staging / INT8_MODEL_FILE] if spec.int8_agreement is not None else [])
+    int8_files = int8_model_files(spec.runtime) if spec.int8_agreement is not None else ()
+    files = index.save(staging) + [staging / name for name in int8_files]
     manifest = Manifest(
         release_id=spec.release_id,
         created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),

@@ -2,9 +2,9 @@
 
 Queries must be encoded exactly as the corpus was, so every process that encodes for a
 release (the server, a drift probe, a shard worker) attaches the runtime through here:
-torch (fp32 or bf16 autocast), openvino (fp32 or bf16, compiled for the CPU) or
-onnxruntime (int8, the quantised model stored in the release). A release's reranker
-follows it onto openvino.
+torch (fp32 or bf16 autocast), openvino (fp32 or bf16 compiled for the CPU, or int8
+statically quantised and stored in the release) or onnxruntime (int8, dynamically
+quantised and stored in the release). A release's reranker follows it onto openvino.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from indexer.manifest import INT8_MODEL_FILE
+from indexer.manifest import int8_model_files
 from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.errors import InvalidInput
@@ -27,11 +27,6 @@ def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: Bu
     if runtime not in BUILD_RUNTIMES:
         raise InvalidInput(f"runtime must be 'torch' or 'openvino', got {runtime!r}")
     if precision == "int8":
-        if runtime != "torch":
-            raise InvalidInput(
-                "int8 releases run their quantised model on ONNX Runtime, not openvino; "
-                "build int8 with runtime torch, or openvino with precision fp32 or bf16"
-            )
         return
     encoder.precision = precision
     if runtime == "openvino":
@@ -39,15 +34,15 @@ def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: Bu
 
 
 def attach_reranker_runtime(reranker: CrossEncoder, precision: str, runtime: str) -> None:
-    """Score with the release's runtime: openvino at its precision; torch otherwise (an int8 release's reranker stays fp32)."""
+    """Score with the release's runtime: openvino at its precision, torch otherwise; an int8 release's reranker runs fp32."""
     if runtime == "openvino":
-        reranker.use_openvino(precision)
+        reranker.use_openvino("fp32" if precision == "int8" else precision)
 
 
 def attach_runtime(encoder: BiEncoder, folder: Path, precision: str, runtime: str) -> None:
     """Make `encoder` encode as the release in `folder` was built: its precision on its runtime."""
     if precision == "int8":
-        encoder.use_int8(folder / INT8_MODEL_FILE)
+        encoder.use_int8(folder / int8_model_files(runtime)[0])
         return
     encoder.precision = precision
     if runtime == "openvino":

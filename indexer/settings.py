@@ -34,12 +34,13 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
         description="Encoding precision of new builds: auto (bf16 where the CPU or GPU supports it, else fp32), "
-        "fp32, bf16, or int8 (quantised ONNX model, kept only if it agrees with fp32)",
+        "fp32, bf16, or int8 (quantised model, kept only if it agrees with fp32)",
     )
     runtime: Literal["torch", "openvino"] = Field(
         "torch",
-        description="What runs the encoder of new fp32 and bf16 builds: torch, or openvino (CPU only, compiled graph, "
-        "faster; needs `pip install 'lockstep[openvino]'`); int8 always runs on ONNX Runtime",
+        description="What runs the encoder of new builds: torch, or openvino (CPU only, compiled graph, "
+        "faster; needs `pip install 'lockstep[openvino]'`). int8 on torch is dynamically quantised and runs on "
+        "ONNX Runtime; int8 on openvino is statically quantised on a sample of the corpus (faster still)",
     )
     ef_search: int = Field(64, ge=1, le=4096, description="HNSW search breadth of new builds (recall vs speed)")
     ef_construction: int = Field(40, ge=4, le=4096, description="HNSW build breadth of new builds (graph quality)")

@@ -127,7 +127,7 @@ def build(
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
-    runtime: Annotated[Optional[str], typer.Option(help="What runs the fp32/bf16 encoder: torch or openvino (default $LOCKSTEP_RUNTIME or torch)")] = None,
+    runtime: Annotated[Optional[str], typer.Option(help="What runs the encoder: torch (int8 on ONNX Runtime) or openvino (default $LOCKSTEP_RUNTIME or torch)")] = None,
     ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default $LOCKSTEP_EF_SEARCH or 64)")] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists searched per query (default $LOCKSTEP_NPROBE or 16)")] = None,
     ef_construction: Annotated[Optional[int], typer.Option(min=4, help="HNSW build breadth (default $LOCKSTEP_EF_CONSTRUCTION or 40)")] = None,

@@ -158,14 +158,6 @@ def test_shards_of_an_openvino_plan_encode_through_openvino(corpus, releases, ti
     assert manifest.runtime == "openvino" and LiveRelease.load(releases, manifest.release_id).encoder.runtime == "openvino"
 
 
-def test_int8_cannot_run_on_openvino(corpus, releases, tiny_model_dir):
-    corpus.upsert(SAMPLE_DOCS)
-    options = BuildOptions(model_path=tiny_model_dir, precision="int8", runtime="openvino")
-    with pytest.raises(InvalidInput, match="int8 releases run their quantised model on ONNX Runtime, not openvino"):
-        build_release(corpus, releases, options)
-    assert releases.list() == []
-
-
 def test_manifests_without_a_runtime_read_as_torch_or_onnxruntime(corpus, releases, tiny_model_dir):
     corpus.upsert(SAMPLE_DOCS)
     manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"))

@@ -8,10 +8,11 @@ batch of long documents stays small enough for its activations to stay in cache,
 short queries fills up to `batch_size`. `save` writes sentence-transformers' layout, so
 `SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
 `precision` selects fp32 or bf16 autocast for encoding (see `training.precision`), or
-int8, where `forward` is a quantised ONNX Runtime session (`training.int8`) instead
-of the torch module; `use_openvino` runs fp32 or bf16 through a graph OpenVINO compiled
-(`training.openvino_runtime`). Tokenisation, batching and pooling are the same for
-every runtime.
+int8, where `forward` runs a quantised model instead of the torch module: dynamically
+quantised on ONNX Runtime (`training.int8`) or statically quantised on OpenVINO
+(`training.openvino_int8`); `use_openvino` runs fp32 or bf16 through a graph OpenVINO
+compiled (`training.openvino_runtime`). Tokenisation, batching and pooling are the same
+for every runtime.
 Left out here: training loops (they live in their own modules).
 """
 
@@ -31,9 +32,10 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from training.errors import InvalidInput
 from training.fingerprint import model_fingerprint
-from training.openvino_runtime import OpenVinoForward
+from training.openvino_runtime import CompiledGraph, OpenVinoForward
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
+from training.transformer_graph import feeds, input_names
 
 TextKind = Literal["query", "document"]
 ProgressCallback = Callable[[int, int], None]
@@ -42,6 +44,7 @@ LOCKSTEP_CONFIG = "lockstep.json"
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PROGRESS_BAR_MIN_TEXTS = 512
 MAX_BATCH_TOKENS = 8192
+CALIBRATION_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -203,14 +206,33 @@ class BiEncoder:
 
         return export_int8(self.model, Path(path))
 
-    def use_int8(self, path: str | Path) -> None:
-        """Encode through the int8 ONNX model at `path` from now on; the torch weights stay for the fingerprint.
+    def quantise_openvino_int8(self, path: str | Path, calibration_texts: Sequence[str]) -> Path:
+        """Write the transformer statically quantised to int8 as OpenVINO IR at `path` (see `training.openvino_int8`).
 
-        onnxruntime is imported here, so fp32 and bf16 processes never load it.
+        The quantisation ranges are measured on `calibration_texts`, encoded as documents
+        in length-sorted batches of `CALIBRATION_BATCH` as `encode` would batch them.
         """
-        from training.int8 import OnnxForward
+        from training.openvino_int8 import quantise
 
-        self.forward = OnnxForward(Path(path))
+        token_ids = sorted(self.tokenize(calibration_texts, "document"), key=len, reverse=True)
+        batches = [self._pad(token_ids[start : start + CALIBRATION_BATCH])
+                   for start in range(0, len(token_ids), CALIBRATION_BATCH)]
+        names = input_names(self.model)
+        return quantise(self.model, [feeds(names, *batch) for batch in batches], Path(path))
+
+    def use_int8(self, path: str | Path) -> None:
+        """Encode through the int8 model at `path` from now on; the torch weights stay for the fingerprint.
+
+        The file says which runtime runs it: `.onnx` on ONNX Runtime, `.xml` (OpenVINO IR) on
+        OpenVINO. Either package is imported only here, so other processes never load it.
+        """
+        path = Path(path)
+        if path.suffix == ".xml":
+            self.forward = OpenVinoForward(CompiledGraph.of_file(path, "int8"))
+        else:
+            from training.int8 import OnnxForward
+
+            self.forward = OnnxForward(path)
         self.precision = "int8"
 
     def use_openvino(self) -> None:
@@ -219,7 +241,7 @@ class BiEncoder:
         The torch weights stay for the fingerprint and for training; the openvino package
         itself is imported only when the graph is compiled, so other processes never load it.
         """
-        self.forward = OpenVinoForward(self.model, self.precision)
+        self.forward = OpenVinoForward(CompiledGraph.of_model(self.model, self.precision))
 
     @property
     def runtime(self) -> Runtime:
@@ -247,7 +269,7 @@ class BiEncoder:
             )
         runs_torch = isinstance(self.forward, TorchForward)
         if self.precision == "int8" and runs_torch:
-            raise InvalidInput("int8 encoding runs a quantised ONNX model; attach one with `use_int8(path)` first")
+            raise InvalidInput("int8 encoding runs a quantised model; attach one with `use_int8(path)` first")
         if not runs_torch and self.forward.precision != self.precision:
             raise InvalidInput(
                 f"this encoder runs a {self.runtime} model compiled for {self.forward.precision} and cannot encode "

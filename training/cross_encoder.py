@@ -210,7 +210,7 @@ class CrossEncoder:
 
         `logits` stays the differentiable torch path for training; only `score` uses the graph.
         """
-        self._graph = CompiledGraph(self.model, precision, output="logits")
+        self._graph = CompiledGraph.of_model(self.model, precision, output="logits")
 
     @property
     def runtime(self) -> str:

@@ -1,18 +1,21 @@
-"""fp32 and bf16 inference through OpenVINO: a transformer converted in-process and compiled for the CPU.
+"""Inference through OpenVINO: a transformer converted in-process and compiled for the CPU.
 
 PyTorch runs a BERT layer as a dozen separate kernels, each a pass over memory;
 OpenVINO's CPU plugin fuses attention, GELU, LayerNorm and the residual adds into the
 matrix products around them, which is where eager bf16 loses most of its time on a
-CPU. The graph is converted from the loaded weights each time a release loads (a few
-seconds), so a release stores nothing beyond its model; the manifest records the
-runtime, and queries run through the same compiled graph as the corpus did. A
-release's reranker runs on the same runtime (`CrossEncoder.use_openvino`).
+CPU. An fp32 or bf16 graph is converted from the loaded weights each time a release
+loads (a few seconds), so such a release stores nothing beyond its model; an int8
+graph is quantised once, at build time, and stored in the release
+(`training.openvino_int8`). The manifest records the runtime, and queries run through
+the same compiled graph as the corpus did. A release's reranker runs on the same
+runtime (`CrossEncoder.use_openvino`).
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +23,10 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from training.errors import InvalidInput
-from training.precision import ConcretePrecision
+from training.precision import ConcretePrecision, cpu_supports_bf16
 from training.transformer_graph import OUTPUT_NAME, NamedOutput, example_inputs, feeds, input_names
 
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+FLOAT_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 INSTALL_HINT = "install it with `pip install 'lockstep[openvino]'`"
 
 
@@ -36,8 +39,43 @@ def openvino_module():
     return openvino
 
 
+def inference_precision(precision: ConcretePrecision) -> str:
+    """OpenVINO's precision hint for a release precision: what the float arithmetic runs in.
+
+    An int8 graph's quantised matrix products run in int8 whatever the hint; the operations
+    left in float (softmax, LayerNorm, GELU) run in bf16 where the CPU has it, as `auto` does.
+    """
+    if precision == "int8":
+        return "bf16" if cpu_supports_bf16() else "f32"
+    if precision not in FLOAT_PRECISION:
+        raise InvalidInput(f"the openvino runtime encodes in fp32, bf16 or int8, not {precision}")
+    return FLOAT_PRECISION[precision]
+
+
+def convert_transformer(model: PreTrainedModel, output: str = OUTPUT_NAME):
+    """The transformer as an OpenVINO model whose inputs carry `input_names(model)` and whose output is `output`."""
+    if next(model.parameters()).device.type != "cpu":
+        raise InvalidInput("the openvino runtime runs on the CPU; use the torch runtime on a GPU")
+    ov = openvino_module()
+    names = input_names(model)
+    wrapper = NamedOutput(model, names, output).eval()
+    # Tracing reads attributes transformers warns about (an unset loss type); they do not affect the graph.
+    verbosity = hf_logging.get_verbosity()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        hf_logging.set_verbosity_error()
+        try:
+            graph = ov.convert_model(wrapper, example_input=example_inputs(model, names))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    for port, name in zip(graph.inputs, names):
+        port.get_tensor().set_names({name})
+    graph.outputs[0].get_tensor().set_names({output})
+    return graph
+
+
 class CompiledGraph:
-    """A transformer compiled by OpenVINO for the CPU at one precision, with one named output.
+    """A transformer graph compiled by OpenVINO for the CPU at one precision, with one output.
 
     Compiled for throughput: OpenVINO splits the threads into streams (on two cores, two
     streams of one thread), and each run splits its batch's rows across them, since one
@@ -48,32 +86,16 @@ class CompiledGraph:
     (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
     """
 
-    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision, output: str = OUTPUT_NAME) -> None:
-        if precision not in INFERENCE_PRECISION:
-            raise InvalidInput(f"the openvino runtime encodes in fp32 or bf16, not {precision}")
-        if next(model.parameters()).device.type != "cpu":
-            raise InvalidInput("the openvino runtime runs on the CPU; use the torch runtime on a GPU")
+    def __init__(self, graph, precision: ConcretePrecision) -> None:
         ov = openvino_module()
+        hint = inference_precision(precision)
         self.precision = precision
-        self.input_names = input_names(model)
-        wrapper = NamedOutput(model, self.input_names, output).eval()
-        # Tracing reads attributes transformers warns about (an unset loss type); they do not affect the graph.
-        verbosity = hf_logging.get_verbosity()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            hf_logging.set_verbosity_error()
-            try:
-                graph = ov.convert_model(wrapper, example_input=example_inputs(model, self.input_names))
-            finally:
-                hf_logging.set_verbosity(verbosity)
-        config = {
-            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
-            "PERFORMANCE_HINT": "THROUGHPUT",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        }
+        self.input_names = tuple(port.get_any_name() for port in graph.inputs)
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
         compiled_for = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if compiled_for != INFERENCE_PRECISION[precision]:
+        if compiled_for != hint:
             raise InvalidInput(
                 f"OpenVINO compiled this model for {compiled_for}, not {precision}: the CPU lacks the instructions; "
                 "build with precision auto or fp32"
@@ -81,6 +103,24 @@ class CompiledGraph:
         streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._requests = [self.compiled.create_infer_request() for _ in range(max(1, streams))]
         self._lock = threading.Lock()
+
+    @classmethod
+    def of_model(cls, model: PreTrainedModel, precision: ConcretePrecision, output: str = OUTPUT_NAME) -> CompiledGraph:
+        """The loaded transformer converted and compiled at `precision` (fp32 or bf16)."""
+        if precision not in FLOAT_PRECISION:
+            raise InvalidInput(
+                f"a graph converted at load time runs in fp32 or bf16, not {precision}; "
+                "int8 graphs are quantised at build time and loaded with `CompiledGraph.of_file`"
+            )
+        return cls(convert_transformer(model, output), precision)
+
+    @classmethod
+    def of_file(cls, path: Path, precision: ConcretePrecision) -> CompiledGraph:
+        """A graph stored as OpenVINO IR (`.xml` beside its `.bin`), compiled at `precision`."""
+        ov = openvino_module()
+        if not Path(path).is_file():
+            raise InvalidInput(f"no OpenVINO model at {path}")
+        return cls(ov.Core().read_model(str(path)), precision)
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -103,9 +143,9 @@ class OpenVinoForward:
 
     runtime = "openvino"
 
-    def __init__(self, model: PreTrainedModel, precision: ConcretePrecision) -> None:
-        self.graph = CompiledGraph(model, precision)
-        self.precision = precision
+    def __init__(self, graph: CompiledGraph) -> None:
+        self.graph = graph
+        self.precision = graph.precision
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last hidden state `(batch, tokens, dim)` as float32 on the CPU."""

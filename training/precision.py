@@ -3,9 +3,9 @@
 bf16 is used on CUDA GPUs that support it and on CPUs with AMX or AVX512-BF16
 (Sapphire Rapids and later); elsewhere fp32. Autocast keeps master weights and the
 loss in fp32, so only matrix multiplications run in bf16. int8 is an encoding-only
-precision a release asks for explicitly: its transformer runs as a dynamically
-quantised ONNX model (see `training.int8`), so `auto` never picks it and training
-refuses it.
+precision a release asks for explicitly: its transformer runs as a quantised model
+(dynamically on ONNX Runtime, `training.int8`, or statically on OpenVINO,
+`training.openvino_int8`), so `auto` never picks it and training refuses it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def resolve_training(precision: Precision, device: torch.device) -> TrainingPrec
 def autocast(precision: ConcretePrecision, device: torch.device) -> contextlib.AbstractContextManager:
     """An autocast context for `precision` on `device`: bf16 autocast, else a no-op.
 
-    int8 is a no-op too: the int8 transformer runs in ONNX Runtime, and the torch
+    int8 is a no-op too: the int8 transformer runs outside torch, and the torch
     modules an int8 release also uses (its reranker) run in fp32.
     """
     if precision != "bf16":

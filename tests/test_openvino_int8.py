@@ -1,0 +1,177 @@
+"""int8 on the openvino runtime: statically quantised on a corpus sample, gated, stored in the release and served."""
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from indexer import release_builder
+from indexer.corpus_store import Document
+from indexer.embedding_shards import assemble_release, encode_shard, plan_shards
+from indexer.live_release import LiveRelease
+from indexer.manifest import OPENVINO_INT8_FILES, Manifest
+from indexer.release_builder import BuildOptions, build_release
+from indexer.release_store import new_release_id
+from service.cli import app as cli
+from training.bi_encoder import BiEncoder, TorchForward
+from training.cross_encoder import CrossEncoder
+from training.errors import IntegrityError, InvalidInput
+from training.openvino_runtime import OpenVinoForward
+from tests.conftest import SAMPLE_DOCS, require_shared
+from tests.test_int8 import GATE, TEXTS, _cosines, _fragile_model
+
+pytest.importorskip("openvino", reason="int8 on openvino needs `pip install 'lockstep[openvino]'`")
+pytest.importorskip("nncf", reason="int8 on openvino needs `pip install 'lockstep[openvino]'`")
+
+XML, BIN = OPENVINO_INT8_FILES
+INT8_OPENVINO = {"precision": "int8", "runtime": "openvino"}
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the torch transformer ran on the int8 path")
+
+
+def _corpus_documents(count: int) -> list[Document]:
+    words = ["apple", "banana", "protein", "cancer", "fox", "dog", "river", "stone", "cell", "gene", "light", "green"]
+    return [Document(id=f"n{i}", title=f"note {i}", text=" ".join(words[(i * j) % 12] for j in range(3 + i % 9)))
+            for i in range(count)]
+
+
+def test_quantised_encoding_agrees_with_fp32_in_every_batch_shape(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards against a quantised graph that bakes in the traced batch or length, or drops the padding mask."""
+    encoder = BiEncoder.load(tiny_model_dir)
+    reference = {kind: encoder.encode(TEXTS, kind) for kind in ("query", "document")}
+    path = encoder.quantise_openvino_int8(tmp_path / XML, TEXTS * 3)
+    assert path == tmp_path / XML and (tmp_path / BIN).stat().st_size > 0
+    encoder.use_int8(path)
+    assert (encoder.precision, encoder.runtime) == ("int8", "openvino")
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
+    for kind, expected in reference.items():
+        for batch_size in (1, 3, 32):
+            vectors = encoder.encode(TEXTS, kind, batch_size=batch_size)
+            assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+            assert _cosines(vectors, expected).min() >= GATE and np.abs(vectors - expected).max() > 0
+
+
+def test_an_int8_openvino_release_stores_its_graph_and_serves_through_it(corpus, releases, tiny_model_dir, monkeypatch):
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir, **INT8_OPENVINO)
+    manifest = build_release(corpus, releases, options, activate=True)
+    folder = releases.path(manifest.release_id)
+    assert (manifest.precision, manifest.runtime) == ("int8", "openvino") and Manifest.read(folder) == manifest
+    assert set(manifest.files) == {"index.faiss", "ids.json", XML, BIN}
+    agreement = manifest.int8_agreement
+    assert agreement.sample == len(SAMPLE_DOCS) and GATE <= agreement.min_cosine <= agreement.mean_cosine <= 1.0 + 1e-6
+
+    live = LiveRelease.load(releases, manifest.release_id)
+    assert isinstance(live.encoder.forward, OpenVinoForward) and live.encoder.forward.precision == "int8"
+    assert (live.reranker.runtime, live.reranker._graph.precision) == ("openvino", "fp32")
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
+    monkeypatch.setattr(CrossEncoder, "logits", _refuse)
+    assert live.search(corpus, "apple banana cherry", k=1).hits[0].document.id == "d3"
+    assert [hit.document.id for hit in live.search(corpus, "apple banana cherry", k=3, rerank=True).hits][0] == "d3"
+
+    built = np.stack([live.index.reconstruct(doc.id) for doc in SAMPLE_DOCS])
+    assert np.allclose(built, live.encoder.encode([doc.embedding_text() for doc in SAMPLE_DOCS]), atol=1e-5)
+    new = Document(id="d6", title="Pie", text="green apple cherry pie")
+    corpus.upsert([new])
+    assert live.catch_up(corpus) == 1
+    assert np.allclose(live.index.reconstruct("d6"), live.encoder.encode([new.embedding_text()])[0], atol=1e-5)
+
+
+def test_calibration_and_agreement_samples_share_no_document(corpus, releases, tiny_model_dir, monkeypatch):
+    """The agreement figure would flatter a graph calibrated on the very documents it is measured on."""
+    documents = _corpus_documents(40)
+    corpus.upsert(documents)
+    monkeypatch.setattr(release_builder, "INT8_CALIBRATION", 20)
+    calibrated: list[list[str]] = []
+    quantise = BiEncoder.quantise_openvino_int8
+
+    def recording(encoder, path, texts):
+        calibrated.append(list(texts))
+        return quantise(encoder, path, texts)
+
+    monkeypatch.setattr(BiEncoder, "quantise_openvino_int8", recording)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, int8_sample=16, **INT8_OPENVINO))
+    assert manifest.int8_agreement.sample == 16 and len(calibrated) == 1 and len(calibrated[0]) == 20
+    assert len({doc.embedding_text() for doc in documents}) == len(documents)
+    assert set(calibrated[0]) <= {doc.embedding_text() for doc in documents}
+    _, snapshot = corpus.snapshot()
+    order = np.random.default_rng(release_builder.INT8_SAMPLE_SEED).permutation(len(snapshot))
+    measured = {snapshot[row].embedding_text() for row in order[:16]}
+    assert measured.isdisjoint(calibrated[0])
+
+
+def test_a_failed_gate_names_the_figure_and_leaves_nothing(corpus, releases, tmp_path):
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=_fragile_model(tmp_path / "fragile"), **INT8_OPENVINO)
+    with pytest.raises(InvalidInput, match=r"mean cosine 0\.\d{4} \(min 0\.\d{4}\) with fp32 on 5 .*bf16 or fp32 instead"):
+        build_release(corpus, releases, options, activate=True)
+    assert releases.list() == [] and releases.active() is None
+    assert list(releases.releases_dir.glob(".staging-*")) == []
+
+
+@pytest.mark.parametrize("name", OPENVINO_INT8_FILES)
+def test_a_modified_graph_file_is_refused(corpus, releases, tiny_model_dir, name):
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO))
+    path = releases.path(manifest.release_id) / name
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(IntegrityError, match=f"{re.escape(name)} does not match its manifest checksum"):
+        LiveRelease.load(releases, manifest.release_id)
+
+
+def test_shards_of_an_int8_openvino_plan_encode_through_its_graph(corpus, releases, tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO)
+    plan = plan_shards(corpus, releases, options, new_release_id(), tmp_path / "plan", shard_size=2)
+    assert (plan.spec.precision, plan.spec.runtime) == ("int8", "openvino") and (tmp_path / "plan" / XML).is_file()
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
+    for shard in range(plan.count):
+        encode_shard(data_dir, tmp_path / "plan", shard, batch_size=4)
+    manifest = assemble_release(releases, tmp_path / "plan")
+    assert set(manifest.files) == {"index.faiss", "ids.json", XML, BIN}
+    live = LiveRelease.load(releases, manifest.release_id)
+    assert live.search(corpus, "apple banana cherry", k=1).hits[0].document.id == "d3"
+
+
+def test_a_build_without_nncf_says_how_to_install_it_and_leaves_nothing(corpus, releases, tiny_model_dir, monkeypatch):
+    corpus.upsert(SAMPLE_DOCS)
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(InvalidInput, match=r"quantised with nncf, which is not installed; install it with "
+                                           r"`pip install 'lockstep\[openvino\]'`"):
+        build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO))
+    assert releases.list() == [] and list(releases.releases_dir.glob(".staging-*")) == []
+
+
+def test_cli_builds_int8_on_openvino_and_says_so(tmp_path, tiny_model_dir):
+    corpus_file = tmp_path / "corpus.jsonl"
+    corpus_file.write_text("".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in SAMPLE_DOCS))
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert CliRunner().invoke(cli, [*data, "ingest", str(corpus_file)]).exit_code == 0
+    result = CliRunner().invoke(
+        cli, [*data, "build", "--model", str(tiny_model_dir), "--precision", "int8", "--runtime", "openvino"]
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r", int8 on openvino \(mean cosine [01]\.\d{4} with fp32\), model tiny-bert-0", result.output), result.output
+
+
+@pytest.mark.integration
+def test_minilm_int8_on_openvino_agrees_with_fp32_on_scifact(corpus, releases):
+    """The packaged MiniLM, statically quantised on real documents, passes the gate, and queries agree with fp32 too."""
+    from training.default_model import default_model_path
+
+    lines = require_shared("scifact", "corpus.jsonl").read_text().splitlines()[:300]
+    documents = [Document(id=r["_id"], title=r["title"], text=r["text"]) for r in map(json.loads, lines)]
+    corpus.upsert(documents)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=default_model_path(), **INT8_OPENVINO))
+    assert manifest.int8_agreement.sample == 256 and manifest.int8_agreement.mean_cosine >= GATE
+    live = LiveRelease.load(releases, manifest.release_id)
+    fp32 = BiEncoder.load(default_model_path())
+    built = np.stack([live.index.reconstruct(doc.id) for doc in documents])
+    assert _cosines(built, fp32.encode([doc.embedding_text() for doc in documents], batch_size=32)).mean() >= GATE
+    queries = [json.loads(line)["text"] for line in require_shared("scifact", "queries.jsonl").read_text().splitlines()[:50]]
+    assert _cosines(live.encoder.encode(queries, "query"), fp32.encode(queries, "query")).mean() >= GATE
