@@ -34,7 +34,7 @@ from training.bi_encoder import MAX_BATCH_TOKENS, BiEncoder  # noqa: E402
 from training.default_model import default_model_path  # noqa: E402
 from training.eval_data import load_qrels, load_queries  # noqa: E402
 from training.evaluation import evaluate_run  # noqa: E402
-from indexer.release_builder import INT8_CALIBRATION, INT8_SAMPLE_SEED  # noqa: E402
+from indexer.release_builder import int8_samples  # noqa: E402
 from training.precision import cpu_supports_bf16  # noqa: E402
 
 try:
@@ -136,7 +136,7 @@ def main() -> None:
     precisions = ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
     configs = [(runtime, precision) for runtime in RUNTIMES for precision in precisions] + [("onnxruntime", "int8")]
     configs += [("openvino", "int8")] if "openvino" in RUNTIMES else []
-    calibration = [texts[row] for row in np.random.default_rng(INT8_SAMPLE_SEED).permutation(len(texts))[-INT8_CALIBRATION:]]
+    calibration = [texts[row] for row in int8_samples(len(texts), 0)[1]]
     with tempfile.TemporaryDirectory() as scratch:
         for runtime, precision in configs:
             encoder = BiEncoder.load(default_model_path())

@@ -134,23 +134,29 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
     return BuildModel(encoder, ref, reranker, precision)
 
 
+def int8_samples(document_count: int, agreement: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the int8 gate's samples, each sorted: up to `agreement` to measure on and up to `INT8_CALIBRATION` to
+    calibrate on. Both come from one seeded permutation, the first from its front and the second from its back, so
+    they share no row unless the corpus is too small for both."""
+    order = np.random.default_rng(INT8_SAMPLE_SEED).permutation(document_count)
+    return np.sort(order[:agreement]), np.sort(order[::-1][:INT8_CALIBRATION])
+
+
 def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
     """Quantise `encoder` into `folder` for the build's runtime, switch it to int8, and return its agreement with fp32.
 
     On torch the model is quantised dynamically for ONNX Runtime; on openvino statically,
-    calibrated on up to `INT8_CALIBRATION` documents. Both samples come from one seeded
-    permutation of the corpus, the agreement sample from its front and the calibration
-    sample from its back, so they share no document unless the corpus is too small for
-    both. The agreement is the cosine between fp32 and int8 vectors of up to
+    calibrated on documents apart from those the agreement is measured on (`int8_samples`).
+    The agreement is the cosine between fp32 and int8 vectors of up to
     `options.int8_sample` documents; below `options.int8_min_cosine` (mean) the build fails
     with the figures, and the caller's staging folder, model files included, is removed.
     """
-    order = np.random.default_rng(INT8_SAMPLE_SEED).permutation(len(documents))
-    texts = [documents[row].embedding_text() for row in np.sort(order[: options.int8_sample])]
+    measured, calibrated = int8_samples(len(documents), options.int8_sample)
+    texts = [documents[row].embedding_text() for row in measured]
     encoder.precision = "fp32"
     reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
     if options.runtime == "openvino":
-        calibration = [documents[row].embedding_text() for row in np.sort(order[::-1][:INT8_CALIBRATION])]
+        calibration = [documents[row].embedding_text() for row in calibrated]
         model = encoder.quantise_openvino_int8(folder / int8_model_files("openvino")[0], calibration)
     else:
         model = encoder.export_int8(folder / int8_model_files("onnxruntime")[0])

@@ -100,9 +100,10 @@ def test_calibration_and_agreement_samples_share_no_document(corpus, releases, t
     assert len({doc.embedding_text() for doc in documents}) == len(documents)
     assert set(calibrated[0]) <= {doc.embedding_text() for doc in documents}
     _, snapshot = corpus.snapshot()
-    order = np.random.default_rng(release_builder.INT8_SAMPLE_SEED).permutation(len(snapshot))
-    measured = {snapshot[row].embedding_text() for row in order[:16]}
-    assert measured.isdisjoint(calibrated[0])
+    measured_rows, calibration_rows = release_builder.int8_samples(len(snapshot), 16)
+    assert len(measured_rows) == 16 and set(measured_rows).isdisjoint(calibration_rows)
+    assert {snapshot[row].embedding_text() for row in calibration_rows} == set(calibrated[0])
+    assert {snapshot[row].embedding_text() for row in measured_rows}.isdisjoint(calibrated[0])
 
 
 def test_a_failed_gate_names_the_figure_and_leaves_nothing(corpus, releases, tmp_path):
