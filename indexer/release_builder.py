@@ -317,9 +317,12 @@ def build_release(
     report = progress or (lambda stage, done, total: None)
     model, seq, documents = snapshot_for_build(corpus, releases, options, report)
     release_id = release_id or new_release_id()
-    bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
-    with releases.staging(release_id) as staging, bar:
-        agreement = quantise_if_int8(model, documents, staging, options, report)
+    with releases.staging(release_id) as staging:
+        quantising = show_progress and model.precision == "int8"
+        with tqdm(total=1, desc="int8 quantisation and check", disable=not quantising) as step:
+            agreement = quantise_if_int8(model, documents, staging, options, report)
+            step.update(1)
+        bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
 
         def advance(done: int, total: int) -> None:
             bar.update(done - bar.n)
@@ -327,9 +330,9 @@ def build_release(
 
         parts = embed_documents(model.encoder, [doc.id for doc in documents],
                                 [doc.embedding_text() for doc in documents], options.batch_size, advance)
-        manifest = publish_release(
-            releases, staging, release_spec(release_id, model, options, seq, len(documents), agreement), parts, report
-        )
+        spec = release_spec(release_id, model, options, seq, len(documents), agreement)
+        with bar:
+            manifest = publish_release(releases, staging, spec, parts, report)
     if activate:
         releases.activate(release_id)
     return manifest
