@@ -35,6 +35,7 @@ from training.default_model import default_model_path  # noqa: E402
 from training.eval_data import load_qrels, load_queries  # noqa: E402
 from training.evaluation import evaluate_run  # noqa: E402
 from indexer.release_builder import int8_samples  # noqa: E402
+from indexer.release_runtime import choose_runtime, quantise_int8  # noqa: E402
 from training.precision import cpu_supports_bf16  # noqa: E402
 
 try:
@@ -42,6 +43,11 @@ try:
     RUNTIMES = ("torch", "openvino")
 except ImportError:
     RUNTIMES = ("torch",)
+try:
+    import nncf  # noqa: F401
+    OPENVINO_INT8 = True
+except ImportError:
+    OPENVINO_INT8 = False
 
 FLOP_PER_TOKEN = 24e6
 
@@ -134,21 +140,17 @@ def main() -> None:
             query_vectors["sentence-transformers bf16 autocast"] = theirs.encode(query_texts, normalize_embeddings=True,
                                                                                  show_progress_bar=False)
     precisions = ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
-    configs = [(runtime, precision) for runtime in RUNTIMES for precision in precisions] + [("onnxruntime", "int8")]
-    configs += [("openvino", "int8")] if "openvino" in RUNTIMES else []
+    configs = [(runtime, precision) for runtime in RUNTIMES for precision in (*precisions, "int8")
+               if (runtime, precision) != ("openvino", "int8") or OPENVINO_INT8]
     calibration = [texts[row] for row in int8_samples(len(texts), 0)[1]]
     with tempfile.TemporaryDirectory() as scratch:
         for runtime, precision in configs:
             encoder = BiEncoder.load(default_model_path())
-            encoder.precision = "fp32" if precision == "int8" else precision
-            if runtime == "onnxruntime":
-                encoder.use_int8(encoder.export_int8(Path(scratch) / "encoder.int8.onnx"))
-            elif precision == "int8":
-                encoder.use_int8(encoder.quantise_openvino_int8(Path(scratch) / "encoder.int8.xml", calibration))
-            elif runtime == "openvino":
-                encoder.use_openvino()
+            choose_runtime(encoder, precision, runtime)
+            if precision == "int8":
+                encoder.use_int8(quantise_int8(encoder, Path(scratch), runtime, calibration))
             encoder.encode(texts[:64], show_progress=False)
-            name = f"lockstep {precision} ({runtime})"
+            name = f"lockstep {precision} ({encoder.runtime})"
             runs[name] = timed(lambda: encoder.encode(
                 texts, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, show_progress=False))
             query_vectors[name] = encoder.encode(query_texts, "query", show_progress=False)

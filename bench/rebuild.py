@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexer.corpus_store import CorpusStore  # noqa: E402
 from indexer.ingest import read_corpus  # noqa: E402
 from indexer.release_builder import BuildOptions, build_release, int8_samples  # noqa: E402
-from indexer.release_runtime import choose_runtime  # noqa: E402
+from indexer.release_runtime import choose_runtime, quantise_int8  # noqa: E402
 from indexer.release_store import ReleaseStore  # noqa: E402
 from training.bi_encoder import BiEncoder  # noqa: E402
 from training.default_model import default_model_path  # noqa: E402
@@ -54,10 +54,8 @@ def main() -> None:
     texts = [doc.embedding_text() for doc in documents]
     with tempfile.TemporaryDirectory(prefix="quantised-") as scratch:
         if args.precision == "int8":
-            quantised = (encoder.quantise_openvino_int8(Path(scratch) / "encoder.int8.xml",
-                                                        [texts[row] for row in int8_samples(len(texts), 0)[1]])
-                         if args.runtime == "openvino" else encoder.export_int8(Path(scratch) / "encoder.int8.onnx"))
-            encoder.use_int8(quantised)
+            calibration = [texts[row] for row in int8_samples(len(texts), 0)[1]]
+            encoder.use_int8(quantise_int8(encoder, Path(scratch), args.runtime, calibration))
         encoder.encode(texts[:64], "document", show_progress=False)
         started = time.perf_counter()
         encoder.encode(texts, "document", batch_size=args.batch_size, show_progress=False)

@@ -4,8 +4,9 @@ Loading checks every file against the manifest's checksums and the model against
 the manifest's fingerprint, and refuses the release if anything differs, so a query
 is never scored by one model against another model's vectors. Queries run on the
 release's precision and runtime (`release_runtime`): an int8 release encodes through
-the quantised ONNX model stored (and checksummed) in its folder, the one its documents
-were embedded with, an openvino release through the graph compiled from its model.
+the quantised model stored (and checksummed) in its folder, the one its documents were
+embedded with (ONNX on onnxruntime, OpenVINO IR on openvino), an fp32 or bf16 openvino
+release through the graph compiled from its model.
 After loading, writes made to the corpus since the release was built are caught up
 with the same model.
 """
@@ -120,9 +121,10 @@ class LiveRelease:
         _verify_files(folder, manifest)
         models = ModelStore(releases.data_dir)
         encoder = models.load(manifest.model, device=device)
-        missing = [name for name in int8_model_files(manifest.runtime) if name not in manifest.files]
-        if manifest.precision == "int8" and missing:
-            raise IntegrityError(f"release {release_id} is int8 but its manifest lists no {', '.join(missing)}; rebuild it")
+        if manifest.precision == "int8":
+            missing = [name for name in int8_model_files(manifest.runtime) if name not in manifest.files]
+            if missing:
+                raise IntegrityError(f"release {release_id} is int8 but its manifest lists no {', '.join(missing)}; rebuild it")
         attach_runtime(encoder, folder, manifest.precision, manifest.runtime)
         reranker = models.load_reranker(manifest.reranker, device=device) if manifest.reranker else None
         if reranker is not None:

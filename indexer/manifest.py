@@ -21,16 +21,20 @@ from pathlib import Path
 import numpy as np
 
 from indexer.recall_check import RecallCheck
+from training.errors import InvalidInput
 
 MANIFEST_FILE = "manifest.json"
 INT8_MODEL_FILE = "encoder.int8.onnx"
 OPENVINO_INT8_FILES = ("encoder.int8.xml", "encoder.int8.bin")
+INT8_FILES = {"onnxruntime": (INT8_MODEL_FILE,), "openvino": OPENVINO_INT8_FILES}
 FORMAT_VERSION = 1
 
 
 def int8_model_files(runtime: str) -> tuple[str, ...]:
     """The files an int8 release on `runtime` stores its quantised encoder in; the first is the one to load."""
-    return OPENVINO_INT8_FILES if runtime == "openvino" else (INT8_MODEL_FILE,)
+    if runtime not in INT8_FILES:
+        raise InvalidInput(f"an int8 release on runtime {runtime!r} is one this version cannot run; upgrade lockstep")
+    return INT8_FILES[runtime]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from indexer.durable_files import sha256_file
 from indexer.manifest import Int8Agreement, Manifest, ModelRef, NormStats, RerankerRef, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.recall_check import measure_recall
-from indexer.release_runtime import BuildRuntime, choose_runtime
+from indexer.release_runtime import BuildRuntime, choose_runtime, quantise_int8
 from indexer.release_store import ReleaseStore, new_release_id
 from indexer.vector_index import VectorIndex
 from training.bi_encoder import BiEncoder
@@ -155,12 +155,8 @@ def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, 
     texts = [documents[row].embedding_text() for row in measured]
     encoder.precision = "fp32"
     reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
-    if options.runtime == "openvino":
-        calibration = [documents[row].embedding_text() for row in calibrated]
-        model = encoder.quantise_openvino_int8(folder / int8_model_files("openvino")[0], calibration)
-    else:
-        model = encoder.export_int8(folder / int8_model_files("onnxruntime")[0])
-    encoder.use_int8(model)
+    calibration = [documents[row].embedding_text() for row in calibrated]
+    encoder.use_int8(quantise_int8(encoder, folder, options.runtime, calibration))
     quantised = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
     agreement = Int8Agreement.of(np.sum(reference * quantised, axis=1))
     if agreement.mean_cosine < options.int8_min_cosine:

@@ -9,6 +9,7 @@ quantised and stored in the release). A release's reranker follows it onto openv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,17 @@ def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: Bu
     encoder.precision = precision
     if runtime == "openvino":
         encoder.use_openvino()
+
+
+def quantise_int8(encoder: BiEncoder, folder: Path, runtime: BuildRuntime, calibration_texts: Sequence[str]) -> Path:
+    """Quantise the fp32 encoder for an int8 release on `runtime` into `folder`; returns the file to load.
+
+    On torch: dynamically, to ONNX for ONNX Runtime (`calibration_texts` unused). On
+    openvino: statically, to OpenVINO IR calibrated on `calibration_texts`.
+    """
+    if runtime == "openvino":
+        return encoder.quantise_openvino_int8(folder / int8_model_files("openvino")[0], calibration_texts)
+    return encoder.export_int8(folder / int8_model_files("onnxruntime")[0])
 
 
 def attach_reranker_runtime(reranker: CrossEncoder, precision: str, runtime: str) -> None:

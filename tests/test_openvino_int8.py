@@ -12,18 +12,18 @@ from indexer import release_builder
 from indexer.corpus_store import Document
 from indexer.embedding_shards import assemble_release, encode_shard, plan_shards
 from indexer.live_release import LiveRelease
-from indexer.manifest import OPENVINO_INT8_FILES, Manifest
+from indexer.manifest import MANIFEST_FILE, OPENVINO_INT8_FILES, Manifest
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import new_release_id
 from service.cli import app as cli
 from training.bi_encoder import BiEncoder, TorchForward
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, InvalidInput
-from training.openvino_runtime import OpenVinoForward
+from training.openvino_runtime import FLOAT_HINT_KEY, CompiledGraph, OpenVinoForward, stored_float_hint
 from tests.conftest import SAMPLE_DOCS, require_shared
 from tests.test_int8 import GATE, TEXTS, _cosines, _fragile_model
 
-pytest.importorskip("openvino", reason="int8 on openvino needs `pip install 'lockstep[openvino]'`")
+openvino = pytest.importorskip("openvino", reason="int8 on openvino needs `pip install 'lockstep[openvino]'`")
 pytest.importorskip("nncf", reason="int8 on openvino needs `pip install 'lockstep[openvino]'`")
 
 XML, BIN = OPENVINO_INT8_FILES
@@ -46,6 +46,8 @@ def test_quantised_encoding_agrees_with_fp32_in_every_batch_shape(tiny_model_dir
     reference = {kind: encoder.encode(TEXTS, kind) for kind in ("query", "document")}
     path = encoder.quantise_openvino_int8(tmp_path / XML, TEXTS * 3)
     assert path == tmp_path / XML and (tmp_path / BIN).stat().st_size > 0
+    operations = [op.get_type_name() for op in openvino.Core().read_model(str(path)).get_ops()]
+    assert operations.count("FakeQuantize") >= 6, "the stored graph should hold quantised matrix products"
     encoder.use_int8(path)
     assert (encoder.precision, encoder.runtime) == ("int8", "openvino")
     monkeypatch.setattr(TorchForward, "__call__", _refuse)
@@ -125,11 +127,61 @@ def test_a_modified_graph_file_is_refused(corpus, releases, tiny_model_dir, name
         LiveRelease.load(releases, manifest.release_id)
 
 
+def test_a_manifest_missing_the_weights_file_is_refused(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO))
+    path = releases.path(manifest.release_id) / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    del data["files"][BIN]
+    path.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match=f"is int8 but its manifest lists no {re.escape(BIN)}; rebuild it"):
+        LiveRelease.load(releases, manifest.release_id)
+
+
+def test_an_int8_release_on_an_unknown_runtime_asks_for_an_upgrade(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO))
+    path = releases.path(manifest.release_id) / MANIFEST_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "runtime": "tensorrt"}))
+    with pytest.raises(InvalidInput, match="int8 release on runtime 'tensorrt' is one this version cannot run; upgrade"):
+        LiveRelease.load(releases, manifest.release_id)
+
+
+def test_the_stored_graph_runs_its_float_operations_as_recorded_at_build_time(tiny_model_dir, tmp_path):
+    """Every process serving a release must compute alike, whatever precision its own CPU would pick."""
+    encoder = BiEncoder.load(tiny_model_dir)
+    path = encoder.quantise_openvino_int8(tmp_path / XML, TEXTS)
+    graph = openvino.Core().read_model(str(path))
+    assert graph.get_rt_info(FLOAT_HINT_KEY).astype(str) == stored_float_hint()
+    compiled = CompiledGraph.of_file(path, "int8").compiled
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == stored_float_hint()
+
+
+@pytest.mark.skipif(" avx512_fp16" in open("/proc/cpuinfo").read(), reason="this CPU runs f16, the hint the test relies on it lacking")
+def test_a_graph_recording_a_float_precision_this_cpu_lacks_is_refused(tiny_model_dir, tmp_path):
+    encoder = BiEncoder.load(tiny_model_dir)
+    graph = openvino.Core().read_model(str(encoder.quantise_openvino_int8(tmp_path / XML, TEXTS)))
+    graph.set_rt_info("f16", FLOAT_HINT_KEY)
+    openvino.save_model(graph, str(tmp_path / "f16.xml"), compress_to_fp16=False)
+    with pytest.raises(InvalidInput, match=r"int8 model's float arithmetic for (f32|bf16), not f16: the CPU lacks the instructions; "
+                                           "build the release again on a CPU like this one"):
+        encoder.use_int8(tmp_path / "f16.xml")
+
+
+def test_a_stored_graph_without_its_weights_file_is_refused(tiny_model_dir, tmp_path):
+    encoder = BiEncoder.load(tiny_model_dir)
+    path = encoder.quantise_openvino_int8(tmp_path / XML, TEXTS)
+    (tmp_path / BIN).unlink()
+    with pytest.raises(IntegrityError, match=f"the OpenVINO model {XML} lacks .*{BIN}; build the release again"):
+        encoder.use_int8(path)
+
+
 def test_shards_of_an_int8_openvino_plan_encode_through_its_graph(corpus, releases, tiny_model_dir, data_dir, tmp_path, monkeypatch):
     corpus.upsert(SAMPLE_DOCS)
     options = BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO)
     plan = plan_shards(corpus, releases, options, new_release_id(), tmp_path / "plan", shard_size=2)
-    assert (plan.spec.precision, plan.spec.runtime) == ("int8", "openvino") and (tmp_path / "plan" / XML).is_file()
+    assert (plan.spec.precision, plan.spec.runtime) == ("int8", "openvino")
+    assert (tmp_path / "plan" / XML).is_file() and (tmp_path / "plan" / BIN).is_file()
     monkeypatch.setattr(TorchForward, "__call__", _refuse)
     for shard in range(plan.count):
         encode_shard(data_dir, tmp_path / "plan", shard, batch_size=4)

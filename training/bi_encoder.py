@@ -245,7 +245,7 @@ class BiEncoder:
 
     @property
     def runtime(self) -> Runtime:
-        """What runs the transformer: torch, openvino, or onnxruntime (int8)."""
+        """What runs the transformer: torch, openvino (fp32, bf16 or static int8), or onnxruntime (dynamic int8)."""
         return self.forward.runtime
 
     def prepare_for_serving(self) -> None:

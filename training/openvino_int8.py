@@ -6,9 +6,10 @@ bf16. Here NNCF's post-training quantisation measures each activation's range on
 calibration sample of the corpus once, with its transformer preset (SmoothQuant moves
 outliers from activations into weights; softmax and LayerNorm stay in float), and
 OpenVINO runs the result on the CPU's int8 dot-product units (VNNI, AMX-int8). The
-quantised graph is stored as OpenVINO IR (an `.xml` beside its `.bin`) so every process
-serving the release loads the very graph the corpus was encoded with; NNCF is needed
-only to build it.
+quantised graph is stored as OpenVINO IR (an `.xml` beside its `.bin`), with the float
+precision of its unquantised operations, so every process serving the release loads
+the very graph the corpus was encoded with and runs it alike; NNCF is needed only to
+build it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from training.errors import InvalidInput
-from training.openvino_runtime import INSTALL_HINT, convert_transformer, openvino_module
+from training.openvino_runtime import (
+    FLOAT_HINT_KEY, INSTALL_HINT, convert_transformer, openvino_module, stored_float_hint,
+)
 
 
 def nncf_module():
@@ -49,6 +52,7 @@ def quantise(model: PreTrainedModel, calibration: Sequence[dict[str, np.ndarray]
     quantised = nncf.quantize(
         graph, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
     )
+    quantised.set_rt_info(stored_float_hint(), FLOAT_HINT_KEY)
     ov.save_model(quantised, str(path), compress_to_fp16=False)
     return path
 

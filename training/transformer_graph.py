@@ -1,8 +1,9 @@
 """The transformer as a graph other runtimes take: positional tensor inputs in, one named output out.
 
-Both runtimes that run models outside torch (ONNX Runtime for int8, OpenVINO for fp32
-and bf16) trace the same wrapper with the same inputs, so tokenisation, length
-bucketing, pooling and normalisation stay in `BiEncoder` for every runtime.
+Both runtimes that run models outside torch (ONNX Runtime for dynamic int8, OpenVINO
+for fp32, bf16 and static int8) trace the same wrapper with the same inputs, so
+tokenisation, length bucketing, pooling and normalisation stay in `BiEncoder` for
+every runtime.
 """
 
 from __future__ import annotations
