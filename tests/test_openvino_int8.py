@@ -127,24 +127,29 @@ def test_a_modified_graph_file_is_refused(corpus, releases, tiny_model_dir, name
         LiveRelease.load(releases, manifest.release_id)
 
 
-def test_a_manifest_missing_the_weights_file_is_refused(corpus, releases, tiny_model_dir):
+def _int8_release_with_manifest(corpus, releases, model_dir, change) -> str:
+    """Build an int8 openvino release, then rewrite its manifest with `change(data) -> data`; returns its id."""
     corpus.upsert(SAMPLE_DOCS)
-    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO))
-    path = releases.path(manifest.release_id) / MANIFEST_FILE
-    data = json.loads(path.read_text())
-    del data["files"][BIN]
-    path.write_text(json.dumps(data))
+    release_id = build_release(corpus, releases, BuildOptions(model_path=model_dir, **INT8_OPENVINO)).release_id
+    path = releases.path(release_id) / MANIFEST_FILE
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return release_id
+
+
+def test_a_manifest_missing_the_weights_file_is_refused(corpus, releases, tiny_model_dir):
+    def drop_bin(data):
+        del data["files"][BIN]
+        return data
+
+    release_id = _int8_release_with_manifest(corpus, releases, tiny_model_dir, drop_bin)
     with pytest.raises(IntegrityError, match=f"is int8 but its manifest lists no {re.escape(BIN)}; rebuild it"):
-        LiveRelease.load(releases, manifest.release_id)
+        LiveRelease.load(releases, release_id)
 
 
 def test_an_int8_release_on_an_unknown_runtime_asks_for_an_upgrade(corpus, releases, tiny_model_dir):
-    corpus.upsert(SAMPLE_DOCS)
-    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **INT8_OPENVINO))
-    path = releases.path(manifest.release_id) / MANIFEST_FILE
-    path.write_text(json.dumps({**json.loads(path.read_text()), "runtime": "tensorrt"}))
+    release_id = _int8_release_with_manifest(corpus, releases, tiny_model_dir, lambda data: {**data, "runtime": "tensorrt"})
     with pytest.raises(InvalidInput, match="int8 release on runtime 'tensorrt' is one this version cannot run; upgrade"):
-        LiveRelease.load(releases, manifest.release_id)
+        LiveRelease.load(releases, release_id)
 
 
 def test_the_stored_graph_runs_its_float_operations_as_recorded_at_build_time(tiny_model_dir, tmp_path):
