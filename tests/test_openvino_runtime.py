@@ -1,12 +1,15 @@
 """The openvino runtime: fp32 and bf16 encoding through a compiled graph, recorded in the release and used for queries."""
 
 import json
+import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +36,8 @@ from tests.test_cross_encoder import PAIRS
 from tests.processes import REDIS_URL, start_worker, stop
 
 pytest.importorskip("openvino", reason="the openvino runtime needs `pip install 'lockstep[openvino]'`")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXTS = [
     "apple banana",
@@ -221,3 +226,22 @@ def test_a_real_worker_reembeds_through_openvino_and_the_release_goes_live(tmp_p
         queue.close()
         store.close()
         corpus.close()
+
+
+def test_converting_and_quantising_send_no_telemetry_and_write_nothing_home(tiny_model_dir, tmp_path):
+    """OpenVINO (from its import on) and NNCF otherwise keep a client id and usage counts under ~/intel and send
+    usage events to Intel; run in a fresh process outside CI, where both would."""
+    pytest.importorskip("nncf", reason="quantising needs `pip install 'lockstep[openvino]'`")
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    script = (
+        "from training.bi_encoder import BiEncoder\n"
+        f"encoder = BiEncoder.load({str(tiny_model_dir)!r})\n"
+        f"encoder.quantise_openvino_int8({str(out / 'encoder.int8.xml')!r}, ['apple banana', 'the quick brown fox'])\n"
+        "encoder.use_openvino()\n"
+        "assert encoder.encode(['apple']).shape == (1, encoder.dim)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "HOME": str(home)}, check=True, timeout=300)
+    assert list(home.iterdir()) == []

@@ -27,7 +27,8 @@ from training.openvino_runtime import (
 
 
 def nncf_module():
-    """The `nncf` package, or InvalidInput saying how to install it."""
+    """The `nncf` package, or InvalidInput saying how to install it; import it after `openvino_module`, which
+    declines the telemetry NNCF would otherwise start at import."""
     try:
         import nncf
     except ImportError as error:
@@ -46,8 +47,8 @@ def quantise(model: PreTrainedModel, calibration: Sequence[dict[str, np.ndarray]
     path = Path(path)
     if path.suffix != ".xml":
         raise InvalidInput(f"an OpenVINO model is written as .xml with its .bin beside it, not {path.name}")
-    nncf = nncf_module()
     ov = openvino_module()
+    nncf = nncf_module()
     graph = convert_transformer(model)
     quantised = nncf.quantize(
         graph, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)

@@ -31,12 +31,36 @@ INSTALL_HINT = "install it with `pip install 'lockstep[openvino]'`"
 
 
 def openvino_module():
-    """The `openvino` package, or InvalidInput saying how to install it."""
+    """The `openvino` package with its usage telemetry declined (`decline_telemetry`), or InvalidInput saying how
+    to install it."""
+    decline_telemetry()
     try:
         import openvino
     except ImportError as error:
         raise InvalidInput(f"the openvino runtime needs the openvino package, which is not installed; {INSTALL_HINT}") from error
     return openvino
+
+
+def _declined(*_args, **_kwargs):
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult
+
+    return ConsentCheckResult.DECLINED
+
+
+def decline_telemetry() -> None:
+    """Answer OpenVINO's and NNCF's usage-telemetry consent check with "declined" for this process.
+
+    Unless a user has opted out, both send usage events to Intel on every model conversion
+    and quantisation and keep a client id and usage counts under `~/intel`, starting when
+    openvino is imported, so this runs first. A search service should not call out from
+    its servers, and where it cannot (offline) each attempt costs a conversion about a
+    second.
+    """
+    try:
+        from openvino_telemetry.utils.opt_in_checker import OptInChecker
+    except ImportError:
+        return
+    OptInChecker.check = _declined
 
 
 FLOAT_HINT_KEY = ["lockstep", "float_precision"]
