@@ -4,7 +4,7 @@ PyTorch runs a BERT layer as a dozen separate kernels, each a pass over memory;
 OpenVINO's CPU plugin fuses attention, GELU, LayerNorm and the residual adds into the
 matrix products around them, which is where eager bf16 loses most of its time on a
 CPU. An fp32 or bf16 graph is converted from the loaded weights each time a release
-loads (a few seconds), so such a release stores nothing beyond its model; an int8
+loads (a second or two), so such a release stores nothing beyond its model; an int8
 graph is quantised once, at build time, and stored in the release
 (`training.openvino_int8`). The manifest records the runtime, and queries run through
 the same compiled graph as the corpus did. A release's reranker runs on the same
