@@ -56,4 +56,3 @@ def quantise(model: PreTrainedModel, calibration: Sequence[dict[str, np.ndarray]
     quantised.set_rt_info(stored_float_hint(), FLOAT_HINT_KEY)
     ov.save_model(quantised, str(path), compress_to_fp16=False)
     return path
-
