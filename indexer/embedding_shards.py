@@ -6,7 +6,9 @@ caught up by whoever serves the release, as after any build), and writes into a
 folder `plan.json` (the release spec and the shard sizes) and each shard's input (the
 ids and texts of its documents, in corpus order), so every shard sees the same corpus
 version. `encode_shard` encodes one input with the stored model at the planned
-precision and writes `shard-NNNNN.npz` (ids, float32 unit vectors, norms) atomically
+precision (touching the model's folder with each chunk, so `releases gc` spares the
+model of a re-embed whose release is not published yet) and writes
+`shard-NNNNN.npz` (ids, float32 unit vectors, norms) atomically
 (temporary file, fsync, rename): a shard file is complete or absent, and one already
 there that matches its input is kept, not encoded again. `assemble_release` refuses
 while any shard is missing or differs from its recorded checksum, and otherwise adds
@@ -32,8 +34,8 @@ from indexer.durable_files import fsync_dir, sha256_file, write_atomic
 from indexer.manifest import Manifest, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.release_builder import (
-    BuildOptions, BuildProgress, EmbeddedDocuments, ReleaseSpec, embed_documents, publish_release, quantise_if_int8,
-    release_spec, snapshot_for_build,
+    BuildOptions, BuildProgress, EmbeddedDocuments, ReleaseSpec, embed_documents, keep_in_use, publish_release,
+    quantise_if_int8, release_spec, snapshot_for_build,
 )
 from indexer.release_runtime import attach_runtime
 from indexer.release_store import ReleaseStore
@@ -171,7 +173,10 @@ def encode_shard(
     if _read_vectors(path, ids, plan.spec.dim) is not None:
         return EncodedShard(shard, sha256_file(path), reused=True)
     encoder = _shard_encoder(data_dir, folder, plan.spec, device)
-    parts = list(embed_documents(encoder, ids, texts, batch_size, progress))
+    parts = []
+    for part in embed_documents(encoder, ids, texts, batch_size, progress):
+        keep_in_use(data_dir, plan.spec)
+        parts.append(part)
     _write_vectors(path, EmbeddedDocuments(
         ids, np.concatenate([part.vectors for part in parts]), np.concatenate([part.norms for part in parts])
     ))

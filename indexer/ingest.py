@@ -1,14 +1,17 @@
 """Reading a corpus file: BEIR `corpus.jsonl` or plain JSONL, checked line by line.
 
-Each line is an object with `_id` or `id`, optional `title`, `text` and `metadata`.
-The whole file is parsed and validated before anything is written, and then written
-in one transaction, so a malformed line aborts with `file:line: what is wrong` and
-commits nothing.
+Each line is an object with `_id` or `id`, optional `title`, `text` and `metadata` (a
+JSON object; absent or null means none). The whole file is parsed and validated before
+anything is written, and then written in one transaction, so a malformed line (invalid
+UTF-8 or JSON, an integer too long to convert, nesting too deep, a bad field) aborts
+with `file:line: what is wrong` and commits nothing; a file that cannot be opened or
+read is refused with its path and the reason.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from indexer.corpus_store import CorpusStore, Document, WriteResult
@@ -35,9 +38,11 @@ def parse_document(obj: object) -> Document:
             raise InvalidInput(f'"{name}" of document {doc_id!r} must be a string, got {type(value).__name__}')
     if not (title.strip() or text.strip()):
         raise InvalidInput(f'document {doc_id!r} has neither "title" nor "text"; give it some text to embed')
-    metadata = obj.get("metadata") or {}
+    metadata = obj.get("metadata")
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict):
-        raise InvalidInput(f'"metadata" of document {doc_id!r} must be a JSON object')
+        raise InvalidInput(f'"metadata" of document {doc_id!r} must be a JSON object, got {type(metadata).__name__}')
     try:
         json.dumps([doc_id, title, text, metadata], ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -46,31 +51,51 @@ def parse_document(obj: object) -> Document:
     return Document(id=doc_id, title=title, text=text, metadata=metadata)
 
 
+def _parse_line(path: Path, number: int, raw: bytes) -> Document | None:
+    """The document on one line of `path` (None for a blank line); raises InvalidInput as `file:line: problem`.
+
+    Besides malformed JSON, `json.loads` refuses an integer longer than Python converts
+    (a ValueError) and nesting deeper than the recursion limit (a RecursionError).
+    """
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if not line:
+        return None
+    try:
+        return parse_document(json.loads(line))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path}:{number}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise InvalidInput(f"{path}:{number}: JSON nested too deeply to parse; flatten the document") from exc
+    except ValueError as exc:
+        raise InvalidInput(f"{path}:{number}: a number has more than {sys.get_int_max_str_digits()} digits; "
+                           "write long numbers, such as ids, as strings") from exc
+
+
 def read_corpus(path: str | Path) -> list[Document]:
-    """Parse a JSONL corpus file; raises InvalidInput as `file:line: problem`."""
+    """Parse a JSONL corpus file; raises InvalidInput as `file:line: problem`, or `file: problem` if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file; pass a JSONL corpus such as BEIR's corpus.jsonl")
     documents: list[Document] = []
     first_line: dict[str, int] = {}
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise InvalidInput(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-            if not line:
-                continue
-            try:
-                doc = parse_document(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            except InvalidInput as exc:
-                raise InvalidInput(f"{path}:{number}: {exc}") from exc
-            if doc.id in first_line:
-                raise InvalidInput(f"{path}:{number}: duplicate id {doc.id!r} (first at line {first_line[doc.id]})")
-            first_line[doc.id] = number
-            documents.append(doc)
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                doc = _parse_line(path, number, raw)
+                if doc is None:
+                    continue
+                if doc.id in first_line:
+                    raise InvalidInput(f"{path}:{number}: duplicate id {doc.id!r} (first at line {first_line[doc.id]})")
+                first_line[doc.id] = number
+                documents.append(doc)
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot be read ({exc.strerror}); check the file's permissions and "
+                           "that it is a regular file") from exc
     if not documents:
         raise InvalidInput(f"{path}: the file holds no documents")
     return documents

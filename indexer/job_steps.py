@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from indexer.corpus_store import CorpusStore
+from indexer.durable_files import fsync_dir, fsync_tree
 from indexer.embedding_shards import assemble_release, plan_shards
 from indexer.job_store import (
     CANCELLED, FAILED, QUEUED, REJECTED, SHARD_DONE, SUCCEEDED, ClaimLost, Job, JobStore, Shard,
@@ -186,7 +187,11 @@ def _training_metrics(summary: dict, run_dir: Path) -> dict:
 
 
 def retrain(ctx: JobContext) -> StepOutcome:
-    """Fine-tune the live model on the job's data with its recipe; the model goes to `<job>/model`."""
+    """Fine-tune the live model on the job's data with its recipe; the model goes to `<job>/model`.
+
+    The model is written to `<job>/model.partial`, fsynced, and renamed into place, so a crash never
+    leaves a `<job>/model` that a rerun would take as finished but whose files are not on disk.
+    """
     from training.fine_tune import fine_tune
 
     out, run_dir = ctx.job_dir / MODEL_DIR, ctx.job_dir / RUN_DIR
@@ -224,7 +229,9 @@ def retrain(ctx: JobContext) -> StepOutcome:
             f"training did not improve dev nDCG@10 ({summary.base.get('ndcg@10', 0):.4f}) in any stage, so no "
             "release was built; see the alerts in metrics.training and try more data or another recipe",
         ))
+    fsync_tree(partial)
     os.replace(partial, out)
+    fsync_dir(out.parent)
     return StepOutcome(outputs={"model_path": str(out)}, metrics={"training": training})
 
 

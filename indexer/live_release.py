@@ -17,16 +17,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from indexer.corpus_store import CorpusStore, Document
-from indexer.durable_files import sha256_file
 from indexer.manifest import Manifest, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.release_runtime import attach_reranker_runtime, attach_runtime
-from indexer.release_store import ReleaseStore
+from indexer.release_store import ReleaseStore, verify_files
 from indexer.vector_index import Hit, VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
 from training.cross_encoder import CrossEncoder
@@ -52,18 +50,6 @@ class SearchOutcome:
     release_id: str
     hits: list[SearchHit]
     timings_ms: dict[str, float]
-
-
-def _verify_files(folder: Path, manifest: Manifest) -> None:
-    for name, expected in manifest.files.items():
-        path = folder / name
-        if not path.is_file():
-            raise IntegrityError(f"release {manifest.release_id} is missing {name}; rebuild it")
-        if sha256_file(path) != expected:
-            raise IntegrityError(
-                f"release {manifest.release_id}: {name} does not match its manifest checksum; "
-                "the release was modified after it was built; rebuild it or activate another"
-            )
 
 
 class LiveRelease:
@@ -118,7 +104,7 @@ class LiveRelease:
         """Load and verify a release; raises IntegrityError if it does not match its manifest."""
         manifest = releases.manifest(release_id)
         folder = releases.path(release_id)
-        _verify_files(folder, manifest)
+        verify_files(folder, manifest)
         models = ModelStore(releases.data_dir)
         encoder = models.load(manifest.model, device=device)
         if manifest.precision == "int8":

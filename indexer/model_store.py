@@ -3,6 +3,9 @@
 A model is stored by loading it, saving it in sentence-transformers' layout, and
 re-loading the saved copy to fingerprint it, so the fingerprint in a manifest is the
 fingerprint of exactly the files that will be served. Loading verifies it again.
+Storing or reusing a model touches its folder: a build stores its model long before it
+publishes the release that references it, and `releases gc` spares an unreferenced
+model folder touched within `STALE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from indexer.durable_files import fsync_dir, fsync_tree
 from indexer.manifest import ModelRef, RerankerRef
+from indexer.release_store import STAGING_PREFIX, touch
 from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, NotFound
@@ -58,6 +62,7 @@ class ModelStore:
         if source.parent == self.models_dir.resolve() and not any((pooling, query_max_length, document_max_length)):
             encoder = BiEncoder.load(source, name=name, device=device)
             if _folder_name(encoder.fingerprint) == source.name:
+                touch(source)
                 return encoder, model_ref(encoder, f"models/{source.name}")
         original = BiEncoder.load(
             source,
@@ -90,8 +95,8 @@ class ModelStore:
 
     def _store(self, original, load):
         """Save `original` to staging, re-load the saved copy with `load`, and move it to `models/<fingerprint>`
-        unless that folder exists; returns the re-loaded copy and its folder."""
-        staging = self.models_dir / f".staging-{secrets.token_hex(4)}"
+        unless that folder exists; returns the re-loaded copy and its folder, touched."""
+        staging = self.models_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
         try:
             original.save(staging)
             stored = load(staging)
@@ -100,6 +105,7 @@ class ModelStore:
                 fsync_tree(staging)
                 staging.rename(folder)
                 fsync_dir(self.models_dir)
+            touch(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return stored, folder

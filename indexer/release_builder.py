@@ -4,13 +4,17 @@ The corpus is read as one consistent snapshot whose change sequence goes into th
 manifest; writes that land during the build are caught up by whoever serves the
 release. The release is assembled in a staging folder and only renamed into place
 once complete, so an interrupted build leaves nothing listed and the active release
-untouched. An approximate index (HNSW, IVF) gets the configured search parameters and
-its recall@10 against exact search is measured on sampled documents and recorded
-(the vectors are kept in memory for that, once). An int8 build quantises the model into
-the staging folder first and goes on only if int8 document vectors agree with fp32 on a
-seeded sample of the corpus. `build_release` encodes in this process; its pieces (the
-stored model, the release spec, chunked encoding, publishing from embedded parts) also
-serve the rebuild sharded across workers (`embedding_shards.py`), so both publish alike.
+untouched. An approximate index (HNSW, IVF, PQ, SQ: all but Flat) gets the configured
+search parameters and its recall@10 against exact search is measured on sampled
+documents and recorded (the vectors are kept in memory for that, once); one that must
+be trained (IVF, PQ, SQ) is trained on a seeded sample of all the vectors before any
+is added. As it goes, a build touches its staging and model folders so that
+`releases gc` leaves them alone however long the encoding takes. An int8 build
+quantises the model into the staging folder first and goes on only if int8 document
+vectors agree with fp32 on a seeded sample of the corpus. `build_release` encodes in
+this process; its pieces (the stored model, the release spec, chunked encoding,
+publishing from embedded parts) also serve the rebuild sharded across workers
+(`embedding_shards.py`), so both publish alike.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from indexer.manifest import Int8Agreement, Manifest, ModelRef, NormStats, Reran
 from indexer.model_store import ModelStore
 from indexer.recall_check import measure_recall
 from indexer.release_runtime import BuildRuntime, choose_runtime, quantise_int8
-from indexer.release_store import ReleaseStore, new_release_id
+from indexer.release_store import ReleaseStore, new_release_id, touch
 from indexer.vector_index import VectorIndex
 from training.bi_encoder import BiEncoder
 from training.errors import IntegrityError, InvalidInput
@@ -217,6 +221,19 @@ def release_spec(
     )
 
 
+def keep_in_use(data_dir: Path, spec: ReleaseSpec, *folders: Path) -> None:
+    """Touch the spec's model (and reranker) folders and `folders`, since gc spares what was touched within a day;
+    IntegrityError if one is gone, as the release would reference or lose it."""
+    models = [data_dir / ref.path for ref in (spec.model, spec.reranker) if ref is not None]
+    for folder in [*models, *folders]:
+        try:
+            touch(folder)
+        except FileNotFoundError as exc:
+            raise IntegrityError(
+                f"release {spec.release_id}: {folder} was removed while the release was being built; build it again"
+            ) from exc
+
+
 def embed_documents(
     encoder: BiEncoder,
     ids: Sequence[str],
@@ -246,27 +263,39 @@ def publish_release(
 ) -> Manifest:
     """Index the embedded parts in order, check recall, write the manifest and publish the staging folder.
 
+    Parts are added as they come, except to an index that must be trained: it is trained on
+    a seeded sample of all the parts' vectors first (so IVF centroids see the whole corpus,
+    not its first chunk), then given them all. Each part touches the staging and model folders.
     An int8 spec expects its quantised encoder's files in `staging` already; they are checksummed with the index.
     """
     index = VectorIndex(spec.dim, spec.index_type, spec.ef_construction)
+    deferred = index.needs_training
     ids, norm_chunks, vector_chunks = [], [], []
     for part in parts:
+        keep_in_use(releases.data_dir, spec, staging)
         ids.extend(part.ids)
         norm_chunks.append(part.norms)
         if not index.exact:
             vector_chunks.append(part.vectors)
-        index.add(part.ids, part.vectors)
+        if not deferred:
+            index.add(part.ids, part.vectors)
     if len(ids) != spec.doc_count:
         raise IntegrityError(
             f"release {spec.release_id}: {len(ids)} documents were embedded, expected {spec.doc_count}; build it again"
         )
+    vectors = np.concatenate(vector_chunks) if vector_chunks else None
+    vector_chunks.clear()
+    if deferred:
+        report("train", 0, 1)
+        index.train(vectors)
+        index.add(ids, vectors)
     report("index", 0, 1)
     index.set_search_params(ef_search=spec.ef_search, nprobe=spec.nprobe)
     recall = None
-    if vector_chunks:
+    if vectors is not None:
         report("recall", 0, 1)
-        recall = measure_recall(index, ids, np.concatenate(vector_chunks))
-        vector_chunks.clear()
+        recall = measure_recall(index, ids, vectors)
+        del vectors
         if recall.recall < LOW_RECALL:
             log.warning("release %s: %s recall@%d is %.3f at %s; raise ef_search or nprobe for better results",
                         spec.release_id, spec.index_type, recall.k, recall.recall, recall.search_params)
@@ -303,16 +332,11 @@ def build_release(
     activate: bool = False,
     show_progress: bool = False,
     progress: BuildProgress | None = None,
-    release_id: str | None = None,
 ) -> Manifest:
-    """Re-embed the whole corpus in this process into a new published release; optionally make it active.
-
-    `release_id` lets a caller fix the id up front, so a rerun after a crash rebuilds
-    the same release instead of leaving two behind.
-    """
+    """Re-embed the whole corpus in this process into a new published release; optionally make it active."""
     report = progress or (lambda stage, done, total: None)
     model, seq, documents = snapshot_for_build(corpus, releases, options, report)
-    release_id = release_id or new_release_id()
+    release_id = new_release_id()
     with releases.staging(release_id) as staging:
         quantising = show_progress and model.precision == "int8"
         with tqdm(total=1, desc="int8 quantisation and check", disable=not quantising) as step:

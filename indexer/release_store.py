@@ -5,13 +5,18 @@ points at a content-addressed model folder `models/<hash>/`. Releases are staged
 hidden folder, fsynced, then renamed into place, so a crash never leaves a partial
 release listed. The active release is named by `releases/ACTIVE.json`, replaced
 atomically; it also keeps the history of earlier active releases for rollback.
-Pointer updates hold an advisory file lock, so processes sharing a data dir agree.
+Pointer updates, deletes and gc hold an advisory file lock, so processes sharing a data
+dir agree; a release is activated only after its files are checked against its manifest.
+gc collects staging leftovers and unused model folders only once they have not been
+touched for `STALE_SECONDS`: a running build touches its staging and model folders
+(`touch`) as it goes, since its model is stored long before its release is published.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -22,19 +27,54 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.durable_files import fsync_dir, fsync_tree, write_atomic
+from indexer.durable_files import fsync_dir, fsync_tree, sha256_file, write_atomic
 from indexer.manifest import MANIFEST_FILE, Manifest
-from training.errors import Conflict, InvalidInput, NotFound
+from training.errors import Conflict, IntegrityError, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
 
 POINTER_FILE = "ACTIVE.json"
 STAGING_PREFIX = ".staging-"
-STALE_STAGING_SECONDS = 24 * 3600
+STALE_SECONDS = 24 * 3600
 _RELEASE_ID = re.compile(r"^r-\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
 
 def new_release_id() -> str:
     """A sortable, unique release id such as `r-20261128T150102Z-3fa9c1`."""
     return time.strftime("r-%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(3)
+
+
+def touch(folder: Path) -> None:
+    """Mark a folder as in use now (its mtime): gc collects leftovers untouched for `STALE_SECONDS`."""
+    os.utime(folder)
+
+
+def _untouched_since(path: Path, moment: float) -> bool:
+    try:
+        return path.stat().st_mtime < moment
+    except FileNotFoundError:
+        return False
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Refuse (IntegrityError) a release folder whose files are missing or differ from the sha256 in its manifest."""
+    for name, expected in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"release {manifest.release_id} is missing {name}; build the release again")
+        if sha256_file(path) != expected:
+            raise IntegrityError(
+                f"release {manifest.release_id}: {name} does not match its manifest checksum; "
+                "the release was modified after it was built; build the release again or activate another"
+            )
+
+
+@dataclass(frozen=True)
+class ReleaseListing:
+    """The published releases whose manifest reads, oldest first, and those whose manifest does not (id -> why)."""
+
+    manifests: list[Manifest]
+    unreadable: dict[str, str]
 
 
 @dataclass
@@ -70,14 +110,54 @@ class ReleaseStore:
             raise NotFound(f"release {release_id} does not exist; `lockstep releases list` shows the releases")
         return Manifest.read(folder)
 
+    def scan(self) -> ReleaseListing:
+        """Every published release, oldest first, and the ones whose manifest cannot be read.
+
+        A release deleted while the folder is read is left out; an unreadable manifest does
+        not fail the listing (`delete` removes such a release).
+        """
+        manifests, unreadable = [], {}
+        for entry in self.releases_dir.iterdir():
+            if not _RELEASE_ID.match(entry.name):
+                continue
+            try:
+                manifests.append(Manifest.read(entry))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                unreadable[entry.name] = f"{type(exc).__name__}: {exc}"
+        manifests.sort(key=lambda m: (m.created, m.release_id))
+        return ReleaseListing(manifests, unreadable)
+
     def list(self) -> list[Manifest]:
-        """Every published release, oldest first."""
-        found = [
-            Manifest.read(entry)
-            for entry in self.releases_dir.iterdir()
-            if _RELEASE_ID.match(entry.name) and (entry / MANIFEST_FILE).is_file()
-        ]
-        return sorted(found, key=lambda m: (m.created, m.release_id))
+        """Every published release whose manifest reads, oldest first; unreadable ones are logged (`scan` has them)."""
+        listing = self.scan()
+        for release_id, reason in listing.unreadable.items():
+            log.warning("release %s is left out of the listing: its %s cannot be read (%s); restore it or "
+                        "`lockstep releases delete %s`", release_id, MANIFEST_FILE, reason, release_id)
+        return listing.manifests
+
+    def verified(self, release_id: str) -> Manifest:
+        """The manifest of a release that is whole: it parses, its files match their checksums, its model folders exist.
+
+        Raises NotFound when the release does not exist and IntegrityError naming what is wrong otherwise.
+        """
+        folder = self.path(release_id)
+        try:
+            manifest = Manifest.read(folder)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise NotFound(f"release {release_id} does not exist; `lockstep releases list` shows the releases") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(
+                f"release {release_id}: {MANIFEST_FILE} cannot be read ({type(exc).__name__}: {exc}); "
+                "build the release again"
+            ) from exc
+        verify_files(folder, manifest)
+        for ref in (manifest.model, manifest.reranker):
+            if ref is not None and not (self.data_dir / ref.path).is_dir():
+                raise IntegrityError(f"release {release_id}: its model folder {ref.path} is missing; "
+                                     "build the release again")
+        return manifest
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -103,9 +183,14 @@ class ReleaseStore:
         write_atomic(self.releases_dir / POINTER_FILE, json.dumps(payload, indent=2))
 
     def activate(self, release_id: str) -> Pointer:
-        """Make `release_id` live; the previous active release becomes the rollback target."""
-        self.manifest(release_id)
+        """Make `release_id` live; the previous active release becomes the rollback target.
+
+        The release is verified (`verified`) under the lock, so it cannot be deleted between
+        the check and the pointer write; a damaged release is refused and the pointer kept.
+        """
+        self.path(release_id)
         with self._locked():
+            self.verified(release_id)
             pointer = self.pointer()
             if pointer.active == release_id:
                 return pointer
@@ -116,12 +201,16 @@ class ReleaseStore:
         return pointer
 
     def rollback(self) -> Pointer:
-        """Re-activate the release that was active before the current one."""
+        """Re-activate the release that was active before the current one.
+
+        Releases deleted since are skipped; a damaged one is refused (IntegrityError) and the pointer kept.
+        """
         with self._locked():
             pointer = self.pointer()
             while pointer.history:
                 candidate = pointer.history.pop()
                 if self.exists(candidate) and candidate != pointer.active:
+                    self.verified(candidate)
                     pointer.active = candidate
                     self._write_pointer(pointer)
                     return pointer
@@ -129,44 +218,54 @@ class ReleaseStore:
 
     def delete(self, release_id: str) -> None:
         """Delete a release that is not active."""
-        folder = self.path(release_id)
+        self.path(release_id)
         with self._locked():
-            pointer = self.pointer()
-            if pointer.active == release_id:
-                raise Conflict(f"release {release_id} is active; activate or roll back to another release first")
-            if not (folder / MANIFEST_FILE).is_file():
-                raise NotFound(f"release {release_id} does not exist")
-            self._remove_release_folder(folder)
-            if release_id in pointer.history:
-                pointer.history = [r for r in pointer.history if r != release_id]
-                self._write_pointer(pointer)
+            self._delete_locked(release_id)
 
-    def _remove_release_folder(self, folder: Path) -> None:
-        trash = self.releases_dir / f"{STAGING_PREFIX}deleted-{folder.name}"
-        os.replace(folder, trash)
-        fsync_dir(self.releases_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+    def _delete_locked(self, release_id: str) -> None:
+        """`delete`, for a caller that holds the lock."""
+        folder = self.path(release_id)
+        pointer = self.pointer()
+        if pointer.active == release_id:
+            raise Conflict(f"release {release_id} is active; activate or roll back to another release first")
+        if not (folder / MANIFEST_FILE).is_file():
+            raise NotFound(f"release {release_id} does not exist")
+        _discard(folder)
+        if release_id in pointer.history:
+            pointer.history = [r for r in pointer.history if r != release_id]
+            self._write_pointer(pointer)
 
     def gc(self, keep: int) -> list[str]:
-        """Delete all but the newest `keep` releases (never the active one), unused models and stale staging."""
+        """Delete all but the newest `keep` releases (never the active one), then what has been left untouched for
+        `STALE_SECONDS`: staging folders of releases and of models, and model folders no release uses.
+
+        Runs under the lock, so nothing is activated or deleted meanwhile. A build in progress keeps its
+        staging and model folders by touching them. While a manifest is unreadable no model folder is
+        collected, since that release's models are unknown.
+        """
         if keep < 1:
             raise InvalidInput("keep must be at least 1")
-        active = self.active()
-        releases = self.list()
-        newest = {m.release_id for m in releases[-keep:]}
-        removed = []
-        for manifest in releases:
-            if manifest.release_id not in newest and manifest.release_id != active:
-                self.delete(manifest.release_id)
-                removed.append(manifest.release_id)
-        now = time.time()
-        for entry in self.releases_dir.glob(f"{STAGING_PREFIX}*"):
-            if now - entry.stat().st_mtime > STALE_STAGING_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        used = {Path(ref.path).name for m in self.list() for ref in (m.model, m.reranker) if ref is not None}
-        for entry in self.models_dir.iterdir():
-            if entry.name not in used and not entry.name.startswith("."):
-                shutil.rmtree(entry, ignore_errors=True)
+        with self._locked():
+            active = self.pointer().active
+            listing = self.scan()
+            kept = {m.release_id for m in listing.manifests[-keep:]} | {active}
+            removed = [m.release_id for m in listing.manifests if m.release_id not in kept]
+            for release_id in removed:
+                self._delete_locked(release_id)
+            stale_before = time.time() - STALE_SECONDS
+            leftovers = [*self.releases_dir.glob(f"{STAGING_PREFIX}*"), *self.models_dir.glob(f"{STAGING_PREFIX}*")]
+            for entry in leftovers:
+                if _untouched_since(entry, stale_before):
+                    shutil.rmtree(entry, ignore_errors=True)
+            if listing.unreadable:
+                log.warning("gc kept every unused model folder: the manifests of %s cannot be read; restore or "
+                            "delete those releases", ", ".join(sorted(listing.unreadable)))
+                return removed
+            used = {Path(ref.path).name for m in listing.manifests if m.release_id not in removed
+                    for ref in (m.model, m.reranker) if ref is not None}
+            for entry in self.models_dir.iterdir():
+                if entry.name not in used and not entry.name.startswith(".") and _untouched_since(entry, stale_before):
+                    _discard(entry)
         return removed
 
     @contextmanager
@@ -194,3 +293,13 @@ class ReleaseStore:
         os.rename(staging, final)
         fsync_dir(self.releases_dir)
         return final
+
+
+def _discard(folder: Path) -> None:
+    """Remove a folder by first renaming it to a hidden trash name beside it, so a crash mid-way never leaves a
+    partial folder under its real name (gc removes the trash later)."""
+    trash = folder.with_name(f"{STAGING_PREFIX}deleted-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)

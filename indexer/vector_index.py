@@ -5,7 +5,11 @@ The index kind is a FAISS factory string: `Flat` (exact, the default), `HNSW32`,
 C-contiguous, right dimension, finite, unit norm within 1e-3) with errors that say
 how to fix them. Each document gets an int64 label; re-adding a document replaces it.
 Index kinds that cannot remove vectors (HNSW) hide removed labels from results
-instead; the next release build compacts them away.
+instead; the next release build compacts them away. Kinds that learn from the data
+(IVF lists, PQ and SQ codebooks) are trained once, on a seeded sample of the vectors
+given to `train`: a release build passes all of its vectors, so the centroids see the
+whole corpus; an `add` to an untrained index trains on that add's vectors. Only Flat is
+exact; every other kind gets its recall measured when a release is built.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import numpy as np
 from training.errors import InvalidInput
 
 NORM_TOLERANCE = 1e-3
+TRAIN_POINTS_PER_CENTROID = 256
+CODEBOOK_SIZE = 256
+TRAIN_SEED = 13
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
 
@@ -124,10 +131,24 @@ class VectorIndex:
 
     @property
     def exact(self) -> bool:
-        """True for brute-force (Flat) indexes, whose results need no recall check."""
-        return self._hnsw() is None and self._ivf() is None
+        """True for brute-force (Flat) indexes, whose results need no recall check; lossy PQ/SQ codes are not exact."""
+        inner = faiss.downcast_index(self._index.index) if isinstance(self._index, faiss.IndexIDMap2) else self._index
+        return isinstance(inner, faiss.IndexFlat)
 
-    def _train_if_needed(self, vectors: np.ndarray) -> None:
+    @property
+    def needs_training(self) -> bool:
+        """True while the index (IVF, PQ, SQ) has yet to learn its centroids or codebooks; see `train`."""
+        return not self._index.is_trained
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the index on a seeded sample of `vectors`; pass all the vectors to be indexed, so the sample
+        represents them all. The sample holds up to `TRAIN_POINTS_PER_CENTROID` points per IVF list or
+        codebook entry (FAISS's own cap); an index that is already trained is left as it is."""
+        check_vectors(vectors, self.dim)
+        with self._lock:
+            self._train_locked(vectors)
+
+    def _train_locked(self, vectors: np.ndarray) -> None:
         if self._index.is_trained:
             return
         ivf = self._ivf()
@@ -137,6 +158,10 @@ class VectorIndex:
                 f"index type {self.factory!r} needs at least {needed} vectors to train, got {len(vectors)}; "
                 "use fewer IVF lists or the 'Flat' index for a small corpus"
             )
+        size = TRAIN_POINTS_PER_CENTROID * max(needed, CODEBOOK_SIZE)
+        if len(vectors) > size:
+            rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(vectors), size=size, replace=False))
+            vectors = np.ascontiguousarray(vectors[rows])
         self._index.train(vectors)
 
     def _drop(self, doc_ids: Sequence[str]) -> None:
@@ -151,7 +176,7 @@ class VectorIndex:
             self._hidden.update(labels)
 
     def add(self, doc_ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Add or replace documents' vectors."""
+        """Add or replace documents' vectors; an untrained index is first trained on these (see `train`)."""
         check_vectors(vectors, self.dim)
         if len(doc_ids) != len(vectors):
             raise ValueError(f"got {len(doc_ids)} ids for {len(vectors)} vectors")
@@ -160,7 +185,7 @@ class VectorIndex:
         if not doc_ids:
             return
         with self._lock:
-            self._train_if_needed(vectors)
+            self._train_locked(vectors)
             self._drop(doc_ids)
             first = len(self._doc_of)
             labels = np.arange(first, first + len(doc_ids), dtype=np.int64)

@@ -40,6 +40,13 @@ def test_beir_and_plain_jsonl(tmp_path, corpus):
         (json.dumps({"id": "a", "text": "dup"}), "duplicate id 'a' (first at line 1)"),
         ('{"id": "s", "text": "broken \\ud800 pair"}', "lone surrogate"),
         ('{"id": "m", "text": "ok", "metadata": {"k": ["\\udfff"]}}', "lone surrogate"),
+        pytest.param('{"id": ' + "9" * 5000 + ', "text": "long id"}', "more than 4300 digits; write long numbers, "
+                     "such as ids, as strings", id="integer-too-long"),
+        pytest.param('{"id": "deep", "text": "t", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                     "nested too deeply", id="nesting-too-deep"),
+        (json.dumps({"id": "x", "text": "t", "metadata": []}), "\"metadata\" of document 'x' must be a JSON object"),
+        (json.dumps({"id": "x", "text": "t", "metadata": 0}), "must be a JSON object, got int"),
+        (json.dumps({"id": "x", "text": "t", "metadata": ""}), "must be a JSON object, got str"),
     ],
 )
 def test_malformed_line_names_file_and_line_and_commits_nothing(tmp_path, corpus, bad_line, message):
@@ -65,3 +72,20 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(InvalidInput, match="no documents"):
         read_corpus(tmp_path / "empty.jsonl")
+
+
+def test_null_metadata_means_none(tmp_path):
+    path = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "t", "metadata": None}])
+    assert read_corpus(path)[0].metadata == {}
+
+
+def test_an_unreadable_file_is_refused_with_its_path(tmp_path, monkeypatch):
+    """Guards against a raw PermissionError traceback from `lockstep ingest` (tests run as root, so it is simulated)."""
+    path = _write(tmp_path / "c.jsonl", [{"id": "a", "text": "t"}])
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "open", denied)
+    with pytest.raises(InvalidInput, match=r"c\.jsonl: cannot be read \(Permission denied\); check the file's"):
+        read_corpus(path)

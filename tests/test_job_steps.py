@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from indexer import job_steps
 from indexer.corpus_store import CorpusStore
 from indexer.job_steps import Dispatch, cancel_job, is_lost, run_step, worker_identity
 from indexer.job_store import CANCELLED, REJECTED, SUCCEEDED, ClaimLost, JobStore
@@ -121,6 +122,18 @@ def test_training_that_does_not_help_builds_no_release(setup):
     assert job.status == REJECTED and "did not improve" in job.message
     assert [m.release_id for m in releases.list()] == [live_id]
     assert not (settings.data_dir / "jobs" / job.id / "model.partial").exists()
+
+
+def test_a_retrained_model_is_fsynced_before_it_is_renamed_into_place(setup, monkeypatch):
+    """Guards against a crash leaving `<job>/model` in place with its files not yet on disk: a rerun takes it as done."""
+    settings, corpus, _, store, files, _ = setup
+    calls = []
+    monkeypatch.setattr(job_steps, "fsync_tree", lambda path: calls.append(("tree", path, path.is_dir())))
+    monkeypatch.setattr(job_steps, "fsync_dir", lambda path: calls.append(("dir", path, (path / "model").is_dir())))
+    job = submit_job(store, lambda *_: None, settings.data_dir, "retrain", {**files, "recipe_toml": TINY_RECIPE})
+    assert run_step(settings, store, corpus, job.id, "retrain") == Dispatch(step="reembed")
+    folder = settings.data_dir / "jobs" / job.id
+    assert calls == [("tree", folder / "model.partial", True), ("dir", folder, True)]
 
 
 def test_cancelling_mid_encode_publishes_nothing_and_leaves_no_staging_or_shards(setup, monkeypatch):

@@ -1,17 +1,21 @@
 """Releases: build, list, activate, roll back, delete, gc; integrity checks; interrupted builds."""
 
 import json
+import os
 import shutil
+import time
 
 import faiss
 import numpy as np
 import pytest
 
+from indexer import release_builder
 from indexer.corpus_store import Document
 from indexer.live_release import LiveRelease
 from indexer.manifest import Manifest
 from indexer.model_store import ModelStore
 from indexer.release_builder import BuildOptions, build_release
+from indexer.release_store import STAGING_PREFIX, STALE_SECONDS
 from training.bi_encoder import BiEncoder
 from training.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from tests.conftest import SAMPLE_DOCS
@@ -20,6 +24,12 @@ from tests.training_data import synthetic_task
 
 def _build(corpus, releases, model_dir, **kwargs):
     return build_release(corpus, releases, BuildOptions(model_path=model_dir), **kwargs)
+
+
+def _age(path, seconds=STALE_SECONDS + 3600):
+    """Set a folder's mtime `seconds` in the past, as if nothing had touched it since."""
+    moment = time.time() - seconds
+    os.utime(path, (moment, moment))
 
 
 def test_build_writes_a_complete_manifest(corpus, releases, tiny_model_dir):
@@ -81,8 +91,12 @@ def test_delete_and_gc_never_touch_the_active_release(corpus, releases, tiny_mod
     assert {m.release_id for m in releases.list()} == {old, ids[2]}
     releases.delete(ids[2])
     assert [m.release_id for m in releases.list()] == [old]
+    in_use = releases.data_dir / releases.manifest(old).model.path
+    unused = next(p for p in releases.models_dir.iterdir() if p != in_use)
+    assert releases.gc(keep=5) == [] and unused.is_dir(), "an unused model touched within a day may be a build's"
+    _age(unused)
     assert releases.gc(keep=5) == []
-    assert len(list((releases.data_dir / "models").iterdir())) == 1, "unused models are collected"
+    assert len(list((releases.data_dir / "models").iterdir())) == 1, "unused models are collected once stale"
     with pytest.raises(NotFound):
         releases.delete(ids[2])
 
@@ -203,3 +217,151 @@ def test_approximate_indexes_record_search_params_and_recall_against_exact(corpu
     assert LiveRelease.load(releases, narrow.release_id).index.search_params() == {"nprobe": 1}
     exact = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"))
     assert exact.recall is None and exact.search_params == {}
+
+
+def test_activating_a_damaged_release_is_refused_and_the_pointer_kept(corpus, releases, tiny_model_dir):
+    """Guards against pointing the service at a release whose files no longer match what was built."""
+    corpus.upsert(SAMPLE_DOCS)
+    good = _build(corpus, releases, tiny_model_dir, activate=True).release_id
+    bad = _build(corpus, releases, tiny_model_dir).release_id
+    before = releases.pointer()
+    index_file = releases.path(bad) / "index.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(IntegrityError, match=r"index\.faiss does not match its manifest checksum.*build the release"):
+        releases.activate(bad)
+    assert releases.pointer() == before and releases.active() == good
+
+
+@pytest.mark.parametrize("damage", ["manifest", "model", "missing file"])
+def test_activate_checks_the_manifest_files_and_model_folder(corpus, releases, tiny_model_dir, other_model_dir, damage):
+    corpus.upsert(SAMPLE_DOCS)
+    good = _build(corpus, releases, tiny_model_dir, activate=True).release_id
+    other = _build(corpus, releases, other_model_dir)
+    folder = releases.path(other.release_id)
+    if damage == "manifest":
+        (folder / "manifest.json").write_text("{not json")
+        message = r"manifest\.json cannot be read"
+    elif damage == "model":
+        shutil.rmtree(releases.data_dir / other.model.path)
+        message = f"model folder {other.model.path} is missing"
+    else:
+        (folder / "ids.json").unlink()
+        message = r"missing ids\.json"
+    with pytest.raises(IntegrityError, match=message):
+        releases.activate(other.release_id)
+    assert releases.active() == good and releases.pointer().history == []
+
+
+def test_rollback_to_a_damaged_release_is_refused_and_the_pointer_kept(corpus, releases, tiny_model_dir):
+    corpus.upsert(SAMPLE_DOCS)
+    first = _build(corpus, releases, tiny_model_dir, activate=True).release_id
+    _build(corpus, releases, tiny_model_dir, activate=True)
+    before = releases.pointer()
+    (releases.path(first) / "ids.json").write_text("{}")
+    with pytest.raises(IntegrityError, match=f"release {first}: ids\\.json does not match"):
+        releases.rollback()
+    assert releases.pointer() == before
+
+
+def test_listing_skips_vanished_releases_and_reports_unreadable_ones(
+    corpus, releases, tiny_model_dir, monkeypatch, caplog
+):
+    """Guards against one bad or concurrently deleted release breaking `releases list` and the admin API."""
+    corpus.upsert(SAMPLE_DOCS)
+    kept, broken, vanishing = (_build(corpus, releases, tiny_model_dir).release_id for _ in range(3))
+    (releases.path(broken) / "manifest.json").write_text('{"release_id": "truncated')
+    read = Manifest.read
+
+    def deleted_while_listing(folder):
+        if folder.name == vanishing:
+            releases.delete(vanishing)
+        return read(folder)
+
+    monkeypatch.setattr(Manifest, "read", staticmethod(deleted_while_listing))
+    assert [m.release_id for m in releases.list()] == [kept]
+    assert broken in caplog.text and "cannot be read" in caplog.text
+    listing = releases.scan()
+    assert [m.release_id for m in listing.manifests] == [kept]
+    assert list(listing.unreadable) == [broken] and "JSONDecodeError" in listing.unreadable[broken]
+
+
+def test_gc_keeps_models_while_a_manifest_is_unreadable(corpus, releases, tiny_model_dir, other_model_dir):
+    """Guards against deleting the model of a release gc cannot read."""
+    corpus.upsert(SAMPLE_DOCS)
+    live = _build(corpus, releases, tiny_model_dir, activate=True)
+    unreadable = _build(corpus, releases, other_model_dir)
+    (releases.path(unreadable.release_id) / "manifest.json").write_text("")
+    model = releases.data_dir / unreadable.model.path
+    _age(model)
+    assert releases.gc(keep=1) == []
+    assert model.is_dir() and releases.path(unreadable.release_id).is_dir()
+    releases.delete(unreadable.release_id)
+    assert releases.gc(keep=1) == [] and not model.exists()
+    assert releases.list() == [live]
+
+
+def test_gc_removes_only_stale_staging_of_releases_and_models(releases):
+    fresh = [releases.releases_dir / f"{STAGING_PREFIX}r-fresh", releases.models_dir / f"{STAGING_PREFIX}0a1b"]
+    stale = [releases.releases_dir / f"{STAGING_PREFIX}r-stale", releases.models_dir / f"{STAGING_PREFIX}2c3d"]
+    for folder in fresh + stale:
+        folder.mkdir()
+        (folder / "part").write_text("x")
+    for folder in stale:
+        _age(folder)
+    releases.gc(keep=1)
+    assert all(folder.is_dir() for folder in fresh) and not any(folder.exists() for folder in stale)
+
+
+def test_storing_or_reusing_a_model_touches_its_folder(releases, tiny_model_dir):
+    """Guards against gc taking a reused model as stale while a build that stored it is still encoding."""
+    store = ModelStore(releases.data_dir)
+    _, ref = store.put(tiny_model_dir)
+    folder = releases.data_dir / ref.path
+    for source in (tiny_model_dir, folder):
+        _age(folder)
+        store.put(source)
+        assert time.time() - folder.stat().st_mtime < 60
+
+
+def test_gc_during_a_long_build_leaves_its_staging_and_model(corpus, releases, tiny_model_dir, monkeypatch):
+    """Guards against gc deleting a running build's model (stored at the start, referenced only at publish) or
+    staging folder (created at the start, written only at the end)."""
+    corpus.upsert(SAMPLE_DOCS)
+    monkeypatch.setattr(release_builder, "ENCODE_CHUNK", 2)
+    store = releases.data_dir / "models"
+
+    def gc_mid_build(stage, done, total):
+        if stage != "encode":
+            return
+        building = [*releases.releases_dir.glob(f"{STAGING_PREFIX}*"), *store.iterdir()]
+        if done == 2:
+            for folder in building:
+                _age(folder)
+        if done == 4:
+            releases.gc(keep=1)
+            assert all(folder.is_dir() for folder in building)
+
+    manifest = _build(corpus, releases, tiny_model_dir, progress=gc_mid_build)
+    live = LiveRelease.load(releases, manifest.release_id)
+    assert live.search(corpus, SAMPLE_DOCS[0].embedding_text(), 1).hits[0].document.id == SAMPLE_DOCS[0].id
+
+
+def test_ivf_lists_may_outnumber_an_encoding_chunk(corpus, releases, tiny_model_dir, monkeypatch):
+    """Guards against training IVF on the first encoded chunk only: too few vectors, or centroids of a biased sample."""
+    task = synthetic_task(120)
+    corpus.upsert(Document(id=i, title="", text=t) for i, t in task.documents.items())
+    monkeypatch.setattr(release_builder, "ENCODE_CHUNK", 8)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, index_type="IVF16,Flat",
+                                                            nprobe=16, precision="fp32"))
+    assert manifest.doc_count == 120 and manifest.recall.recall == pytest.approx(1.0)
+    assert len(LiveRelease.load(releases, manifest.release_id).index) == 120
+
+
+@pytest.mark.parametrize("index_type", ["SQ8", "PQ8x4"])
+def test_lossy_indexes_get_a_recall_figure(corpus, releases, tiny_model_dir, index_type):
+    """Guards against skipping the recall check for PQ/SQ codes, which are approximate without HNSW or IVF."""
+    task = synthetic_task(120)
+    corpus.upsert(Document(id=i, title="", text=t) for i, t in task.documents.items())
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, index_type=index_type,
+                                                            precision="fp32"))
+    assert manifest.recall is not None and manifest.recall.sample == 120 and 0 < manifest.recall.recall <= 1

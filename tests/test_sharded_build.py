@@ -25,7 +25,7 @@ from indexer.live_release import LiveRelease
 from indexer.manifest import INT8_MODEL_FILE
 from indexer.reembed_shards import run_shard
 from indexer.release_builder import BuildOptions, build_release
-from indexer.release_store import STAGING_PREFIX, ReleaseStore
+from indexer.release_store import STAGING_PREFIX, STALE_SECONDS, ReleaseStore
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
 from service.job_queue import JobQueue
@@ -85,6 +85,21 @@ def test_a_sharded_build_equals_the_single_process_build(filled, tiny_model_dir,
     live = LiveRelease.load(releases, sharded.release_id)
     document = corpus.get("d0042")
     assert live.search(corpus, document.embedding_text(), 1).hits[0].document.id == "d0042"
+
+
+def test_encoding_shards_keeps_the_planned_model_from_gc(filled, tiny_model_dir, tmp_path):
+    """Guards against gc deleting the model of a re-embed whose shards are being encoded: no release uses it yet."""
+    corpus, releases = filled
+    folder = tmp_path / "shards"
+    plan = plan_shards(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32", batch_size=8),
+                       "r-20260101T000000Z-5a4d0c", folder, SHARD_SIZE)
+    model = releases.data_dir / plan.spec.model.path
+    long_ago = time.time() - STALE_SECONDS - 3600
+    os.utime(model, (long_ago, long_ago))
+    checksums = _encode_all(releases.data_dir, folder, plan.count)
+    releases.gc(keep=1)
+    assert model.is_dir()
+    assert assemble_release(releases, folder, checksums).doc_count == 70
 
 
 def test_an_int8_sharded_build_encodes_every_shard_with_the_planned_onnx_model(filled, tiny_model_dir, tmp_path):

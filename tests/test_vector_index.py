@@ -1,8 +1,10 @@
 """The FAISS index wrapper: entry checks, recall against brute force, add/remove, save/load."""
 
+import faiss
 import numpy as np
 import pytest
 
+from indexer import vector_index
 from indexer.vector_index import VectorIndex, check_vectors
 from training.errors import InvalidInput
 
@@ -94,15 +96,39 @@ def test_invalid_factory_and_untrainable_ivf():
         VectorIndex(DIM, "NotAnIndex")
     with pytest.raises(InvalidInput, match="at least 64 vectors"):
         VectorIndex(DIM, "IVF64,Flat").add(["a", "b"], unit(2))
+    with pytest.raises(InvalidInput, match="at least 64 vectors"):
+        VectorIndex(DIM, "IVF64,Flat").train(unit(2))
 
 
-def test_add_rejects_mismatched_or_duplicate_ids():
-    index = VectorIndex(DIM)
-    with pytest.raises(ValueError, match="ids for"):
-        index.add(["a"], unit(2))
-    with pytest.raises(ValueError, match="unique"):
-        index.add(["a", "a"], unit(2))
+@pytest.mark.parametrize(("factory", "exact"), [("Flat", True), ("HNSW32", False), ("IVF4,Flat", False),
+                                                 ("SQ8", False), ("PQ4x4", False), ("HNSW16,SQ8", False)])
+def test_only_flat_is_exact(factory, exact):
+    """Guards against skipping the recall check of lossy PQ/SQ indexes, which have neither HNSW nor IVF."""
+    assert VectorIndex(DIM, factory).exact is exact
 
 
-def test_empty_index_returns_no_hits():
-    assert VectorIndex(DIM).search(unit(2), 3) == [[], []]
+def test_training_on_all_vectors_then_adding_in_chunks():
+    """Guards against IVF training on the first chunk added: more lists than that chunk holds must still work."""
+    base, queries = unit(2000), unit(50, seed=1)
+    index = VectorIndex(DIM, "IVF128,Flat")
+    assert index.needs_training
+    index.train(base)
+    assert not index.needs_training
+    for start in range(0, len(base), 100):
+        index.add([f"doc{i}" for i in range(start, start + 100)], base[start : start + 100])
+    index.set_search_params(nprobe=128)
+    assert len(index) == 2000 and recall(index, base, queries) == pytest.approx(1.0)
+
+
+def test_training_draws_a_seeded_sample_from_all_the_vectors(monkeypatch):
+    """Guards against training on a prefix of the vectors, or on a different sample on every build."""
+    monkeypatch.setattr(vector_index, "TRAIN_POINTS_PER_CENTROID", 1)
+    monkeypatch.setattr(vector_index, "CODEBOOK_SIZE", 100)
+    seen = []
+    monkeypatch.setattr(faiss.IndexIDMap2, "train", lambda self, x: seen.append(x.copy()))
+    base = unit(1000)
+    for _ in range(2):
+        VectorIndex(DIM, "SQ8").train(base)
+    assert len(seen[0]) == 100 and np.array_equal(seen[0], seen[1])
+    rows = [int(np.flatnonzero((base == row).all(axis=1))[0]) for row in seen[0]]
+    assert rows == sorted(rows) and rows[-1] > 500, "the sample spans the whole array"

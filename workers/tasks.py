@@ -5,8 +5,12 @@ at reembed). The step's outputs are in the job store, so each task needs only th
 job id. The reembed step fans out as a Celery group of `lockstep.embed_shard` tasks,
 one per shard, over every worker; the worker that finishes the last shard (the job
 store says which, so no result backend or chord is needed) sends `lockstep.reembed`
-again to assemble the release. Transient database contention is retried; every
-other failure is recorded on the job by the step itself.
+again to assemble the release. Brief database contention is absorbed by SQLite's busy
+timeout (30 s); a task whose claim, or whose recording of a finished step or shard,
+still finds the job store failing (`sqlite3.OperationalError`) is retried with backoff,
+up to 5 times, which is safe because steps and shards are idempotent. A failure inside
+a step or shard, a database error included, is not retried: the step records it on the
+job.
 """
 
 from __future__ import annotations
