@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.deps import get_state
+from service.deps import StateDep
 from service.http_errors import error_response
 from training.errors import InvalidInput
 
@@ -40,8 +40,9 @@ def admin_refusal(expected: SecretStr | None, authorization: str) -> HTTPExcepti
     return None
 
 
-def require_admin(request: Request) -> None:
-    refusal = admin_refusal(get_state(request).settings.admin_token, request.headers.get("authorization", ""))
+async def require_admin(request: Request, state: StateDep) -> None:
+    """Refuse the request unless it carries the admin token; async, as the check never blocks."""
+    refusal = admin_refusal(state.settings.admin_token, request.headers.get("authorization", ""))
     if refusal is not None:
         raise refusal
 

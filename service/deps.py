@@ -1,4 +1,8 @@
-"""Request dependencies: the service's state and the live release, as typed aliases."""
+"""Request dependencies: the service's state and the live release, as typed aliases.
+
+They only read attributes and never block, so they are `async def`: FastAPI runs a plain
+`def` dependency in the threadpool, a hop per dependency per request for nothing.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +36,17 @@ class ServiceState:
     queue: JobQueue
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    """The objects the lifespan built for this app."""
     return request.app.state.lockstep
 
 
-def get_live(request: Request) -> LiveRelease:
-    """The release this request is served by, taken once so the whole request uses one release."""
-    return get_state(request).holder.require()
-
-
 StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+async def get_live(state: StateDep) -> LiveRelease:
+    """The release this request is served by, taken once so the whole request uses one release."""
+    return state.holder.require()
+
+
 LiveDep = Annotated[LiveRelease, Depends(get_live)]

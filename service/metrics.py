@@ -1,15 +1,17 @@
 """Prometheus metrics of one app instance (own registry, so test apps do not collide).
 
 Requests are counted and timed per route template (`/v1/jobs/{job_id}`, never the raw
-path), errors counted by status; the encoder's batch sizes, the served release and its
-index size are recorded as they change. What lives in other processes' hands (the
-job records the workers update) is read at scrape time: jobs by status, and the
-progress, ETA and training loss of each running job.
+path), errors counted by status, and the encoder's batch sizes recorded, as they happen.
+Everything else is read at scrape time: the served release and its index size (set by
+`/metrics` just before it renders), and what lives in other processes' hands (the job
+records the workers update): jobs by status, and the progress, ETA and training loss
+of each running job.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUNNING_JOBS_LISTED = 1000
+_CONVERTER = re.compile(r"{(\w+):\w+}")
 
 
 class _ScrapeTimeCollector(Collector):
@@ -124,6 +127,7 @@ class ServiceMetrics:
         self._scraped.holder, self._scraped.jobs = holder, jobs
 
     def set_release(self, release_id: str | None, documents: int) -> None:
+        """Set the served-release and index-size gauges; called at each scrape."""
         self.active_release.clear()
         if release_id is not None:
             self.active_release.labels(release=release_id).set(1)
@@ -141,8 +145,11 @@ class ServiceMetrics:
 
 
 def route_template(scope: Scope) -> str:
-    """The path template of the route that handled a request (`/v1/jobs/{job_id}`), or `unmatched`."""
-    return getattr(scope.get("route"), "path", "unmatched")
+    """The path template of the route that handled a request (`/v1/jobs/{job_id}`), or `unmatched`.
+
+    Path converters are left out (`{doc_id:path}` reads `{doc_id}`), so a label does not change with them.
+    """
+    return _CONVERTER.sub(r"{\1}", getattr(scope.get("route"), "path", "unmatched"))
 
 
 def install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:

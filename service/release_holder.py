@@ -2,10 +2,12 @@
 
 A new release is loaded completely (model, index, catch-up) before the reference
 is switched in one assignment; a request that already took the old reference
-finishes on it, so no query mixes two releases. A release that fails to load is
-reported and the current one keeps serving; it is tried again (re-read and
-re-hashed) only every `RETRY_REFUSED_S` seconds or when the pointer moves, not at
-every poll.
+finishes on it, so no query mixes two releases. A release that fails to load or
+catch up, for whatever reason (a checksum mismatch, a corrupt model file, an
+unreadable manifest), is reported in `last_error` and the current one keeps
+serving, or none, which /readyz reports as 503 with the reason. It is tried again
+(re-read and re-hashed) only every `RETRY_REFUSED_S` seconds or when the pointer
+moves, not at every poll.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ class ReleaseHolder:
                     )
                     candidate.catch_up(self.corpus)
                 except LockstepError as exc:
-                    self.last_error = f"release {active} could not be loaded: {exc}"
-                    self._refused = (active, time.monotonic())
-                    log.error("%s; still serving %s", self.last_error, live.release_id if live else "nothing")
+                    self._refuse(active, str(exc))
+                    return False
+                except Exception as exc:  # a corrupt model file or manifest: refuse it like a checksum mismatch
+                    self._refuse(active, f"{type(exc).__name__}: {exc}", with_traceback=True)
                     return False
                 self.current = candidate
                 self.last_error = self._refused = None
@@ -77,6 +80,14 @@ class ReleaseHolder:
                     self.last_error = self._refused = None
                 self.current.catch_up(self.corpus)
             return swapped
+
+    def _refuse(self, release_id: str, cause: str, with_traceback: bool = False) -> None:
+        """Record why `release_id` is not served, for /readyz and the admin routes, and hold off retrying it."""
+        self.last_error = f"release {release_id} could not be loaded: {cause}"
+        self._refused = (release_id, time.monotonic())
+        live = self.current
+        report = log.exception if with_traceback else log.error
+        report("%s; still serving %s", self.last_error, live.release_id if live else "nothing")
 
     def _recently_refused(self, release_id: str) -> bool:
         refused = self._refused

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 4096
@@ -67,6 +68,23 @@ class EmbeddingsResponse(BaseModel):
     release: str
 
 
+def _non_finite_path(value: object, path: str) -> str | None:
+    """Where in a parsed JSON value a NaN or an infinity sits (`metadata.scores[2]`), or None if nowhere."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        children = ((f"{path}.{key}", child) for key, child in value.items())
+    elif isinstance(value, list):
+        children = ((f"{path}[{position}]", child) for position, child in enumerate(value))
+    else:
+        return None
+    for child_path, child in children:
+        found = _non_finite_path(child, child_path)
+        if found is not None:
+            return found
+    return None
+
+
 class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +92,16 @@ class DocumentIn(BaseModel):
     title: str = Field("", max_length=MAX_TEXT_CHARS)
     text: str = Field("", max_length=MAX_TEXT_CHARS)
     metadata: dict = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _finite_metadata(cls, metadata: dict) -> dict:
+        """Refuse NaN and infinities, which the request parser accepts but JSON cannot return (they come back null)."""
+        found = _non_finite_path(metadata, "metadata")
+        if found is not None:
+            raise ValueError(f"{found} is NaN or infinite, which JSON cannot hold; "
+                             "send a finite number, a string or null")
+        return metadata
 
 
 class UpsertRequest(BaseModel):
@@ -180,6 +208,9 @@ class PointerOut(BaseModel):
     active: str | None
     history: list[str]
     serving: str | None
+    load_error: str | None = Field(
+        None, description="Why this API process could not load the active release; it keeps serving `serving`"
+    )
 
 
 class RecipeOut(BaseModel):

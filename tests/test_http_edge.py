@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -91,8 +92,8 @@ def test_a_refused_release_is_not_reloaded_at_every_poll(corpus, releases, built
     holder = ReleaseHolder(releases, corpus)
     holder.refresh()
     broken = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir))
-    (releases.path(broken.release_id) / "ids.json").write_text("{}")
     releases.activate(broken.release_id)
+    (releases.path(broken.release_id) / "ids.json").write_text("{}")
     with caplog.at_level(logging.ERROR, logger="service.release_holder"):
         for _ in range(5):
             assert holder.refresh() is False
@@ -102,6 +103,47 @@ def test_a_refused_release_is_not_reloaded_at_every_poll(corpus, releases, built
     releases.rollback()
     holder.refresh()
     assert holder.current.release_id == built.release_id and holder.last_error is None
+
+
+def _build_with_corrupt_weights(corpus, releases, model_dir):
+    """A release whose stored model weights are garbage: every checksum in its folder still matches."""
+    broken = build_release(corpus, releases, BuildOptions(model_path=model_dir))
+    weights = sorted((releases.data_dir / broken.model.path).rglob("*.safetensors"))
+    assert weights, "the stored model has no safetensors file to corrupt"
+    for path in weights:
+        path.write_bytes(b"not a safetensors file")
+    return broken
+
+
+def test_a_corrupt_model_file_is_reported_as_not_ready_not_a_crash(data_dir, corpus, releases, other_model_dir, caplog):
+    """Guards against a load error that is not a LockstepError crashing startup, hiding its cause from /readyz,
+    or being re-read and re-hashed at every poll."""
+    corpus.upsert(SAMPLE_DOCS)
+    broken = _build_with_corrupt_weights(corpus, releases, other_model_dir)
+    releases.activate(broken.release_id)
+    with caplog.at_level(logging.ERROR, logger="service.release_holder"), _client(data_dir) as client:
+        time.sleep(0.6)
+        ready = client.get("/readyz")
+        search = client.post("/v1/search", json={"query": "apple"})
+    assert ready.status_code == 503 and ready.json()["error_type"] == "unhealthy"
+    assert f"release {broken.release_id} could not be loaded" in ready.json()["error"]
+    assert search.status_code == 503
+    refusals = [record for record in caplog.records if "could not be loaded" in record.getMessage()]
+    assert len(refusals) == 1 and refusals[0].exc_info is not None
+
+
+def test_activating_a_corrupt_release_keeps_serving_and_says_why(data_dir, built, corpus, releases, other_model_dir):
+    """Guards against admin activate answering 500 for a release that fails to load, instead of the reason."""
+    broken = _build_with_corrupt_weights(corpus, releases, other_model_dir)
+    with _client(data_dir) as client:
+        response = client.post(f"/v1/admin/releases/{broken.release_id}/activate",
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+        ready = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["active"] == broken.release_id and body["serving"] == built.release_id
+    assert f"release {broken.release_id} could not be loaded" in body["load_error"]
+    assert ready.json() == {"status": "ready", "release": built.release_id}
 
 
 @pytest.mark.integration

@@ -106,6 +106,32 @@ def test_document_writes_reach_the_live_index(client, built):
     assert client.delete("/v1/documents/new").status_code == 404
 
 
+def test_a_document_id_with_slashes_can_be_read_and_deleted(client, built):
+    """Guards against ids that PUT accepts (`notes/2024/a.txt`) but GET and DELETE cannot reach."""
+    doc = {"id": "notes/2024/a.txt", "title": "Notes", "text": "green apple notes", "metadata": {}}
+    assert client.put("/v1/documents", json={"documents": [doc]}).status_code == 200
+    assert client.get("/v1/documents/notes/2024/a.txt").json() == doc
+    assert client.get("/v1/documents/notes%2F2024%2Fa.txt").json() == doc
+    deleted = client.delete("/v1/documents/notes/2024/a.txt")
+    assert deleted.json() == {"deleted": "notes/2024/a.txt", "seq": 7, "release": built.release_id}
+    assert client.get("/v1/documents/notes/2024/a.txt").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("metadata", "where"),
+    [('{"score": NaN}', "metadata.score"), ('{"scores": [1, Infinity]}', "metadata.scores[1]"),
+     ('{"a": {"b": -Infinity}}', "metadata.a.b")],
+)
+def test_non_finite_metadata_is_refused_with_422(client, corpus, metadata, where):
+    """Guards against NaN or Infinity in metadata being stored and later returned as null."""
+    before = corpus.seq
+    body = '{"documents": [{"id": "nan", "text": "green apple", "metadata": %s}]}' % metadata
+    response = client.put("/v1/documents", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error_type"] == "validation"
+    assert f"documents.0.metadata: Value error, {where} is NaN or infinite" in response.json()["error"]
+    assert "send a finite number" in response.json()["error"] and corpus.seq == before
+
+
 @pytest.mark.parametrize(
     ("payload", "fragment"),
     [

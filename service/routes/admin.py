@@ -32,11 +32,17 @@ def _serving(state: ServiceState) -> str | None:
     return live.release_id if live else None
 
 
+def _pointer_out(state: ServiceState, pointer: Pointer) -> PointerOut:
+    """The pointer, the release this process serves, and why it serves another than the active one, if it does."""
+    return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state),
+                      load_error=state.holder.last_error)
+
+
 async def _switched(state: ServiceState, pointer: Pointer) -> PointerOut:
     """Tell the other API processes, load the new release here, and report what is served."""
     await run_in_threadpool(announce, state.settings, pointer.active)
     await run_in_threadpool(state.holder.refresh)
-    return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))
+    return _pointer_out(state, pointer)
 
 
 def _release_list(state: ServiceState) -> ReleaseList:
@@ -71,7 +77,7 @@ async def delete(release_id: str, state: StateDep, _: AdminDep) -> PointerOut:
     """Delete a release that is not active (409 for the active one)."""
     await run_in_threadpool(state.releases.delete, release_id)
     pointer = await run_in_threadpool(state.releases.pointer)
-    return PointerOut(active=pointer.active, history=pointer.history, serving=_serving(state))
+    return _pointer_out(state, pointer)
 
 
 @router.post("/drift-probe", response_model=DriftProbeOut)

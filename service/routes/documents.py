@@ -1,4 +1,8 @@
-"""`PUT /v1/documents`, `GET` and `DELETE /v1/documents/{id}`: corpus writes that reach the live index."""
+"""`PUT /v1/documents`, `GET` and `DELETE /v1/documents/{id}`: corpus writes that reach the live index.
+
+The id is matched as a path (`{doc_id:path}`), so an id with `/` in it, which PUT
+accepts, can be read and deleted too.
+"""
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
@@ -28,13 +32,13 @@ async def upsert_documents(body: UpsertRequest, state: StateDep) -> UpsertRespon
     )
 
 
-@router.get("/v1/documents/{doc_id}", response_model=DocumentOut, responses=ERROR_RESPONSES)
+@router.get("/v1/documents/{doc_id:path}", response_model=DocumentOut, responses=ERROR_RESPONSES)
 async def get_document(doc_id: str, state: StateDep) -> DocumentOut:
     doc = await run_in_threadpool(state.corpus.get, doc_id)
     return DocumentOut(id=doc.id, title=doc.title, text=doc.text, metadata=doc.metadata)
 
 
-@router.delete("/v1/documents/{doc_id}", response_model=DeleteResponse, responses=ERROR_RESPONSES)
+@router.delete("/v1/documents/{doc_id:path}", response_model=DeleteResponse, responses=ERROR_RESPONSES)
 async def delete_document(doc_id: str, state: StateDep) -> DeleteResponse:
     seq, release = await run_in_threadpool(state.holder.delete, doc_id)
     return DeleteResponse(deleted=doc_id, seq=seq, release=release)
