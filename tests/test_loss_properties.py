@@ -371,7 +371,8 @@ def test_kl_distillation_is_zero_for_a_matching_teacher_up_to_a_shift(triplets, 
     queries, _, candidates = triplets
     shifts = data.draw(st.lists(st.floats(-50, 50), min_size=len(queries), max_size=len(queries)))
     teacher = _student_cosines(queries, candidates) + torch.tensor(shifts, dtype=torch.float64).unsqueeze(1)
-    assert KLDistillationLoss(temperature)(queries, candidates, teacher).loss.item() == pytest.approx(0.0, abs=1e-9)
+    assert KLDistillationLoss(temperature, scale=1.0)(queries, candidates, teacher).loss.item() == pytest.approx(0.0, abs=1e-9)
+    assert KLDistillationLoss(temperature)(queries, candidates, 20 * teacher).loss.item() == pytest.approx(0.0, abs=1e-9)
 
 
 @st.composite

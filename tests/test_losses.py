@@ -33,6 +33,7 @@ from training.losses import (
     TokenBatch,
     TripletLoss,
     false_negative_mask,
+    relative_teacher_scores,
 )
 
 
@@ -303,6 +304,28 @@ def test_mask_applies_teacher_threshold_but_never_the_target():
     assert mask.tolist() == [[False, False, True, False], [True, False, False, True]]
 
 
+@pytest.mark.parametrize(("batch_size", "hard_negatives"), [(1, 1), (3, 2), (4, 5)])
+def test_relative_teacher_scores_place_each_query_s_own_margins_and_nothing_else(batch_size, hard_negatives):
+    """Guards against a query's teacher margins landing in another row's negative columns, or other rows'
+    candidates (which have no teacher score for this query) being masked by a relative threshold."""
+    own = _random(batch_size, 1 + hard_negatives, seed=batch_size)
+    relative = relative_teacher_scores(own)
+    assert relative.shape == (batch_size, batch_size * (1 + hard_negatives))
+    for i in range(batch_size):
+        for j in range(relative.shape[1]):
+            negative = j - batch_size - i * hard_negatives
+            if j == i:
+                expected = 0.0
+            elif 0 <= negative < hard_negatives:
+                expected = float(own[i, 1 + negative] - own[i, 0])
+            else:
+                expected = -math.inf
+            assert relative[i, j].item() == expected
+    for bad in (torch.zeros(2, 1), torch.tensor([[1.0, math.nan]])):
+        with pytest.raises(ValueError, match="own teacher scores must be"):
+            relative_teacher_scores(bad)
+
+
 def test_mask_never_masks_the_target_even_when_listed_as_known():
     """Guards against a query's own positive, listed in its qrels, being dropped from its own softmax."""
     mask = false_negative_mask(["q0", "q1"], [Candidate("d0", "a"), Candidate("d0", "a")], None, {"q0": {"d0"}})
@@ -570,10 +593,10 @@ def test_margin_mse_refuses_bad_settings_and_shapes():
 # KL distillation
 
 
-def _naive_kl(queries, candidates, teacher, temperature) -> float:
+def _naive_kl(queries, candidates, teacher, temperature, scale) -> float:
     total = 0.0
     for q, row, teacher_row in zip(queries, candidates, teacher):
-        student = [_cos(q, c) / temperature for c in row]
+        student = [scale * _cos(q, c) / temperature for c in row]
         target = [float(t) / temperature for t in teacher_row]
         student_log_z = max(student) + math.log(sum(math.exp(s - max(student)) for s in student))
         target_log_z = max(target) + math.log(sum(math.exp(t - max(target)) for t in target))
@@ -583,13 +606,14 @@ def _naive_kl(queries, candidates, teacher, temperature) -> float:
     return temperature**2 * total / len(queries)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_kl_distillation_matches_naive_loop_and_sentence_transformers(temperature):
-    """Guards against KL taken the wrong way round, a missing temperature**2, or averaging over candidates."""
-    queries, candidates, teacher = _random(4, 8, seed=28), _random(4, 5, 8, seed=29), _random(4, 5, seed=30)
-    ours = KLDistillationLoss(temperature)(queries, candidates, teacher)
-    assert ours.loss.item() == pytest.approx(_naive_kl(queries, candidates, teacher, temperature), rel=1e-9)
-    theirs = DistillKLDivLoss(None, similarity_fct=pairwise_cos_sim, temperature=temperature)
+@pytest.mark.parametrize(("temperature", "scale"), [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 20.0), (2.0, 7.5)])
+def test_kl_distillation_matches_naive_loop_and_sentence_transformers(temperature, scale):
+    """Guards against KL taken the wrong way round, a missing temperature**2, averaging over candidates,
+    or a student scale applied to the teacher too (or not at all)."""
+    queries, candidates, teacher = _random(4, 8, seed=28), _random(4, 5, 8, seed=29), 10 * _random(4, 5, seed=30)
+    ours = KLDistillationLoss(temperature, scale)(queries, candidates, teacher)
+    assert ours.loss.item() == pytest.approx(_naive_kl(queries, candidates, teacher, temperature, scale), rel=1e-9)
+    theirs = DistillKLDivLoss(None, similarity_fct=lambda a, b: scale * pairwise_cos_sim(a, b), temperature=temperature)
     columns = [queries, *[candidates[:, n] for n in range(5)]]
     assert ours.loss.item() == pytest.approx(theirs.compute_loss_from_embeddings(columns, teacher).item(), rel=1e-9)
     assert ours.scores.shape == (4, 5)
@@ -599,13 +623,27 @@ def test_kl_distillation_hand_computed():
     """Guards against a loss that is not zero when the student already matches the teacher."""
     queries = torch.tensor([[1.0, 0.0]])
     candidates = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    loss = KLDistillationLoss(temperature=1.0)
+    loss = KLDistillationLoss(temperature=1.0, scale=1.0)
     # student logits (1, 0): a teacher with the same logits gives 0; a uniform teacher gives
     # sum_n 0.5 * (log 0.5 - log q_n) with q = softmax(1, 0)
     assert loss(queries, candidates, torch.tensor([[1.0, 0.0]])).loss.item() == pytest.approx(0.0, abs=1e-7)
     q = [math.exp(1) / (math.exp(1) + 1), 1 / (math.exp(1) + 1)]
     expected = sum(0.5 * (math.log(0.5) - math.log(p)) for p in q)
     assert loss(queries, candidates, torch.tensor([[0.0, 0.0]])).loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_distillation_default_scale_lets_a_cosine_student_match_a_cross_encoder():
+    """Guards against a flat student softmax: at scale 1 a student that ranks the candidates exactly as a
+    cross-encoder does (logits spread by 8) still pays a large KL, pushing its cosines to the extremes."""
+    queries = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    angles = torch.tensor([0.4, 1.2, 1.5], dtype=torch.float64)
+    candidates = torch.stack([angles.cos(), angles.sin()], dim=-1).unsqueeze(0)
+    cosines = angles.cos().unsqueeze(0)
+    teacher = 20.0 * cosines + 3.0
+    assert KLDistillationLoss().scale == 20.0
+    assert KLDistillationLoss()(queries, candidates, teacher).loss.item() == pytest.approx(0.0, abs=1e-9)
+    flat = KLDistillationLoss(scale=1.0)(queries, candidates, teacher).loss.item()
+    assert flat == pytest.approx(_naive_kl(queries, candidates, teacher, 1.0, 1.0), rel=1e-9) and flat > 0.5
 
 
 def test_kl_distillation_warns_once_when_teacher_collapses(caplog):
@@ -625,6 +663,9 @@ def test_kl_distillation_refuses_bad_settings_and_inputs():
     for temperature in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match="temperature must be a positive finite number"):
             KLDistillationLoss(temperature)
+    for scale in (0.0, -20.0, math.inf):
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            KLDistillationLoss(scale=scale)
     loss = KLDistillationLoss()
     queries = _random(2, 8)
     with pytest.raises(ValueError, match="at least 2 candidates"):

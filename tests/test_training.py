@@ -69,7 +69,8 @@ def test_mined_and_cached_stages_run_and_report_mining(tiny_model_dir, tmp_path)
     assert [s["name"] for s in summary.stages] == ["mnr", "mined", "triplet"]
     mining = [r for r in read_log(tmp_path / "run") if r["type"] == "mining"]
     assert len(mining) == 2 and mining[0]["kept"] > 0
-    assert mining[0]["dropped_known_positive"] + mining[0]["dropped_too_close"] + mining[0]["kept"] <= mining[0]["candidates"]
+    dropped = mining[0]["dropped_known_positive"] + mining[0]["dropped_too_close"] + mining[0]["dropped_by_teacher"]
+    assert dropped + mining[0]["kept"] + mining[0]["not_needed"] == mining[0]["candidates"]
     assert summary.final["ndcg@10"] >= summary.base["ndcg@10"], "gates keep only improvements"
 
 
@@ -124,6 +125,7 @@ def test_pairs_and_triplets_files(tmp_path):
     assert examples[2].query_id == "7" and examples[2].positive.doc_id == "d7"
     data = TrainingData.from_examples(examples)
     assert data.qrels["7"] == {"d7": 1} and len(data.documents) == 3
+    assert data.negatives == {examples[0].query_id: (examples[1].positive.doc_id,), examples[1].query_id: (examples[0].positive.doc_id,)}
     path.write_text('{"query": "q", "positive": ""}\n')
     with pytest.raises(InvalidInput, match=r"pairs\.jsonl:1: "):
         load_pairs(path)

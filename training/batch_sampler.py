@@ -69,8 +69,11 @@ def _batches(
         pending = deferred
 
 
-def batches_per_epoch(examples: Sequence[TrainingExample], batch_size: int, seed: int, shards: int = 1) -> int:
-    return sum(1 for _ in no_duplicate_batches(examples, batch_size, seed, shards=shards))
+def batches_per_epoch(
+    examples: Sequence[TrainingExample], batch_size: int, seed: int, epoch: int, shards: int = 1
+) -> int:
+    """How many batches `no_duplicate_batches` yields in `epoch`; deferrals make it differ between epochs."""
+    return sum(1 for _ in no_duplicate_batches(examples, batch_size, seed, epoch, shards=shards))
 
 
 def shard(batch: Sequence[T], index: int, shards: int) -> Sequence[T]:

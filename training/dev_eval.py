@@ -4,7 +4,9 @@ The dev corpus is encoded once per evaluation and searched exactly (inner produc
 unit vectors); the same vectors score a subset of training queries (for the
 overfitting gap) and the low/high lexical overlap halves of the dev queries (for
 shortcut learning). A fixed probe of document vectors gives the collapse statistics;
-raw norms give the drift signal; STS-B pairs, when given, an out-of-domain probe.
+raw norms give the drift signal; STS-B pairs, when given, an out-of-domain probe. The
+false-negative signal scores the first dev queries against each other's positives, as
+one in-batch batch would, with every judged-relevant document masked.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from training.bi_encoder import BiEncoder
-from training.diagnostics import collapse_stats, overlap_split
+from training.diagnostics import collapse_stats, negatives_above_positive, overlap_split
 from training.evaluation import evaluate_run, per_query_metrics
 from training.precision import autocast
 from training.sts import StsPair, sts_spearman
 
 EVAL_DEPTH = 100
 COLLAPSE_PROBE = 256
+FALSE_NEGATIVE_PROBE = 512
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,35 @@ def _run(query_ids: list[str], query_vectors: np.ndarray, doc_ids: list[str], do
     return {q: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, q in enumerate(query_ids)}
 
 
+def _dev_negatives_above_positive(
+    dev: DevSet, query_vectors: np.ndarray, doc_ids: list[str], doc_vectors: np.ndarray
+) -> float | None:
+    """Share of dev negatives scored at or above the positive, over up to FALSE_NEGATIVE_PROBE (query, positive) pairs.
+
+    The first dev queries (the first rows of `query_vectors`) are paired with their most relevant
+    document and scored against every pair's positive, as in one training batch; documents judged
+    relevant to the query, or with its positive's text, are masked, as `false_negative_mask` does.
+    """
+    rows = {doc_id: row for row, doc_id in enumerate(doc_ids)}
+    pairs = []
+    for index, query_id in enumerate(dev.queries):
+        relevant = sorted((-rel, d) for d, rel in dev.qrels[query_id].items() if rel > 0 and d in rows)
+        if relevant:
+            pairs.append((index, query_id, relevant[0][1]))
+        if len(pairs) == FALSE_NEGATIVE_PROBE:
+            break
+    if len(pairs) < 2:
+        return None
+    positives = [doc_id for _, _, doc_id in pairs]
+    scores = query_vectors[[index for index, _, _ in pairs]] @ doc_vectors[[rows[d] for d in positives]].T
+    texts = [dev.documents[d].strip() for d in positives]
+    mask = np.array([
+        [dev.qrels[query_id].get(doc_id, 0) > 0 or text == texts[i] for doc_id, text in zip(positives, texts)]
+        for i, (_, query_id, _) in enumerate(pairs)
+    ])
+    return negatives_above_positive(scores, mask)
+
+
 def _mean_ndcg(per_query: Mapping[str, Mapping[str, float]], query_ids: list[str]) -> float:
     return float(np.mean([per_query[q]["ndcg@10"] for q in query_ids])) if query_ids else 0.0
 
@@ -118,6 +150,9 @@ def evaluate_encoder(
         stats = collapse_stats(probe)
         result["mean_dim_std"] = stats.mean_dim_std
         result["mean_pairwise_cosine"] = stats.mean_pairwise_cosine
+    rate = _dev_negatives_above_positive(dev, queries.vectors, doc_ids, docs.vectors)
+    if rate is not None:
+        result["negatives_above_positive"] = rate
     result["query_norm_mean"] = float(queries.norms.mean())
     result["query_norm_std"] = float(queries.norms.std())
     result["doc_norm_mean"] = float(docs.norms.mean())

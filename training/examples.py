@@ -5,7 +5,8 @@ line of a JSONL file is one of
 `{"query": str, "positive": str, "negatives": [str, ...]}` (ids optional:
 `"query_id"`, `"positive_id"`, `"negative_ids"`), or sentence-transformers'
 triplet columns `{"anchor": str, "positive": str, "negative": str}`. Errors name
-the file and line. Documents carry ids so false negatives can be recognised.
+the file and line. Documents carry ids so false negatives can be recognised. The
+negatives a file gives are trained on by stages with `negatives = "given"`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,21 @@ def examples_from_qrels(
             "no training pairs: none of the judged query/document ids were found in the queries and corpus files"
         )
     return examples
+
+
+def with_given_negatives(
+    examples: Sequence[TrainingExample], negatives: Mapping[str, Sequence[str]], documents: Mapping[str, str]
+) -> list[TrainingExample]:
+    """Each example with the negatives given for its query (doc ids into `documents`), so that stages with
+    `negatives = "given"` train on them; examples of queries without given negatives are unchanged."""
+    missing = sorted({doc_id for ids in negatives.values() for doc_id in ids if doc_id not in documents})
+    if missing:
+        raise InvalidInput(f"given negatives {missing[:5]} are not in the documents; add their texts to the corpus")
+    return [
+        e.with_negatives([Candidate(doc_id, documents[doc_id]) for doc_id in negatives[e.query_id]])
+        if negatives.get(e.query_id) else e
+        for e in examples
+    ]
 
 
 def known_positives(examples: Sequence[TrainingExample], qrels: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, set[str]]:

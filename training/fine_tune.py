@@ -27,7 +27,12 @@ from training.cross_encoder import CrossEncoder
 from training.dev_eval import DevSet
 from training.diagnostics import Thresholds, alert_dicts, alerts_for
 from training.eval_data import split_queries
-from training.examples import TrainingExample, examples_from_qrels, known_positives
+from training.examples import (
+    TrainingExample,
+    examples_from_qrels,
+    known_positives,
+    with_given_negatives,
+)
 from training.metrics_log import MetricsLog
 from training.mining import MiningConfig, MiningReport, mine_hard_negatives
 from training.precision import resolve_training
@@ -45,15 +50,18 @@ CHECKPOINTS_DIR = "checkpoints"
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Queries, their judgements and the corpus texts (doc id -> title and text as the encoder sees it)."""
+    """Queries, their judgements, the corpus texts (doc id -> title and text as the encoder sees it)
+    and the negatives given with the pairs (query id -> doc ids), which stages with `negatives = "given"` train on."""
 
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     documents: dict[str, str]
+    negatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_examples(cls, examples: list[TrainingExample]) -> TrainingData:
-        """Treat pairs/triplets as judgements: each positive is relevant, every text is a document."""
+        """Treat pairs/triplets as judgements: each positive is relevant, every text is a document, and each
+        negative stays a negative of its query unless another pair names it a positive of that query."""
         documents = {}
         for e in examples:
             documents[e.positive.doc_id] = e.positive.text
@@ -61,7 +69,11 @@ class TrainingData:
         qrels: dict[str, dict[str, int]] = {}
         for e in examples:
             qrels.setdefault(e.query_id, {})[e.positive.doc_id] = 1
-        return cls({e.query_id: e.query for e in examples}, qrels, documents)
+        negatives: dict[str, dict[str, None]] = {}
+        for e in examples:
+            negatives.setdefault(e.query_id, {}).update((n.doc_id, None) for n in e.negatives if n.doc_id not in qrels[e.query_id])
+        given = {query_id: tuple(ids) for query_id, ids in negatives.items() if ids}
+        return cls({e.query_id: e.query for e in examples}, qrels, documents, given)
 
 
 @dataclass
@@ -138,7 +150,7 @@ def fine_tune(
     train_ids, dev_ids = split_queries(list(data.qrels), recipe.run.dev_fraction, recipe.run.seed)
     train_qrels = {q: data.qrels[q] for q in train_ids}
     dev_qrels = {q: data.qrels[q] for q in dev_ids}
-    examples = examples_from_qrels(data.queries, train_qrels, data.documents)
+    examples = with_given_negatives(examples_from_qrels(data.queries, train_qrels, data.documents), data.negatives, data.documents)
     positives = known_positives(examples, data.qrels)
     sts = load_sts(recipe.run.sts_probe) if recipe.run.sts_probe else None
     dev = DevSet.build(
@@ -162,7 +174,7 @@ def fine_tune(
     stages = []
     for stage in recipe.stages:
         stage_examples = examples
-        if stage.negatives != "in_batch":
+        if stage.negatives in ("mined", "teacher"):
             stage_examples, report = distributed.from_main(lambda: miner.mine(stage))
             ctx.record("mining", stage=stage.name, **report.as_dict())
         result = train_stage(ctx, stage_examples, stage, current)

@@ -5,7 +5,9 @@ vectors); candidates ranked inside `[window_start, window_end)` are kept unless 
 are known positives, score too close to the positive (absolute margin, or relative
 margin as a share of the positive's score), or, with a cross-encoder teacher, are
 scored by the teacher within `teacher_margin` of the positive. The survivors are
-sampled with a seed. Every drop is counted by reason, because a high rate of
+sampled with a seed. Every candidate is counted once, as dropped (by reason), kept, or
+not needed (a survivor beyond `count`), so the counts add up to the candidates looked
+at. Drops are counted by reason because a high rate of
 too-close candidates is itself a sign of false negatives in the data (Qu et al.,
 2021, "RocketQA"; Moreira et al., 2024, "NV-Retriever: Improving text embedding
 models with effective hard-negative mining").
@@ -41,7 +43,10 @@ class MiningConfig:
 
 @dataclass(frozen=True)
 class MiningReport:
-    """How many candidates were looked at and why the dropped ones were dropped."""
+    """How many candidates were looked at and why the dropped ones were dropped.
+
+    candidates = dropped_known_positive + dropped_too_close + dropped_by_teacher + kept + not_needed.
+    """
 
     examples: int
     candidates: int
@@ -49,6 +54,7 @@ class MiningReport:
     dropped_too_close: int
     dropped_by_teacher: int
     kept: int
+    not_needed: int
     examples_short_of_negatives: int
 
     def as_dict(self) -> dict[str, int]:
@@ -80,7 +86,7 @@ def mine_hard_negatives(
     scores, rows = index.search(query_vectors, depth)
     positive_scores = np.sum(query_vectors * positive_vectors, axis=1)
     rng = random.Random(config.seed)
-    counts = dict(candidates=0, known=0, close=0, teacher=0, kept=0, short=0)
+    counts = {"candidates": 0, "known": 0, "close": 0, "teacher": 0, "kept": 0, "not_needed": 0, "short": 0}
     mined: list[TrainingExample] = []
     for i, example in enumerate(examples):
         positives = known_positives.get(example.query_id, set()) | {example.positive.doc_id}
@@ -99,7 +105,9 @@ def mine_hard_negatives(
                 continue
             survivors.append(Candidate(doc_id, documents[doc_id]))
         rng.shuffle(survivors)
-        mined.append(example.with_negatives(survivors[: config.count * 3 if teacher else config.count]))
+        sampled = survivors[: config.count * 3 if teacher else config.count]
+        counts["not_needed"] += len(survivors) - len(sampled)
+        mined.append(example.with_negatives(sampled))
     if teacher is not None:
         with autocast(precision, teacher.device):
             mined = _filter_with_teacher(mined, teacher, teacher_cache, config, counts)
@@ -113,6 +121,7 @@ def mine_hard_negatives(
         dropped_too_close=counts["close"],
         dropped_by_teacher=counts["teacher"],
         kept=counts["kept"],
+        not_needed=counts["not_needed"],
         examples_short_of_negatives=counts["short"],
     )
     return mined, report
@@ -144,6 +153,7 @@ def _filter_with_teacher(
     for example, scores in zip(examples, score_with_teacher(teacher, examples, cache)):
         keep = [(n, s) for n, s in zip(example.negatives, scores[1:]) if s < scores[0] - margin]
         counts["teacher"] += len(example.negatives) - len(keep)
+        counts["not_needed"] += max(0, len(keep) - config.count)
         keep = keep[: config.count]
         filtered.append(example.with_negatives([n for n, _ in keep]).with_teacher_scores([scores[0], *(s for _, s in keep)]))
     return filtered

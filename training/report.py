@@ -114,6 +114,11 @@ def _overlap_gap_limit(t: Thresholds, base: dict) -> list[tuple[float, str]]:
     return [] if base_gap is None else [(base_gap + t.shortcut_max_overlap_gap, "gap threshold (base gap + max)")]
 
 
+def _overfit_gap_limit(t: Thresholds, base: dict) -> list[tuple[float, str]]:
+    base_gap = _difference("ndcg@10_train", "ndcg@10")(base)
+    return [((base_gap or 0.0) + t.overfit_max_gap, "gap threshold (base gap + max)")]
+
+
 def _norm_ratio_band(t: Thresholds, base: dict) -> list[tuple[float, str]]:
     ratio = _ratio("query_norm_mean", "doc_norm_mean")(base)
     if not ratio:
@@ -129,7 +134,7 @@ _PANELS = (
         "overfitting", "Overfitting", "nDCG@10: dev vs train subset, and the gap", "overfitting",
         (_Line("dev", "eval", _field("ndcg@10")), _Line("train subset", "eval", _field("ndcg@10_train")),
          _Line("train - dev", "eval", _difference("ndcg@10_train", "ndcg@10"))),
-        lambda t, base: [(t.overfit_max_gap, "gap threshold")],
+        _overfit_gap_limit,
     ),
     _PanelSpec(
         "collapse_std", "Collapse", "Per-dimension std of unit embeddings", "collapse",
@@ -146,8 +151,9 @@ _PANELS = (
         (_Line("masked", "step", _field("masked")),),
     ),
     _PanelSpec(
-        "negatives_above_positive", "False negatives (scores)", "Share of in-batch negatives scored >= positive",
-        "false_negatives", (_Line("share", "step", _field("negatives_above_positive")),),
+        "negatives_above_positive", "False negatives (scores)", "Share of negatives scored >= positive: training batches, dev pairs",
+        "false_negatives", (_Line("training batch", "step", _field("negatives_above_positive")),
+                            _Line("dev", "eval", _field("negatives_above_positive"))),
         lambda t, base: [(t.saturation_max_negatives_above_positive, "saturation threshold")],
     ),
     _PanelSpec(

@@ -7,15 +7,16 @@ fails before any training starts with a message naming the field.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
 from training.errors import InvalidInput
 
 LossName = Literal["infonce", "triplet", "margin_mse", "kl"]
-NegativeSource = Literal["in_batch", "mined", "teacher"]
+NegativeSource = Literal["in_batch", "given", "mined", "teacher"]
 LOSSES = ("infonce", "triplet", "margin_mse", "kl")
-NEGATIVE_SOURCES = ("in_batch", "mined", "teacher")
+NEGATIVE_SOURCES = ("in_batch", "given", "mined", "teacher")
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 65536
 MAX_MINE_WINDOW = 10_000
@@ -23,7 +24,19 @@ MAX_MINE_WINDOW = 10_000
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Settings of one stage. `negatives`: in-batch only, mined with the current model, or mined and teacher-scored."""
+    """Settings of one stage.
+
+    `negatives`: in-batch only; `given`, the negatives each pair brings in its pairs or triplets
+    file (pairs with fewer than `hard_negatives` are left out of the stage); mined with the
+    current model; or mined and teacher-scored.
+    `teacher_mask_threshold` (InfoNCE on teacher-scored negatives only): a hard negative the
+    teacher scores at least its positive's score minus this margin is masked out of its own
+    query's softmax, RocketQA's denoising (Qu et al., 2021, arXiv:2010.08191) applied at the
+    loss rather than at mining (`mine_teacher_margin`), so the example still trains and the
+    document stays a negative for the batch's other queries. None: no teacher masking.
+    `kl_scale` multiplies the student's cosines before KL distillation's temperature (see
+    `KLDistillationLoss`); 20 gives cosine students logits as spread as a cross-encoder's.
+    """
 
     name: str = "stage"
     loss: LossName = "infonce"
@@ -40,6 +53,7 @@ class StageConfig:
     triplet_margin: float = 0.2
     distill_scale: float = 1.0
     kl_temperature: float = 1.0
+    kl_scale: float = 20.0
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -64,7 +78,7 @@ class StageConfig:
         if self.negatives != "in_batch" and self.hard_negatives < 1:
             raise bad("hard_negatives", f"at least 1 when negatives = {self.negatives!r}")
         if self.negatives == "in_batch" and self.hard_negatives:
-            raise bad("negatives", "'mined' or 'teacher' when hard_negatives > 0 (in-batch stages mine nothing)")
+            raise bad("negatives", "'given', 'mined' or 'teacher' when hard_negatives > 0 (in-batch stages use no hard negatives)")
         if self.loss in ("triplet", "margin_mse", "kl") and self.hard_negatives < 1:
             raise bad("hard_negatives", f"at least 1 for the {self.loss} loss")
         if self.loss in ("margin_mse", "kl") and self.negatives != "teacher":
@@ -75,10 +89,12 @@ class StageConfig:
                 raise bad(name, f"an integer from {low} to {high}")
         if self.mini_batch_size > self.batch_size:
             raise bad("mini_batch_size", f"at most batch_size ({self.batch_size})")
-        for name in ("learning_rate", "temperature", "kl_temperature", "max_grad_norm"):
+        for name in ("learning_rate", "temperature", "kl_temperature", "kl_scale", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise bad(name, "a positive finite number")
+        if self.teacher_mask_threshold is not None:
+            self._check_teacher_mask(bad)
         if not 0 <= self.warmup_ratio < 1:
             raise bad("warmup_ratio", "in [0, 1)")
         if self.mini_batch_size < 0 or self.eval_every < 0 or self.patience < 0 or self.weight_decay < 0:
@@ -86,6 +102,17 @@ class StageConfig:
         if not 0 <= self.mine_window_start < self.mine_window_end <= MAX_MINE_WINDOW:
             raise bad("mine_window_start", f"in [0, mine_window_end={self.mine_window_end}), and mine_window_end at "
                       f"most {MAX_MINE_WINDOW}")
+
+    def _check_teacher_mask(self, bad: Callable[[str, str], InvalidInput]) -> None:
+        threshold = self.teacher_mask_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise bad("teacher_mask_threshold", "a finite number (a margin below the positive's teacher score) or unset")
+        if self.loss != "infonce" or self.negatives != "teacher" or not self.mask_false_negatives:
+            raise InvalidInput(
+                f"stage {self.name!r}: teacher_mask_threshold needs loss = 'infonce', negatives = 'teacher' and "
+                f"mask_false_negatives = true (got loss {self.loss!r}, negatives {self.negatives!r}, "
+                f"mask_false_negatives {self.mask_false_negatives}); unset it or change those"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> StageConfig:

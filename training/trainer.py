@@ -2,10 +2,14 @@
 
 AdamW with linear warmup then cosine decay, gradient clipping, bf16 autocast where the
 hardware supports it, seeded batches without duplicates, false negatives masked
-inside the loss. The dev set is evaluated every `eval_every` steps (and at the end
-of each epoch); the best weights are kept and restored at the end, training stops
-early after `patience` evaluations without improvement, and a run whose embeddings
-collapse for `collapse_patience` evaluations in a row is aborted with the remedy.
+inside the loss (with a teacher threshold, also the hard negatives a teacher scores
+close to the positive). The sampler defers clashing examples, so the number of batches
+differs between epochs: every epoch's count is taken before training, so the schedule
+ends exactly at the last step and an evaluation lands on the last step of each epoch.
+The dev set is also evaluated every `eval_every` steps; the best weights are kept and
+restored at the end, training stops early after `patience` evaluations without
+improvement, and a run whose embeddings collapse for `collapse_patience` evaluations
+in a row, or whose loss is not finite, is aborted with the best weights restored.
 Every step and evaluation is appended to the run's metrics log.
 
 Under torchrun (see `training.distributed`) each process embeds its shard of every
@@ -47,6 +51,7 @@ from training.losses import (
     TokenBatch,
     TripletLoss,
     false_negative_mask,
+    relative_teacher_scores,
 )
 from training.losses.output import LossOutput
 from training.metrics_log import MetricsLog
@@ -152,7 +157,7 @@ class StageStep:
         self.infonce = InfoNCELoss(stage.temperature, stage.symmetric)
         self.triplet = TripletLoss(stage.triplet_margin)
         self.margin_mse = MarginMSELoss(stage.distill_scale)
-        self.kl = KLDistillationLoss(stage.kl_temperature)
+        self.kl = KLDistillationLoss(stage.kl_temperature, stage.kl_scale)
 
     def _tokens(self, texts: list[str], kind: str) -> TokenBatch:
         input_ids, attention_mask = self.encoder.token_batch(texts, kind)
@@ -160,6 +165,22 @@ class StageStep:
 
     def _embed_all(self, tokens: TokenBatch) -> torch.Tensor:
         return distributed.gather_with_grad(self.embed(tokens.input_ids, tokens.attention_mask))
+
+    def mask(self, batch: list[TrainingExample]) -> torch.Tensor:
+        """The global batch's false-negative mask; with `teacher_mask_threshold`, each query's own hard
+        negatives that the teacher scores within that margin of its positive are masked too (RocketQA)."""
+        h, threshold = self.stage.hard_negatives, self.stage.teacher_mask_threshold
+        teacher = {}
+        if threshold is not None:
+            scores = torch.tensor([e.teacher_scores for e in batch], dtype=torch.float32)
+            teacher = {"teacher_scores": relative_teacher_scores(scores), "teacher_threshold": -threshold}
+        return false_negative_mask(
+            [e.query_id for e in batch],
+            [e.positive for e in batch],
+            [list(e.negatives) for e in batch] if h else None,
+            known_positives=self.ctx.known_positives,
+            **teacher,
+        ).to(self.device)
 
     def __call__(self, batch: list[TrainingExample]) -> tuple[LossOutput, torch.Tensor | None]:
         """Back-propagate one global batch; returns the loss output and the false-negative mask used (if any)."""
@@ -171,12 +192,7 @@ class StageStep:
         negatives = self._tokens([n.text for e in local for n in e.negatives], "document") if h else None
         if stage.loss == "infonce":
             if stage.mask_false_negatives:
-                mask = false_negative_mask(
-                    [e.query_id for e in batch],
-                    [e.positive for e in batch],
-                    [list(e.negatives) for e in batch] if h else None,
-                    known_positives=self.ctx.known_positives,
-                ).to(self.device)
+                mask = self.mask(batch)
             if stage.mini_batch_size:
                 return self.cached.backward(queries, positives, negatives, mask), mask
             q, p = self._embed_all(queries), self._embed_all(positives)
@@ -201,20 +217,26 @@ def _snapshot(encoder: BiEncoder) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in encoder.model.state_dict().items()}
 
 
+def _too_few_examples(stage: StageConfig, usable: int, examples: int) -> TrainingAborted:
+    fix = "lower batch_size or hard_negatives, or add training pairs"
+    if stage.negatives == "given":
+        fix += f" with at least {stage.hard_negatives} negatives each in the pairs file"
+    return TrainingAborted(
+        f"stage {stage.name!r} has {usable} usable examples (of {examples}) but a batch needs {stage.batch_size}; {fix}"
+    )
+
+
 def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage: StageConfig, start_eval: dict) -> StageResult:
     """Train one stage; restores the best weights seen (including the stage's starting point) before returning."""
     usable = _usable(examples, stage)
     if len(usable) < stage.batch_size:
-        raise TrainingAborted(
-            f"stage {stage.name!r} has {len(usable)} usable examples (of {len(examples)}) but a batch needs {stage.batch_size}; "
-            "lower batch_size or hard_negatives, or add training pairs"
-        )
+        raise _too_few_examples(stage, len(usable), len(examples))
     shards = distributed.world_size()
     if stage.batch_size < shards:
         raise TrainingAborted(f"stage {stage.name!r}: batch_size {stage.batch_size} is smaller than the {shards} processes; raise it")
     model = ctx.encoder.model
-    steps_per_epoch = batches_per_epoch(usable, stage.batch_size, ctx.seed, shards)
-    total = steps_per_epoch * stage.epochs
+    epoch_steps = [batches_per_epoch(usable, stage.batch_size, ctx.seed, epoch, shards) for epoch in range(stage.epochs)]
+    total = sum(epoch_steps)
     optimizer = build_optimizer(model, stage.learning_rate, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, int(total * stage.warmup_ratio), total)
     torch.manual_seed(ctx.seed + distributed.rank())
@@ -227,19 +249,24 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     with bar, distributed.data_parallel(ctx.encoder) as synced:
         compute = StageStep(ctx, stage, synced)
         for epoch in range(stage.epochs):
-            for indices in no_duplicate_batches(usable, stage.batch_size, ctx.seed, epoch, shards=shards):
+            batches = no_duplicate_batches(usable, stage.batch_size, ctx.seed, epoch, shards=shards)
+            for epoch_step, indices in enumerate(batches, start=1):
                 if ctx.should_stop is not None and ctx.should_stop():
                     raise TrainingCancelled(f"training cancelled during stage {stage.name!r} at step {step}")
                 batch = [usable[i] for i in indices]
                 out, mask = compute(batch)
+                step += 1
+                loss = float(out.loss.detach())
+                if not np.isfinite(loss):
+                    model.load_state_dict(best_state)
+                    raise TrainingAborted(
+                        f"stage {stage.name!r}: the loss became {loss} at step {step}, so no update was applied and "
+                        f"the best weights were restored. Remedy: {REMEDIES['collapse']}"
+                    )
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss = float(out.loss.detach())
-                if not np.isfinite(loss):
-                    raise TrainingAborted(f"stage {stage.name!r}: loss became {loss} at step {step}; {REMEDIES['collapse']}")
                 record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "masked": out.masked, "batch": len(batch)}
                 if out.scores is not None and stage.loss == "infonce":
                     record["negatives_above_positive"] = negatives_above_positive(
@@ -250,11 +277,10 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if ctx.progress is not None:
                     ctx.progress(stage.name, step, total, {"loss": loss, "elapsed_s": time.monotonic() - started})
-                end_of_epoch = step % steps_per_epoch == 0
+                end_of_epoch = epoch_step == epoch_steps[epoch]
                 if ctx.dev is None or not (end_of_epoch or (stage.eval_every and step % stage.eval_every == 0)):
                     continue
                 evaluation = ctx.evaluate()
-                evaluation["negatives_above_positive"] = record.get("negatives_above_positive")
                 alerts = alerts_for({k: v for k, v in evaluation.items() if v is not None}, ctx.baseline, ctx.thresholds)
                 ctx.record("eval", stage=stage.name, step=step, global_step=ctx.step_offset + step, **evaluation)
                 for alert in alert_dicts(alerts):

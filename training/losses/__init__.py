@@ -1,7 +1,11 @@
 """Contrastive and distillation losses, one per module; each separates its maths from embedding."""
 
 from training.losses.cached_infonce import CachedInfoNCELoss
-from training.losses.false_negatives import Candidate, false_negative_mask
+from training.losses.false_negatives import (
+    Candidate,
+    false_negative_mask,
+    relative_teacher_scores,
+)
 from training.losses.infonce import MAX_HARD_NEGATIVES, InfoNCELoss
 from training.losses.kl_distill import KLDistillationLoss
 from training.losses.margin_mse import MarginMSELoss
@@ -20,4 +24,5 @@ __all__ = [
     "TokenBatch",
     "TripletLoss",
     "false_negative_mask",
+    "relative_teacher_scores",
 ]

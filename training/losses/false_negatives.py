@@ -15,7 +15,9 @@ Candidate (i, j) is masked, for j != i, when candidate j
 - is the positive of another row with the same query id (a query repeated in the batch);
 - is in `known_positives[query_ids[i]]` (e.g. every relevant document in the qrels);
 - scores at least `teacher_threshold` under a teacher (e.g. a cross-encoder), as in
-  RocketQA's denoised hard negatives.
+  RocketQA's denoised hard negatives. `relative_teacher_scores` turns each query's teacher
+  scores of its own candidates into margins against its positive, so the threshold can be
+  one relative to the positive (`-margin`: within `margin` of it, or above).
 
 References:
     - Qu et al., 2021, "RocketQA: An Optimized Training Approach to Dense Passage Retrieval
@@ -30,7 +32,8 @@ Relations:
       the source; this mask still catches known positives and teacher-flagged negatives.
 
 Left out: near-duplicate text detection (only exact stripped text is compared) and
-thresholds relative to the positive's teacher score (pass an absolute threshold).
+teacher scores of other rows' candidates (a batch carries teacher scores only for each
+query's own positive and hard negatives).
 """
 
 from __future__ import annotations
@@ -66,6 +69,26 @@ def _flatten_negatives(negatives: Sequence[Sequence[Candidate]] | None, batch_si
     if len(widths) > 1:
         raise ValueError(f"every query must have the same number of hard negatives, got row lengths {widths}")
     return [candidate for row in negatives for candidate in row]
+
+
+def relative_teacher_scores(own_scores: torch.Tensor) -> torch.Tensor:
+    """`(B, B + B*H)` teacher scores against the positive: each query's own hard negatives minus its positive, -inf elsewhere.
+
+    `own_scores` is `(B, 1 + H)`: the teacher's score of query i's positive, then of its H hard
+    negatives (as `TrainingExample.teacher_scores`). Other rows' candidates have no teacher score
+    for query i, so they get -inf and no teacher threshold masks them; the positive gets 0.
+    """
+    if own_scores.dim() != 2 or own_scores.shape[1] < 2:
+        raise ValueError(f"own teacher scores must be (B, 1 + H) with H >= 1, got shape {tuple(own_scores.shape)}")
+    if not torch.isfinite(own_scores).all():
+        raise ValueError("own teacher scores must be finite; a NaN or inf would mask (or spare) candidates arbitrarily")
+    batch_size, hard = own_scores.shape[0], own_scores.shape[1] - 1
+    scores = own_scores.detach().new_full((batch_size, batch_size + batch_size * hard), -math.inf)
+    rows = torch.arange(batch_size)
+    scores[rows, rows] = 0.0
+    columns = batch_size + rows[:, None] * hard + torch.arange(hard)[None, :]
+    scores[rows[:, None], columns] = own_scores[:, 1:] - own_scores[:, :1]
+    return scores
 
 
 def false_negative_mask(
