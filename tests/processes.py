@@ -44,18 +44,25 @@ def start_server(data_dir: Path, log: Path | None = None, **settings: str) -> tu
             stdout=out if log else None, stderr=subprocess.STDOUT if log else None,
         )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    wait_ready(process, base)
+    return process, base
+
+
+def wait_ready(process: subprocess.Popen, base: str, within_s: float = 60, log: Path | None = None) -> None:
+    """Poll `base`/readyz every 0.1 s until it answers 200; fail the test (with `log`'s text) if `process` exits
+    or `within_s` passes first, and kill it then."""
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/readyz").status_code == 200:
-                return process, base
+                return
         except httpx.TransportError:
             pass
         if process.poll() is not None:
-            pytest.fail(f"the server exited with status {process.returncode}")
+            pytest.fail(f"the server exited with status {process.returncode}" + (f": {log.read_text()}" if log else ""))
         time.sleep(0.1)
     process.kill()
-    pytest.fail("the server did not become ready in 60 s")
+    pytest.fail(f"the server did not become ready in {within_s:.0f} s" + (f": {log.read_text()}" if log else ""))
 
 
 def start_worker(data_dir: Path, log: Path, **settings: str) -> subprocess.Popen:

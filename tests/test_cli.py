@@ -146,9 +146,9 @@ def test_a_cli_activation_is_announced_so_a_slow_polling_server_switches_at_once
         result = runner.invoke(app, ["--data-dir", str(data), "releases", "activate", second],
                                env={"LOCKSTEP_BROKER_URL": REDIS_URL})
         assert result.exit_code == 0, result.output
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10  # loose for a loaded CI machine; the server itself polls only every 600 s
         while httpx.get(f"{base}/readyz").json()["release"] != second:
-            assert time.monotonic() < deadline, "the server did not switch within 2 s of the CLI activation"
+            assert time.monotonic() < deadline, "the server did not switch within 10 s of the CLI activation"
             time.sleep(0.05)
     finally:
         stop(server)

@@ -17,7 +17,7 @@ from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
 from tests.job_data import TINY_RECIPE, write_task
 from tests.processes import (
-    REDIS_URL, finished, free_port, lockstep_env, start_server, start_worker, stop, wait_for_job,
+    REDIS_URL, finished, free_port, lockstep_env, start_server, start_worker, stop, wait_for_job, wait_ready,
 )
 from tests.test_job_steps import collapsed_model
 
@@ -273,13 +273,7 @@ def _start_up(tmp_path, tiny_model_dir) -> tuple[subprocess.Popen, list[str], st
         lines.append(line)
     worker_pid = int(next(line for line in lines if "job worker started" in line).split("pid ")[1].split(")")[0])
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
+    wait_ready(up, base)
     return up, lines, base, worker_pid
 
 

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from indexer.release_builder import BuildOptions, build_release
 from indexer.settings import Settings
 from service.app import create_app
 from tests.conftest import SAMPLE_DOCS
-from tests.processes import free_port, lockstep_env, stop
+from tests.processes import free_port, lockstep_env, stop, wait_ready
 
 
 @pytest.fixture
@@ -124,14 +123,7 @@ def test_a_real_server_logs_json_lines_with_the_request_id(data_dir, built, tmp_
                                   env=lockstep_env(data_dir), stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and server.poll() is None, log.read_text()
-                time.sleep(0.1)
+        wait_ready(server, base, log=log)
         reply = httpx.post(f"{base}/v1/search", json={"query": "apple", "k": 1}, headers={"X-Request-ID": "trace-42"})
         assert reply.status_code == 200 and reply.headers["x-request-id"] == "trace-42"
         httpx.get(f"{base}/v1/documents/missing")

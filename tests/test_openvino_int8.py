@@ -96,16 +96,22 @@ def test_calibration_and_agreement_samples_share_no_document(corpus, releases, t
         calibrated.append(list(texts))
         return quantise(encoder, path, texts)
 
+    measured: list[list[str]] = []
+    encode = BiEncoder.encode
+
+    def measuring(encoder, texts, *args, **kwargs):
+        measured.append(list(texts))
+        return encode(encoder, texts, *args, **kwargs)
+
     monkeypatch.setattr(BiEncoder, "quantise_openvino_int8", recording)
+    monkeypatch.setattr(BiEncoder, "encode", measuring)
     manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, int8_sample=16, **INT8_OPENVINO))
     assert manifest.int8_agreement.sample == 16 and len(calibrated) == 1 and len(calibrated[0]) == 20
-    assert len({doc.embedding_text() for doc in documents}) == len(documents)
-    assert set(calibrated[0]) <= {doc.embedding_text() for doc in documents}
-    _, snapshot = corpus.snapshot()
-    measured_rows, calibration_rows = release_builder.int8_samples(len(snapshot), 16)
-    assert len(measured_rows) == 16 and set(measured_rows).isdisjoint(calibration_rows)
-    assert {snapshot[row].embedding_text() for row in calibration_rows} == set(calibrated[0])
-    assert {snapshot[row].embedding_text() for row in measured_rows}.isdisjoint(calibrated[0])
+    corpus_texts = {doc.embedding_text() for doc in documents}
+    assert len(corpus_texts) == len(documents) and set(calibrated[0]) <= corpus_texts
+    reference, quantised = measured
+    assert reference == quantised and len(set(reference)) == 16 and set(reference) <= corpus_texts
+    assert set(reference).isdisjoint(calibrated[0])
 
 
 def test_a_failed_gate_names_the_figure_and_leaves_nothing(corpus, releases, tmp_path):

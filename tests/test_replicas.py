@@ -1,4 +1,4 @@
-"""Two API replicas (real uvicorn processes) over one data dir serve the same release within 2 s of a switch.
+"""Two API replicas (real uvicorn processes) over one data dir serve the same release within seconds of a switch.
 
 With Redis the announcement does it: the replicas poll only every 600 s here, so
 nothing else could. Without Redis (the embedded default) there is nothing to announce
@@ -23,7 +23,7 @@ from tests.processes import REDIS_URL, lockstep_env, start_server, stop
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-admin-token"
-SWITCH_WITHIN_S = 2.0
+SWITCH_WITHIN_S = 10.0  # generous for a loaded CI machine, and still far below the 600 s poll interval
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def _serving(client: httpx.Client) -> str:
 
 
 def _all_serve(clients, release_id: str, since: float) -> float:
-    """Wait until every replica answers from `release_id`; fails unless that happens within 2 s of `since`."""
+    """Wait until every replica answers from `release_id`; fails unless that happens within `SWITCH_WITHIN_S` of `since`."""
     while True:
         serving = [_serving(client) for client in clients]
         if serving == [release_id] * len(clients):
