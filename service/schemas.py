@@ -146,7 +146,7 @@ class RetrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    recipe: str | None = Field(None, description="A shipped recipe by name (default, quick); default: default")
+    recipe: str | None = Field(None, description="A shipped recipe by name (default, quick, triplets); default: default")
     recipe_toml: str | None = Field(None, max_length=100_000, description="A whole recipe as TOML instead of a name")
     pairs: PathOrPairs | None = Field(None, description='Pairs/triplets JSONL path, or [{"query", "positive", "negatives"}]')
     queries: PathOrQueries | None = Field(None, description="BEIR queries.jsonl path, or {query id: text}")

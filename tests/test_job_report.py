@@ -114,3 +114,4 @@ def test_long_curves_are_thinned_but_keep_their_first_and_last_points(run):
 def test_the_shipped_recipes_are_listed_with_their_stages(client):
     recipes = {r["name"]: r["stages"] for r in client.get("/v1/jobs/recipes", headers=AUTH).json()["recipes"]}
     assert recipes["default"] == ["in-batch", "hard-negatives", "distill"] and recipes["quick"] == ["in-batch"]
+    assert recipes["triplets"] == ["in-batch", "given-negatives"]

@@ -1,6 +1,7 @@
 """The stage trainer on a tiny model: evaluation points, schedule length, early stopping, aborts, and which
 negatives reach the loss (teacher-masked, given in the pairs file)."""
 
+import logging
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,7 +19,7 @@ from training.examples import TrainingExample, with_given_negatives
 from training.fine_tune import TrainingData, fine_tune
 from training.losses import Candidate, InfoNCELoss, TripletLoss
 from training.metrics_log import MetricsLog, read_log
-from training.recipe import parse_recipe
+from training.recipe import named_recipe, parse_recipe
 from training.stage import StageConfig
 from training.trainer import StageStep, TrainingAborted, TrainingContext, train_stage
 
@@ -211,6 +212,21 @@ def test_negatives_given_in_the_pairs_file_reach_the_loss(tiny_model_dir, tmp_pa
         assert data.documents[negative] in documents_embedded, f"{query_id}'s given negative {negative} was never embedded"
 
 
+
+def test_the_triplets_recipe_trains_on_given_negatives_and_other_recipes_say_they_ignore_them(
+    tiny_model_dir, tmp_path, caplog
+):
+    """Guards against a triplets file's negatives being silently unused: the shipped `triplets` recipe has a
+    stage that trains on them, and a recipe without one says so when the data brings negatives."""
+    triplets = named_recipe("triplets")
+    assert [(s.negatives, s.hard_negatives) for s in triplets.stages] == [("in_batch", 0), ("given", 1)]
+    data = _pairs_with_negatives(40)
+    quick = parse_recipe({"run": {"seed": 3, "dev_fraction": 0.25, "precision": "fp32"}, "stage": [
+        {"name": "in-batch", "negatives": "in_batch", "epochs": 1, "batch_size": 8},
+    ]}, source="quick-test")
+    with caplog.at_level(logging.WARNING, logger="training.fine_tune"):
+        fine_tune(tiny_model_dir, data, quick, tmp_path / "model", tmp_path / "run", thresholds=TINY)
+    assert f"{len(data.negatives)} queries bring negatives of their own, which recipe quick-test does not" in caplog.text
 
 def test_pairs_keep_their_negatives_except_where_another_pair_calls_them_positive():
     """Guards against a negative that another pair names as relevant to the same query being trained as a

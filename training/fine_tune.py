@@ -151,6 +151,9 @@ def fine_tune(
     train_qrels = {q: data.qrels[q] for q in train_ids}
     dev_qrels = {q: data.qrels[q] for q in dev_ids}
     examples = with_given_negatives(examples_from_qrels(data.queries, train_qrels, data.documents), data.negatives, data.documents)
+    if main and data.negatives and not any(stage.negatives == "given" for stage in recipe.stages):
+        log.warning("%d queries bring negatives of their own, which recipe %s does not train on; use the shipped "
+                    "'triplets' recipe or add a stage with negatives = \"given\"", len(data.negatives), recipe.source)
     positives = known_positives(examples, data.qrels)
     sts = load_sts(recipe.run.sts_probe) if recipe.run.sts_probe else None
     dev = DevSet.build(
