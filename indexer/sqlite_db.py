@@ -2,7 +2,11 @@
 
 Used by the corpus store and the job store: both are read and written by the API
 and the workers at once, so every write takes the database lock up front
-(`BEGIN IMMEDIATE`) and waits up to `timeout` seconds for another writer.
+(`BEGIN IMMEDIATE`) and waits up to `timeout` seconds for another writer. Commits are
+synchronous (`synchronous=FULL`: the WAL is fsynced at each commit), so a write the API
+has acknowledged survives a power loss; with NORMAL the last commits could roll back
+while a release's fsynced manifest already records their change sequence, and writes
+made after the restart would reuse sequence numbers that catch-up then skips.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class SqliteDb:
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=timeout)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(schema)
 
     def close(self) -> None:

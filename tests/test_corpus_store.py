@@ -3,6 +3,7 @@
 import pytest
 
 from indexer.corpus_store import CorpusStore, Document
+from indexer.job_store import JobStore
 from training.errors import NotFound
 from tests.conftest import SAMPLE_DOCS
 
@@ -66,3 +67,15 @@ def test_metadata_round_trips_and_get_many_skips_missing(corpus):
     corpus.upsert(SAMPLE_DOCS)
     found = corpus.get_many(["d5", "nope", "d1"])
     assert set(found) == {"d5", "d1"} and found["d5"].metadata == {"lang": "py"}
+
+
+def test_every_commit_is_synced_to_disk(corpus, data_dir):
+    """Guards against acknowledged writes that a power loss rolls back: under WAL with synchronous=NORMAL the
+    last commits are not yet on disk, while a release's fsynced manifest may already record their sequence."""
+    jobs = JobStore(data_dir / "jobs.sqlite3")
+    try:
+        for db in (corpus._store, jobs._db):
+            assert db.query("PRAGMA synchronous")[0][0] == 2, "expected synchronous=FULL (2)"
+            assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+    finally:
+        jobs.close()
