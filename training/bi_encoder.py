@@ -35,6 +35,7 @@ from training.fingerprint import model_fingerprint
 from training.openvino_runtime import CompiledGraph, OpenVinoForward
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
+from training.token_prefix import token_prefixes
 from training.transformer_graph import feeds, input_names
 
 TextKind = Literal["query", "document"]
@@ -196,8 +197,9 @@ class BiEncoder:
 
     def tokenize(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
         """Token ids per text, truncated to the kind's max length, unpadded."""
+        max_length = self.settings.max_length(kind)
         return self.tokenizer(
-            list(texts), truncation=True, max_length=self.settings.max_length(kind), padding=False
+            token_prefixes(self.tokenizer, texts, max_length), truncation=True, max_length=max_length, padding=False
         )["input_ids"]
 
     def export_int8(self, path: str | Path) -> Path:

@@ -43,6 +43,7 @@ from training.errors import InvalidInput
 from training.fingerprint import compute_fingerprint
 from training.openvino_runtime import CompiledGraph
 from training.precision import ConcretePrecision
+from training.token_prefix import token_prefixes
 
 Pair = tuple[str, str]
 
@@ -176,7 +177,8 @@ class CrossEncoder:
     def _tokenize(self, pairs: list[Pair]) -> BatchEncoding:
         queries, documents = zip(*pairs)
         return self.tokenizer(
-            list(queries), list(documents), truncation="longest_first", max_length=self.max_length, padding=False
+            list(queries), token_prefixes(self.tokenizer, documents, self.max_length),
+            truncation="longest_first", max_length=self.max_length, padding=False,
         )
 
     def _pad(self, encoded: BatchEncoding, rows: Sequence[int]) -> PairBatch:
