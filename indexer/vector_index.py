@@ -5,7 +5,9 @@ The index kind is a FAISS factory string: `Flat` (exact, the default), `HNSW32`,
 C-contiguous, right dimension, finite, unit norm within 1e-3) with errors that say
 how to fix them. Each document gets an int64 label; re-adding a document replaces it.
 Index kinds that cannot remove vectors (HNSW) hide removed labels from results
-instead; the next release build compacts them away. Kinds that learn from the data
+instead, with a FAISS selector that skips them inside the graph search, so a search
+still asks for k results however many are hidden; the next release build compacts
+them away. Kinds that learn from the data
 (IVF lists, PQ and SQ codebooks) are trained once, on a seeded sample of the vectors
 given to `train`: a release build passes all of its vectors, so the centroids see the
 whole corpus; an `add` to an untrained index trains on that add's vectors. Only Flat is
@@ -89,6 +91,7 @@ class VectorIndex:
         self._doc_of: list[str | None] = []
         self._label_of: dict[str, int] = {}
         self._hidden: set[int] = set()
+        self._skip_hidden: tuple | None = None
         self._lock = threading.Lock()
         self._on_gpu = False
         if ef_construction is not None and (hnsw := self._hnsw()) is not None:
@@ -174,6 +177,15 @@ class VectorIndex:
             self._index.remove_ids(np.asarray(labels, dtype=np.int64))
         except RuntimeError:
             self._hidden.update(labels)
+            self._skip_hidden = None
+
+    def _hidden_skipped(self, hnsw: faiss.IndexHNSW) -> faiss.SearchParametersHNSW:
+        """HNSW search parameters at the index's ef_search whose selector skips the hidden labels (built once per
+        change of them; the selectors are kept referenced, as FAISS holds them by pointer)."""
+        if self._skip_hidden is None:
+            batch = faiss.IDSelectorBatch(np.fromiter(self._hidden, dtype=np.int64, count=len(self._hidden)))
+            self._skip_hidden = (batch, faiss.IDSelectorNot(batch))
+        return faiss.SearchParametersHNSW(sel=self._skip_hidden[1], efSearch=hnsw.hnsw.efSearch)
 
     def add(self, doc_ids: Sequence[str], vectors: np.ndarray) -> None:
         """Add or replace documents' vectors; an untrained index is first trained on these (see `train`)."""
@@ -207,8 +219,11 @@ class VectorIndex:
             total = self._index.ntotal
             if total == 0:
                 return [[] for _ in range(len(queries))]
-            fetch = min(k + len(self._hidden), total)
-            scores, labels = self._index.search(queries, fetch)
+            hnsw = self._hnsw() if self._hidden and not self._on_gpu else None
+            if hnsw is not None:
+                scores, labels = self._index.search(queries, min(k, total), params=self._hidden_skipped(hnsw))
+            else:
+                scores, labels = self._index.search(queries, min(k + len(self._hidden), total))
             doc_of = self._doc_of
         results = []
         for row_scores, row_labels in zip(scores, labels):
@@ -253,6 +268,7 @@ class VectorIndex:
         index._doc_of = ids["doc_ids"]
         index._label_of = {doc_id: label for label, doc_id in enumerate(index._doc_of) if doc_id is not None}
         index._hidden = set(ids["hidden"])
+        index._skip_hidden = None
         index._lock = threading.Lock()
         index._on_gpu = False
         if index._index.d != index.dim:

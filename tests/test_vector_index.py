@@ -79,6 +79,35 @@ def test_replace_and_remove(factory):
     assert len(index.search(base[:1], 39)[0]) == 39
 
 
+def test_hnsw_skips_hidden_documents_inside_the_search_and_still_fetches_only_k(tmp_path, monkeypatch):
+    """Guards against search cost growing with every update between rebuilds: HNSW cannot remove vectors, and
+    asking FAISS for k + hidden results made each search after 100,000 updates fetch 100,000 hits."""
+    base, queries = unit(600), unit(20, seed=1)
+    index = VectorIndex(DIM, "HNSW32")
+    index.set_search_params(ef_search=256)
+    index.add([f"doc{i}" for i in range(600)], base)
+    gone = [f"doc{i}" for i in range(0, 600, 3)]
+    index.remove(gone[:100])
+    index.add(gone[100:], unit(len(gone) - 100, seed=2))
+    live = {f"doc{i}": base[i] for i in range(600) if f"doc{i}" not in gone[:100]}
+    live.update(zip(gone[100:], unit(len(gone) - 100, seed=2)))
+    names, vectors = list(live), np.stack(list(live.values()))
+    fetched, search = [], faiss.IndexIDMap2.search
+
+    def counting(self, x, k, **kwargs):
+        fetched.append(k)
+        return search(self, x, k, **kwargs)
+
+    monkeypatch.setattr(faiss.IndexIDMap2, "search", counting)
+    found = index.search(queries, 10)
+    assert fetched == [10] and all(len(row) == 10 for row in found)
+    truth = [{names[j] for j in row} for row in exact_top(vectors, queries, 10)]
+    assert sum(len(t & {h.doc_id for h in row}) for t, row in zip(truth, found)) / 200 >= 0.95
+    assert not any(h.doc_id in gone[:100] for row in found for h in row)
+    index.save(tmp_path)
+    assert [[h.doc_id for h in row] for row in VectorIndex.load(tmp_path).search(queries, 10)] == \
+        [[h.doc_id for h in row] for row in found]
+
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
 def test_save_and_load_round_trip(tmp_path, factory):
     base = unit(30)
