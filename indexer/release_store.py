@@ -235,16 +235,19 @@ class ReleaseStore:
             pointer.history = [r for r in pointer.history if r != release_id]
             self._write_pointer(pointer)
 
-    def gc(self, keep: int) -> list[str]:
+    def gc(self, keep: int, unused_for: float = STALE_SECONDS) -> list[str]:
         """Delete all but the newest `keep` releases (never the active one), then what has been left untouched for
-        `STALE_SECONDS`: staging folders of releases and of models, and model folders no release uses.
+        `unused_for` seconds: staging folders of releases and of models, and model folders no release uses.
 
         Runs under the lock, so nothing is activated or deleted meanwhile. A build in progress keeps its
-        staging and model folders by touching them. While a manifest is unreadable no model folder is
-        collected, since that release's models are unknown.
+        staging and model folders by touching them, so with the default day it is never collected; a
+        shorter `unused_for` (0 frees space at once) is safe only while no build runs. While a manifest is
+        unreadable no model folder is collected, since that release's models are unknown.
         """
         if keep < 1:
             raise InvalidInput("keep must be at least 1")
+        if not unused_for >= 0:
+            raise InvalidInput(f"unused_for must be 0 or more seconds, got {unused_for}")
         with self._locked():
             active = self.pointer().active
             listing = self.scan()
@@ -252,7 +255,7 @@ class ReleaseStore:
             removed = [m.release_id for m in listing.manifests if m.release_id not in kept]
             for release_id in removed:
                 self._delete_locked(release_id)
-            stale_before = time.time() - STALE_SECONDS
+            stale_before = time.time() - unused_for
             leftovers = [*self.releases_dir.glob(f"{STAGING_PREFIX}*"), *self.models_dir.glob(f"{STAGING_PREFIX}*")]
             for entry in leftovers:
                 if _untouched_since(entry, stale_before):

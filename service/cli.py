@@ -20,7 +20,7 @@ from indexer.corpus_store import CorpusStore
 from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
 from indexer.release_events import announce
 from indexer.release_builder import BuildOptions, build_release
-from indexer.release_store import ReleaseStore
+from indexer.release_store import STALE_SECONDS, ReleaseStore
 from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from training.errors import InvalidInput, LockstepError
@@ -184,10 +184,16 @@ def releases_delete(ctx: typer.Context, release_id: str) -> None:
 
 @releases_app.command("gc")
 @_fail_cleanly
-def releases_gc(ctx: typer.Context, keep: Annotated[Optional[int], typer.Option(help="Releases to keep")] = None) -> None:
-    """Delete old releases (never the active one) and models no release uses."""
+def releases_gc(
+    ctx: typer.Context,
+    keep: Annotated[Optional[int], typer.Option(help="Releases to keep")] = None,
+    unused_for: Annotated[float, typer.Option(
+        help="Seconds a model no release uses (or a build's leftovers) must have gone untouched before removal; "
+             "builds in progress touch theirs, so 0 (free the space now) is safe only while no build runs")] = STALE_SECONDS,
+) -> None:
+    """Delete old releases (never the active one), and models no release uses once untouched for a day."""
     settings = _settings(ctx)
-    removed = ReleaseStore(settings.data_dir).gc(keep or settings.keep_releases)
+    removed = ReleaseStore(settings.data_dir).gc(keep or settings.keep_releases, unused_for)
     typer.echo(f"removed {len(removed)} release(s): {' '.join(removed) or '-'}")
 
 

@@ -57,6 +57,8 @@ def test_ingest_build_search_releases_eval(tmp_path, tiny_model_dir):
     assert "1 queries" in table.output and "ndcg@10" in table.output
 
     assert "removed 0 release(s)" in run(data, "releases", "gc", "--keep", "1").output, "the active one stays"
+    refused = run(data, "releases", "gc", "--unused-for", "-1")
+    assert refused.exit_code != 0 and "unused_for must be 0 or more seconds" in refused.output
     assert run(data, "releases", "delete", second).exit_code == 0
     assert second not in run(data, "releases", "list").output
 

@@ -94,11 +94,27 @@ def test_delete_and_gc_never_touch_the_active_release(corpus, releases, tiny_mod
     in_use = releases.data_dir / releases.manifest(old).model.path
     unused = next(p for p in releases.models_dir.iterdir() if p != in_use)
     assert releases.gc(keep=5) == [] and unused.is_dir(), "an unused model touched within a day may be a build's"
+    with pytest.raises(InvalidInput, match="unused_for must be 0 or more seconds"):
+        releases.gc(keep=5, unused_for=-1)
+    assert releases.gc(keep=5, unused_for=3600) == [] and unused.is_dir()
     _age(unused)
     assert releases.gc(keep=5) == []
     assert len(list((releases.data_dir / "models").iterdir())) == 1, "unused models are collected once stale"
     with pytest.raises(NotFound):
         releases.delete(ids[2])
+
+
+def test_gc_with_no_wait_frees_an_unused_model_at_once(corpus, releases, tiny_model_dir, other_model_dir):
+    """Guards against a full disk that gc cannot relieve: `unused_for=0` removes a model unused since just now."""
+    corpus.upsert(SAMPLE_DOCS)
+    kept = _build(corpus, releases, tiny_model_dir).release_id
+    dropped = _build(corpus, releases, other_model_dir).release_id
+    releases.activate(kept)
+    unused = releases.data_dir / releases.manifest(dropped).model.path
+    releases.delete(dropped)
+    assert releases.gc(keep=5) == [] and unused.is_dir()
+    assert releases.gc(keep=5, unused_for=0) == [] and not unused.exists()
+    assert (releases.data_dir / releases.manifest(kept).model.path).is_dir()
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc", "r-1", ".staging-x", "ACTIVE.json"])
