@@ -128,7 +128,7 @@ def interleaved(encoders: dict[str, Callable[[list[str]], np.ndarray]], texts: l
     names = list(encoders)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     seconds = dict.fromkeys(names, 0.0)
-    for index, rows in enumerate(np.array_split(np.arange(len(texts)), rounds)):
+    for index, rows in enumerate(np.array_split(np.arange(len(texts)), min(rounds, len(texts)))):
         chunk = [texts[row] for row in rows]
         for name in names[index % len(names):] + names[: index % len(names)]:
             started = time.perf_counter()
@@ -190,7 +190,8 @@ def main() -> None:
             query_vectors[name] = encoder.encode(query_texts, "query", show_progress=False)
         runs = interleaved(encoders, texts, args.rounds)
 
-    peak = {name: max(before, matmul_peaks()[name]) for name, before in peak.items()}
+    after = matmul_peaks()
+    peak = {name: max(before, after[name]) for name, before in peak.items()}
     reference, base_time = runs["sentence-transformers fp32"]
     bf16_time = runs.get("sentence-transformers bf16 autocast", (None, float("nan")))[1]
 

@@ -236,8 +236,9 @@ class ReleaseStore:
             self._write_pointer(pointer)
 
     def gc(self, keep: int, unused_for: float = STALE_SECONDS) -> list[str]:
-        """Delete all but the newest `keep` releases (never the active one), then what has been left untouched for
-        `unused_for` seconds: staging folders of releases and of models, and model folders no release uses.
+        """Delete all but the newest `keep` releases (never the active one or the rollback target), then what has
+        been left untouched for `unused_for` seconds: staging folders of releases and of models, and model
+        folders no release uses.
 
         Runs under the lock, so nothing is activated or deleted meanwhile. A build in progress keeps its
         staging and model folders by touching them, so with the default day it is never collected; a
@@ -249,9 +250,9 @@ class ReleaseStore:
         if not unused_for >= 0:
             raise InvalidInput(f"unused_for must be 0 or more seconds, got {unused_for}")
         with self._locked():
-            active = self.pointer().active
+            pointer = self.pointer()
             listing = self.scan()
-            kept = {m.release_id for m in listing.manifests[-keep:]} | {active}
+            kept = {m.release_id for m in listing.manifests[-keep:]} | {pointer.active} | set(pointer.history[-1:])
             removed = [m.release_id for m in listing.manifests if m.release_id not in kept]
             for release_id in removed:
                 self._delete_locked(release_id)

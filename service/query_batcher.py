@@ -105,8 +105,13 @@ class QueryBatcher:
         return await future
 
     def _observe(self, size: int) -> None:
-        if self.on_batch is not None:
+        """Report a batch's size (metrics); a failing observer is logged, never passed to the requests."""
+        if self.on_batch is None:
+            return
+        try:
             self.on_batch(size)
+        except Exception:
+            log.exception("recording a query batch of %d texts failed", size)
 
     async def _collect(self) -> None:
         """Fill `_batch` in place, so `stop` finds every request taken off the queue."""

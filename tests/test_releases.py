@@ -117,6 +117,16 @@ def test_gc_with_no_wait_frees_an_unused_model_at_once(corpus, releases, tiny_mo
     assert (releases.data_dir / releases.manifest(kept).model.path).is_dir()
 
 
+def test_gc_keeps_the_rollback_target(corpus, releases, tiny_model_dir):
+    """Guards against gc leaving `rollback` nothing to return to: the release active before the current one
+    stays however few releases are kept."""
+    corpus.upsert(SAMPLE_DOCS)
+    first, second, third = (_build(corpus, releases, tiny_model_dir).release_id for _ in range(3))
+    releases.activate(first)
+    releases.activate(second)
+    assert releases.gc(keep=1) == [] and {m.release_id for m in releases.list()} == {first, second, third}
+    assert releases.rollback().active == first
+
 @pytest.mark.parametrize("bad_id", ["../../etc", "r-1", ".staging-x", "ACTIVE.json"])
 def test_release_ids_cannot_escape_the_store(releases, bad_id):
     with pytest.raises(InvalidInput, match="not a release id"):

@@ -43,7 +43,17 @@ def test_cut_texts_tokenize_to_the_same_tokens_as_whole_ones(tokenizer, max_toke
     assert all(c == t or (t.startswith(c) and t[len(c)] == " ") for c, t in zip(cut, texts)), "cut inside a word"
     whole = tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
     assert tokenizer(cut, truncation=True, max_length=max_tokens)["input_ids"] == whole
-    queries = [f"query {i}" for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("max_tokens", [128, 511, 512])
+def test_cut_documents_of_pairs_keep_longest_first_truncation(tokenizer, max_tokens):
+    """Guards against a pair truncated differently: longest_first takes each token from the longer side, so a
+    document cut shorter than its (long) query would hand the query the odd leftover token."""
+    texts = [*_texts(max_tokens), "international " * 5000]
+    queries = [f"query {i}" if i % 2 else "a " * 600 for i in range(len(texts))]
+    query_tokens = [len(ids) for ids in tokenizer(queries, add_special_tokens=False)["input_ids"]]
+    cut = token_prefixes(tokenizer, texts, max_tokens, query_tokens)
+    assert any(len(c) < len(t) for c, t in zip(cut, texts)), "no document was long enough to be cut"
     pairs = tokenizer(queries, texts, truncation="longest_first", max_length=max_tokens)["input_ids"]
     assert tokenizer(queries, cut, truncation="longest_first", max_length=max_tokens)["input_ids"] == pairs
 
@@ -58,7 +68,8 @@ def test_the_encoders_tokenize_long_texts_as_the_whole_text(tokenizer, tiny_mode
     expected = encoder.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
     assert encoder.tokenize(texts, "document") == expected
     reranker = CrossEncoder.load(tiny_model_dir)
-    pairs = [("query", text) for text in texts]
-    whole = reranker.tokenizer(["query"] * len(texts), texts, truncation="longest_first",
+    queries = ["query", " ".join(WORDS) * 20] * (len(texts) // 2 + 1)
+    pairs = list(zip(queries, texts))
+    whole = reranker.tokenizer([q for q, _ in pairs], texts, truncation="longest_first",
                                max_length=reranker.max_length)["input_ids"]
     assert reranker._tokenize(pairs)["input_ids"] == whole

@@ -53,6 +53,18 @@ def test_recall_against_exact_search(factory, minimum):
     assert recall(index, base, queries) >= minimum
 
 
+def test_add_rejects_mismatched_or_duplicate_ids():
+    index = VectorIndex(DIM)
+    with pytest.raises(ValueError, match="ids for"):
+        index.add(["a"], unit(2))
+    with pytest.raises(ValueError, match="unique"):
+        index.add(["a", "a"], unit(2))
+
+
+def test_empty_index_returns_no_hits():
+    assert VectorIndex(DIM).search(unit(2), 3) == [[], []]
+
+
 def test_scores_are_inner_products_best_first():
     base = unit(20)
     index = VectorIndex(DIM)

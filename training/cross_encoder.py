@@ -176,8 +176,9 @@ class CrossEncoder:
 
     def _tokenize(self, pairs: list[Pair]) -> BatchEncoding:
         queries, documents = zip(*pairs)
+        query_tokens = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
         return self.tokenizer(
-            list(queries), token_prefixes(self.tokenizer, documents, self.max_length),
+            list(queries), token_prefixes(self.tokenizer, documents, self.max_length, query_tokens),
             truncation="longest_first", max_length=self.max_length, padding=False,
         )
 

@@ -258,6 +258,7 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                 step += 1
                 loss = float(out.loss.detach())
                 if not np.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
                     model.load_state_dict(best_state)
                     raise TrainingAborted(
                         f"stage {stage.name!r}: the loss became {loss} at step {step}, so no update was applied and "
