@@ -43,7 +43,7 @@ from training.errors import InvalidInput
 from training.fingerprint import compute_fingerprint
 from training.openvino_runtime import CompiledGraph
 from training.precision import ConcretePrecision
-from training.token_prefix import token_prefixes
+from training.token_prefix import CHARS_PER_TOKEN, token_prefixes
 
 Pair = tuple[str, str]
 
@@ -176,10 +176,11 @@ class CrossEncoder:
 
     def _tokenize(self, pairs: list[Pair]) -> BatchEncoding:
         queries, documents = zip(*pairs)
-        query_tokens = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
+        if max(map(len, documents)) > self.max_length * CHARS_PER_TOKEN:
+            query_tokens = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
+            documents = token_prefixes(self.tokenizer, documents, self.max_length, query_tokens)
         return self.tokenizer(
-            list(queries), token_prefixes(self.tokenizer, documents, self.max_length, query_tokens),
-            truncation="longest_first", max_length=self.max_length, padding=False,
+            list(queries), list(documents), truncation="longest_first", max_length=self.max_length, padding=False
         )
 
     def _pad(self, encoded: BatchEncoding, rows: Sequence[int]) -> PairBatch:
