@@ -2,10 +2,9 @@
 
 Requests are counted and timed per route template (`/v1/jobs/{job_id}`, never the raw
 path), errors counted by status, and the encoder's batch sizes recorded, as they happen.
-Everything else is read at scrape time: the served release and its index size (set by
-`/metrics` just before it renders), and what lives in other processes' hands (the job
-records the workers update): jobs by status, and the progress, ETA and training loss
-of each running job.
+Everything else is read at scrape time: the served release and its index size from the
+release holder, and what lives in other processes' hands (the job records the workers
+update): jobs by status, and the progress, ETA and training loss of each running job.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import Scope
@@ -44,7 +43,7 @@ class _ScrapeTimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         if self.holder is not None:
-            yield self._release_info()
+            yield from self._release_metrics()
         if self.jobs is not None:
             try:
                 counts, running = self.jobs.counts(), self.jobs.list(RUNNING_JOBS_LISTED, RUNNING)
@@ -53,17 +52,21 @@ class _ScrapeTimeCollector(Collector):
                 return
             yield from self._job_metrics(counts, running)
 
-    def _release_info(self) -> Metric:
+    def _release_metrics(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             "lockstep_release_info", "1 for the release this process serves, labelled with its model and index",
             labels=["release", "model", "fingerprint", "precision", "runtime", "index_type"],
         )
+        active = GaugeMetricFamily("lockstep_active_release", "1 for the release this process serves", labels=["release"])
         live = self.holder.current
         if live is not None:
             manifest = live.manifest
             info.add_metric([manifest.release_id, manifest.model.name, manifest.model.fingerprint,
                              manifest.precision, manifest.runtime, manifest.index_type], 1)
-        return info
+            active.add_metric([manifest.release_id], 1)
+        documents = GaugeMetricFamily("lockstep_index_documents", "Documents in the live index",
+                                      value=len(live.index) if live is not None else 0)
+        yield from (info, active, documents)
 
     @staticmethod
     def _job_metrics(counts: dict[str, int], running) -> Iterator[Metric]:
@@ -109,29 +112,18 @@ class ServiceMetrics:
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
             registry=self.registry,
         )
-        self.active_release = Gauge(
-            "lockstep_active_release", "1 for the release this process serves", ["release"], registry=self.registry
-        )
         self.encoder_batch = Histogram(
             "lockstep_encoder_batch_texts",
             "Query texts per encoder call",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
-        self.index_documents = Gauge("lockstep_index_documents", "Documents in the live index", registry=self.registry)
         self._scraped = _ScrapeTimeCollector()
         self.registry.register(self._scraped)
 
     def watch(self, holder: ReleaseHolder, jobs: JobStore) -> None:
         """Report the served release's details and the job records at each scrape."""
         self._scraped.holder, self._scraped.jobs = holder, jobs
-
-    def set_release(self, release_id: str | None, documents: int) -> None:
-        """Set the served-release and index-size gauges; called at each scrape."""
-        self.active_release.clear()
-        if release_id is not None:
-            self.active_release.labels(release=release_id).set(1)
-        self.index_documents.set(documents)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count and time one request by route template."""

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ServiceState, StateDep
+from service.deps import StateDep
 from service.http_errors import ERROR_RESPONSES
 from service.schemas import Health
 
@@ -21,14 +21,7 @@ async def readyz(state: StateDep) -> Health:
     return Health(status="ready", release=live.release_id)
 
 
-def _scrape(state: ServiceState) -> Response:
-    """Set the release gauges from the release served now, then render every metric."""
-    live = state.holder.current
-    state.metrics.set_release(live.release_id if live else None, len(live.index) if live else 0)
-    return state.metrics.render()
-
-
 @router.get("/metrics", response_class=Response)
 async def metrics(state: StateDep) -> Response:
     """Prometheus text, rendered in the threadpool: the job gauges read SQLite, which may wait on a writer's lock."""
-    return await run_in_threadpool(_scrape, state)
+    return await run_in_threadpool(state.metrics.render)
