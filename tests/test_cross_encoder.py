@@ -281,7 +281,9 @@ def test_bf16_training_follows_fp32_training(tiny_model_dir):
 
 def test_teacher_trained_in_bf16_learns_its_training_queries(tiny_model_dir, tmp_path):
     """Guards against the teacher a recipe trains being left untrained: the SciFact teacher, trained in bf16,
-    reranked dev queries at random because none of its steps saw the weights the previous ones updated."""
+    reranked dev queries at random because none of its steps saw the weights the previous ones updated.
+    At a learning rate of 5e-3 this tiny model's training is chaotic enough that bf16 rounding alone, on a CPU
+    whose kernels round differently, leaves it at chance while fp32 learns; at 2e-3 both learn."""
     rng = random.Random(3)
     topics = ["protein", "cancer", "python", "apple", "search", "vector"]
     fillers = [word for word in CONTENT_WORDS if word not in topics and not word.startswith(("cell", "gene"))]
@@ -292,7 +294,7 @@ def test_teacher_trained_in_bf16_learns_its_training_queries(tiny_model_dir, tmp
             documents[f"{topic}-{i}"] = " ".join([topic, *rng.sample(fillers, 2)])
             qrels.setdefault(topic, {})[f"{topic}-{i}"] = 1
     examples = examples_from_qrels({topic: topic for topic in topics}, qrels, documents)
-    config = TeacherConfig(init=str(tiny_model_dir), epochs=20, learning_rate=5e-3, batch_size=4, negatives=2, max_length=32)
+    config = TeacherConfig(init=str(tiny_model_dir), epochs=20, learning_rate=2e-3, batch_size=4, negatives=2, max_length=32)
     teacher = train_teacher(
         config, BiEncoder.load(tiny_model_dir), examples, documents, known_positives(examples), tmp_path / "teacher", "bf16"
     )
