@@ -43,6 +43,7 @@ class ReleaseHolder:
         self.last_error: str | None = None
         self._refused: tuple[str, float] | None = None
         self._refresh_lock = threading.Lock()
+        self._swap_lock = threading.Lock()
 
     def require(self) -> LiveRelease:
         """The live release, or NotReady explaining how to get one."""
@@ -65,13 +66,13 @@ class ReleaseHolder:
                         device=self.device,
                     )
                     candidate.catch_up(self.corpus)
+                    self._swap_in(candidate)
                 except LockstepError as exc:
                     self._refuse(active, str(exc))
                     return False
                 except Exception as exc:  # a corrupt model file or manifest: refuse it like a checksum mismatch
                     self._refuse(active, f"{type(exc).__name__}: {exc}", with_traceback=True)
                     return False
-                self.current = candidate
                 self.last_error = self._refused = None
                 swapped = True
                 log.info("now serving release %s", active)
@@ -80,6 +81,18 @@ class ReleaseHolder:
                     self.last_error = self._refused = None
                 self.current.catch_up(self.corpus)
             return swapped
+
+    def _swap_in(self, candidate: LiveRelease) -> None:
+        """Serve `candidate` from now on, with every write committed before the switch applied to it.
+
+        A write applies itself to whichever release it reads as current, under the same
+        lock: one that read the old release committed before this catch-up ran, so the
+        candidate holds it when it is switched in, and a search that follows the write
+        finds it whichever release answers.
+        """
+        with self._swap_lock:
+            candidate.catch_up(self.corpus)
+            self.current = candidate
 
     def _refuse(self, release_id: str, cause: str, with_traceback: bool = False) -> None:
         """Record why `release_id` is not served, for /readyz and the admin routes, and hold off retrying it."""
@@ -104,7 +117,8 @@ class ReleaseHolder:
         return seq, self._apply_to_live()
 
     def _apply_to_live(self) -> str | None:
-        live = self.current
+        with self._swap_lock:
+            live = self.current
         if live is None:
             return None
         live.catch_up(self.corpus)
