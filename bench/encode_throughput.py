@@ -41,7 +41,7 @@ from training.eval_data import load_qrels, load_queries  # noqa: E402
 from training.evaluation import evaluate_run  # noqa: E402
 from indexer.release_builder import int8_samples  # noqa: E402
 from indexer.release_runtime import choose_runtime, quantise_int8  # noqa: E402
-from training.precision import cpu_supports_bf16  # noqa: E402
+from training.precision import cpu_has_int8_dot, cpu_supports_bf16  # noqa: E402
 
 try:
     import openvino  # noqa: F401
@@ -80,8 +80,10 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
 
 
 def matmul_peaks() -> dict[str, float]:
-    """`matmul_peak` of each precision this CPU runs natively (bf16 only where it has the instructions)."""
-    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if cpu_supports_bf16() else {}), "int8": torch.int8}
+    """`matmul_peak` of each precision this CPU runs natively: bf16 and int8 only where it has the instructions
+    (without VNNI or AMX, torch's int8 product is a reference loop far below the int8 units' rate)."""
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if cpu_supports_bf16() else {}),
+              **({"int8": torch.int8} if cpu_has_int8_dot() else {})}
     return {name: matmul_peak(dtype) for name, dtype in dtypes.items()}
 
 
@@ -199,7 +201,8 @@ def main() -> None:
         return f"{bf16_time / seconds:>11.2f}x" if math.isfinite(bf16_time) else f"{'n/a':>12}"
 
     print(f"{len(texts)} documents, {tokens} tokens, {torch.get_num_threads()} threads; "
-          f"matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
+          f"matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
+          + ("" if "int8" in peak else "; int8 peak n/a: no VNNI or AMX int8 instructions"))
     whole = len(texts) == len(rows)
     print(f"batch {args.batch_size} texts / {args.max_batch_tokens} padded tokens for Lockstep, 32 texts for sentence-transformers"
           + ("" if whole else "; nDCG@10 needs the whole corpus (no --limit)"))
@@ -208,12 +211,13 @@ def main() -> None:
     results = {}
     for name, (vectors, seconds) in runs.items():
         cosine = float(np.sum(vectors * reference, axis=1).min())
-        share = tokens * FLOP_PER_TOKEN / seconds / 1e9 / peak[next((p for p in ("bf16", "int8") if p in name), "fp32")]
+        peak_name = next((p for p in ("bf16", "int8") if p in name), "fp32")
+        share = tokens * FLOP_PER_TOKEN / seconds / 1e9 / peak[peak_name] if peak_name in peak else float("nan")
         ndcg = exact_ndcg(judged, doc_ids, vectors, query_vectors[name], query_ids) if whole else float("nan")
         results[name] = (base_time / seconds, bf16_time / seconds, cosine, ndcg)
         print(f"{name:<38}{len(texts) / seconds:>9.1f}{tokens / seconds:>11.0f}{base_time / seconds:>11.2f}x"
               f"{versus_bf16(seconds)}{cosine:>10.5f}"
-              f"{share:>8.1%}{ndcg:>9.4f}")
+              + (f"{share:>8.1%}" if math.isfinite(share) else f"{'n/a':>8}") + f"{ndcg:>9.4f}")
     report_targets(results)
     print("reproduce: python bench/encode_throughput.py --data ../shared/data/scifact"
           + (f" --limit {args.limit}" if args.limit else "") + f" --batch-size {args.batch_size}"
