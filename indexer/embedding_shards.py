@@ -100,7 +100,8 @@ def plan_shards(
     model, seq, documents = snapshot_for_build(corpus, releases, options, report)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    agreement = quantise_if_int8(model, documents, folder, options, report)
+    gate = quantise_if_int8(model, documents, folder, options, report)
+    agreement = gate.agreement if gate is not None else None
     sizes = []
     for shard, start in enumerate(range(0, len(documents), shard_size)):
         chunk = documents[start : start + shard_size]

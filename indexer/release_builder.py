@@ -11,7 +11,8 @@ be trained (IVF, PQ, SQ) is trained on a seeded sample of all the vectors before
 is added. As it goes, a build touches its staging and model folders so that
 `releases gc` leaves them alone however long the encoding takes. An int8 build
 quantises the model into the staging folder first and goes on only if int8 document
-vectors agree with fp32 on a seeded sample of the corpus. `build_release` encodes in
+vectors agree with fp32 on a seeded sample of the corpus; the corpus encode then reuses
+the sample's int8 vectors instead of encoding those documents again. `build_release` encodes in
 this process; its pieces (the stored model, the release spec, chunked encoding,
 publishing from embedded parts) also serve the rebuild sharded across workers
 (`embedding_shards.py`), so both publish alike.
@@ -36,7 +37,7 @@ from indexer.recall_check import measure_recall
 from indexer.release_runtime import BuildRuntime, choose_runtime, quantise_int8
 from indexer.release_store import ReleaseStore, new_release_id, touch
 from indexer.vector_index import VectorIndex
-from training.bi_encoder import BiEncoder
+from training.bi_encoder import BiEncoder, Encoded
 from training.errors import IntegrityError, InvalidInput
 from training.pooling import Pooling
 from training.precision import ConcretePrecision, Precision, resolve
@@ -109,6 +110,28 @@ class ReleaseSpec:
 
 
 @dataclass(frozen=True)
+class EncodedRows:
+    """Documents already encoded by the build's encoder: their rows in the snapshot, sorted, and their encoding."""
+
+    rows: np.ndarray
+    encoded: Encoded
+
+    def within(self, start: int, stop: int) -> dict[int, int]:
+        """Snapshot rows in `[start, stop)` encoded here, each mapped to its position in `encoded`."""
+        first, last = np.searchsorted(self.rows, [start, stop])
+        return {int(self.rows[position]): position for position in range(first, last)}
+
+
+@dataclass(frozen=True)
+class Int8Gate:
+    """What an int8 build's gate found: the agreement with fp32, and the int8 encoding of the documents it was
+    measured on."""
+
+    agreement: Int8Agreement
+    sample: EncodedRows
+
+
+@dataclass(frozen=True)
 class EmbeddedDocuments:
     """Document ids with their unit vectors and their norms before normalisation, rows aligned."""
 
@@ -146,8 +169,9 @@ def int8_samples(document_count: int, agreement: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[:agreement]), np.sort(order[::-1][:INT8_CALIBRATION])
 
 
-def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, options: BuildOptions) -> Int8Agreement:
-    """Quantise `encoder` into `folder` for the build's runtime, switch it to int8, and return its agreement with fp32.
+def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, options: BuildOptions) -> Int8Gate:
+    """Quantise `encoder` into `folder` for the build's runtime, switch it to int8, and return its agreement with fp32
+    together with the int8 encoding of the sample it was measured on.
 
     On torch the model is quantised dynamically for ONNX Runtime; on openvino statically,
     calibrated on documents apart from those the agreement is measured on (`int8_samples`).
@@ -161,15 +185,15 @@ def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, 
     reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
     calibration = [documents[row].embedding_text() for row in calibrated]
     encoder.use_int8(quantise_int8(encoder, folder, options.runtime, calibration))
-    quantised = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
-    agreement = Int8Agreement.of(np.sum(reference * quantised, axis=1))
+    quantised = encoder.encode_with_norms(texts, "document", batch_size=options.batch_size, show_progress=False)
+    agreement = Int8Agreement.of(np.sum(reference * quantised.vectors, axis=1))
     if agreement.mean_cosine < options.int8_min_cosine:
         raise InvalidInput(
             f"int8 quantisation changes this model's document vectors too much: mean cosine "
             f"{agreement.mean_cosine:.4f} (min {agreement.min_cosine:.4f}) with fp32 on {agreement.sample} sampled "
             f"documents, below the {options.int8_min_cosine} required; build with precision bf16 or fp32 instead"
         )
-    return agreement
+    return Int8Gate(agreement, EncodedRows(measured, quantised))
 
 
 def snapshot_for_build(
@@ -189,14 +213,14 @@ def snapshot_for_build(
 
 def quantise_if_int8(
     model: BuildModel, documents: Sequence[Document], folder: Path, options: BuildOptions, report: BuildProgress
-) -> Int8Agreement | None:
+) -> Int8Gate | None:
     """For an int8 build, quantise the encoder into `folder` and gate it on agreement with fp32; None otherwise."""
     if model.precision != "int8":
         return None
     report("int8", 0, 1)
-    agreement = _gate_int8(model.encoder, documents, folder, options)
+    gate = _gate_int8(model.encoder, documents, folder, options)
     report("int8", 1, 1)
-    return agreement
+    return gate
 
 
 def release_spec(
@@ -240,22 +264,35 @@ def embed_documents(
     texts: Sequence[str],
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    encoded_before: EncodedRows | None = None,
 ) -> Iterator[EmbeddedDocuments]:
     """Encode documents in chunks of `ENCODE_CHUNK`, yielding each chunk's vectors in input order.
 
-    `progress(done, total)` counts documents over all chunks.
+    Rows in `encoded_before` (the int8 gate's sample) take the vectors and norms given
+    there instead of being encoded again. `progress(done, total)` counts documents over
+    all chunks.
     """
     for start in range(0, len(texts), ENCODE_CHUNK):
         stop = min(start + ENCODE_CHUNK, len(texts))
+        known = encoded_before.within(start, stop) if encoded_before is not None else {}
+        todo = [row for row in range(start, stop) if row not in known]
 
-        def advance(done: int, _total: int, offset: int = start) -> None:
+        def advance(done: int, _total: int, offset: int = start + len(known)) -> None:
             if progress is not None:
                 progress(offset + done, len(texts))
 
         encoded = encoder.encode_with_norms(
-            list(texts[start:stop]), "document", batch_size=batch_size, show_progress=False, progress=advance
+            [texts[row] for row in todo], "document", batch_size=batch_size, show_progress=False, progress=advance
         )
-        yield EmbeddedDocuments(list(ids[start:stop]), encoded.vectors, encoded.norms)
+        vectors = np.empty((stop - start, encoder.dim), dtype=np.float32)
+        norms = np.empty(stop - start, dtype=np.float32)
+        encoded_rows = np.array(todo, dtype=np.int64) - start
+        vectors[encoded_rows], norms[encoded_rows] = encoded.vectors, encoded.norms
+        if known:
+            rows, positions = np.array(list(known)) - start, list(known.values())
+            vectors[rows] = encoded_before.encoded.vectors[positions]
+            norms[rows] = encoded_before.encoded.norms[positions]
+        yield EmbeddedDocuments(list(ids[start:stop]), vectors, norms)
 
 
 def publish_release(
@@ -340,7 +377,7 @@ def build_release(
     with releases.staging(release_id) as staging:
         quantising = show_progress and model.precision == "int8"
         with tqdm(total=1, desc="int8 quantisation and check", disable=not quantising) as step:
-            agreement = quantise_if_int8(model, documents, staging, options, report)
+            gate = quantise_if_int8(model, documents, staging, options, report)
             step.update(1)
         bar = tqdm(total=len(documents), desc="embedding corpus", unit="doc", disable=not show_progress)
 
@@ -348,8 +385,9 @@ def build_release(
             bar.update(done - bar.n)
             report("encode", done, total)
 
+        sample, agreement = (gate.sample, gate.agreement) if gate is not None else (None, None)
         parts = embed_documents(model.encoder, [doc.id for doc in documents],
-                                [doc.embedding_text() for doc in documents], options.batch_size, advance)
+                                [doc.embedding_text() for doc in documents], options.batch_size, advance, sample)
         spec = release_spec(release_id, model, options, seq, len(documents), agreement)
         with bar:
             manifest = publish_release(releases, staging, spec, parts, report)

@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from indexer import release_builder
 from indexer.corpus_store import Document
 from indexer.embedding_shards import assemble_release, encode_shard, plan_shards
 from indexer.live_release import LiveRelease
-from indexer.manifest import MANIFEST_FILE, OPENVINO_INT8_FILES, Manifest
+from indexer.manifest import MANIFEST_FILE, OPENVINO_INT8_FILES, Manifest, NormStats
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import new_release_id
 from service.cli import app as cli
@@ -85,7 +86,8 @@ def test_an_int8_openvino_release_stores_its_graph_and_serves_through_it(corpus,
 
 
 def test_calibration_and_agreement_samples_share_no_document(corpus, releases, tiny_model_dir, monkeypatch):
-    """The agreement figure would flatter a graph calibrated on the very documents it is measured on."""
+    """The agreement figure would flatter a graph calibrated on the very documents it is measured on. Also guards
+    against the corpus encode spending time on the measured documents again: their int8 vectors are reused."""
     documents = _corpus_documents(40)
     corpus.upsert(documents)
     monkeypatch.setattr(release_builder, "INT8_CALIBRATION", 20)
@@ -97,21 +99,29 @@ def test_calibration_and_agreement_samples_share_no_document(corpus, releases, t
         return quantise(encoder, path, texts)
 
     measured: list[list[str]] = []
-    encode = BiEncoder.encode
+    encode = BiEncoder.encode_with_norms
 
     def measuring(encoder, texts, *args, **kwargs):
         measured.append(list(texts))
         return encode(encoder, texts, *args, **kwargs)
 
     monkeypatch.setattr(BiEncoder, "quantise_openvino_int8", recording)
-    monkeypatch.setattr(BiEncoder, "encode", measuring)
+    monkeypatch.setattr(BiEncoder, "encode_with_norms", measuring)
     manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, int8_sample=16, **INT8_OPENVINO))
     assert manifest.int8_agreement.sample == 16 and len(calibrated) == 1 and len(calibrated[0]) == 20
     corpus_texts = {doc.embedding_text() for doc in documents}
     assert len(corpus_texts) == len(documents) and set(calibrated[0]) <= corpus_texts
-    reference, quantised = measured
+    reference, quantised, rest = measured
     assert reference == quantised and len(set(reference)) == 16 and set(reference) <= corpus_texts
     assert set(reference).isdisjoint(calibrated[0])
+    assert len(rest) == len(documents) - 16 and set(rest) == corpus_texts - set(reference)
+
+    live = LiveRelease.load(releases, manifest.release_id)
+    by_text = {doc.embedding_text(): doc.id for doc in documents}
+    built = np.stack([live.index.reconstruct(by_text[text]) for text in corpus_texts])
+    assert np.allclose(built, live.encoder.encode(list(corpus_texts)), atol=1e-5)
+    expected = NormStats.of(live.encoder.encode_with_norms(list(corpus_texts)).norms)
+    assert np.allclose(astuple(manifest.document_norms), astuple(expected), rtol=1e-4)
 
 
 def test_a_failed_gate_names_the_figure_and_leaves_nothing(corpus, releases, tmp_path):
