@@ -286,12 +286,14 @@ def embed_documents(
         )
         vectors = np.empty((stop - start, encoder.dim), dtype=np.float32)
         norms = np.empty(stop - start, dtype=np.float32)
-        encoded_rows = np.array(todo, dtype=np.int64) - start
-        vectors[encoded_rows], norms[encoded_rows] = encoded.vectors, encoded.norms
+        fresh = np.array(todo, dtype=np.int64) - start
+        vectors[fresh], norms[fresh] = encoded.vectors, encoded.norms
         if known:
             rows, positions = np.array(list(known)) - start, list(known.values())
             vectors[rows] = encoded_before.encoded.vectors[positions]
             norms[rows] = encoded_before.encoded.norms[positions]
+        if progress is not None and not todo:
+            progress(stop, len(texts))
         yield EmbeddedDocuments(list(ids[start:stop]), vectors, norms)
 
 

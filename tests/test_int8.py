@@ -99,6 +99,16 @@ def test_int8_release_serves_search_and_catch_up_through_onnx(corpus, releases, 
     assert _cosines(added[None], fp32.encode([new.embedding_text()]))[0] >= GATE
 
 
+def test_an_int8_build_reports_every_document_encoded_though_the_gate_encoded_them(corpus, releases, tiny_model_dir):
+    """Guards against the encode progress stopping short when the corpus encode reuses the gate's vectors: here the
+    gate's sample is the whole corpus, so the corpus encode has nothing left to encode."""
+    corpus.upsert(SAMPLE_DOCS)
+    seen = []
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="int8"),
+                  progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert [(done, total) for stage, done, total in seen if stage == "encode"] == [(len(SAMPLE_DOCS),) * 2]
+
+
 def test_a_failed_gate_names_the_figure_and_leaves_nothing(corpus, releases, tmp_path):
     corpus.upsert(SAMPLE_DOCS)
     options = BuildOptions(model_path=_fragile_model(tmp_path / "fragile"), precision="int8")
