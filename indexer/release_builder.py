@@ -116,10 +116,10 @@ class EncodedRows:
     rows: np.ndarray
     encoded: Encoded
 
-    def within(self, start: int, stop: int) -> dict[int, int]:
-        """Snapshot rows in `[start, stop)` encoded here, each mapped to its position in `encoded`."""
+    def within(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Snapshot rows in `[start, stop)` encoded here, and their positions in `encoded`."""
         first, last = np.searchsorted(self.rows, [start, stop])
-        return {int(self.rows[position]): position for position in range(first, last)}
+        return self.rows[first:last], np.arange(first, last)
 
 
 @dataclass(frozen=True)
@@ -274,8 +274,9 @@ def embed_documents(
     """
     for start in range(0, len(texts), ENCODE_CHUNK):
         stop = min(start + ENCODE_CHUNK, len(texts))
-        known = encoded_before.within(start, stop) if encoded_before is not None else {}
-        todo = [row for row in range(start, stop) if row not in known]
+        rows = np.arange(start, stop)
+        known, positions = encoded_before.within(start, stop) if encoded_before is not None else (rows[:0], rows[:0])
+        todo = np.setdiff1d(rows, known)
 
         def advance(done: int, _total: int, offset: int = start + len(known)) -> None:
             if progress is not None:
@@ -286,13 +287,11 @@ def embed_documents(
         )
         vectors = np.empty((stop - start, encoder.dim), dtype=np.float32)
         norms = np.empty(stop - start, dtype=np.float32)
-        fresh = np.array(todo, dtype=np.int64) - start
-        vectors[fresh], norms[fresh] = encoded.vectors, encoded.norms
-        if known:
-            rows, positions = np.array(list(known)) - start, list(known.values())
-            vectors[rows] = encoded_before.encoded.vectors[positions]
-            norms[rows] = encoded_before.encoded.norms[positions]
-        if progress is not None and not todo:
+        vectors[todo - start], norms[todo - start] = encoded.vectors, encoded.norms
+        if encoded_before is not None:
+            vectors[known - start] = encoded_before.encoded.vectors[positions]
+            norms[known - start] = encoded_before.encoded.norms[positions]
+        if progress is not None and len(todo) == 0:
             progress(stop, len(texts))
         yield EmbeddedDocuments(list(ids[start:stop]), vectors, norms)
 
