@@ -2,11 +2,12 @@
 
 Encodes the SciFact corpus (title + text, 256 tokens max) with the packaged
 all-MiniLM-L6-v2, for each precision on each runtime (openvino when installed; int8
-on torch means dynamic quantisation on ONNX Runtime, on openvino static quantisation
-calibrated on 128 seeded corpus documents, as a release build does), and
+on torch means dynamic quantisation on ONNX Runtime, on openvino both static
+quantisation calibrated on 128 seeded corpus documents, as a release build does, and
+int8 weights with dynamically quantised activations), and
 prints documents/s, tokens/s, the speed-up over sentence-transformers' default fp32
 `encode` and over it under bf16 autocast (both measured in the same run), cosine
-agreement with its fp32 vectors, the share of this machine's measured matmul peak
+agreement with its fp32 vectors (least and mean), the share of this machine's measured matmul peak
 reached (MiniLM-L6 costs about 24 MFLOP per token; int8 is measured against the int8
 peak) and, over the whole corpus, nDCG@10 on the 809 judged SciFact train queries
 (test labels are held back) by exact search with each encoder. The encoders take turns
@@ -97,14 +98,18 @@ def exact_ndcg(qrels: dict, doc_ids: list[str], vectors: np.ndarray, queries: np
 def report_targets(results: dict[str, tuple[float, float, float, float]]) -> None:
     """Say for each encode target whether the best qualifying encoder meets it, and by how much it misses.
 
-    `results` maps an encoder to (speed-up over ST fp32, over ST bf16, min cosine, nDCG@10).
+    `results` maps an encoder to (speed-up over ST fp32, over ST bf16, min cosine, mean cosine, nDCG@10). The
+    cosine targets are read both ways: every document at 0.999 or above, and 0.999 on average.
     """
-    float_rows = {name: r for name, r in results.items() if name.startswith("lockstep") and r[2] >= 0.999}
-    fp32_ndcg = results["sentence-transformers fp32"][3]
+    least_rows = {name: r for name, r in results.items() if name.startswith("lockstep") and r[2] >= 0.999}
+    mean_rows = {name: r for name, r in results.items() if name.startswith("lockstep") and r[3] >= 0.999}
+    fp32_ndcg = results["sentence-transformers fp32"][4]
     int8_rows = {name: r for name, r in results.items()
-                 if "int8" in name and not abs(r[3] - fp32_ndcg) > 0.01}
-    targets = [("vs ST fp32 at cosine >= 0.999", float_rows, 0, 4.0),
-               ("vs ST bf16 autocast at cosine >= 0.999", float_rows, 1, 1.6),
+                 if "int8" in name and not abs(r[4] - fp32_ndcg) > 0.01}
+    targets = [("vs ST fp32 at min cosine >= 0.999", least_rows, 0, 4.0),
+               ("vs ST fp32 at mean cosine >= 0.999", mean_rows, 0, 4.0),
+               ("vs ST bf16 autocast at min cosine >= 0.999", least_rows, 1, 1.6),
+               ("vs ST bf16 autocast at mean cosine >= 0.999", mean_rows, 1, 1.6),
                ("int8 vs ST fp32 at nDCG@10 within 0.01", int8_rows, 0, 6.0)]
     for label, rows, column, goal in targets:
         if column == 1 and "sentence-transformers bf16 autocast" not in results:
@@ -176,17 +181,22 @@ def main() -> None:
         encoders["sentence-transformers bf16 autocast"] = theirs_bf16
         query_vectors["sentence-transformers bf16 autocast"] = theirs_bf16(query_texts)
     precisions = ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
-    configs = [(runtime, precision) for runtime in RUNTIMES for precision in (*precisions, "int8")
+    configs = [(runtime, precision, "auto") for runtime in RUNTIMES for precision in (*precisions, "int8")
                if (runtime, precision) != ("openvino", "int8") or OPENVINO_INT8]
+    if "openvino" in RUNTIMES and OPENVINO_INT8:
+        configs.append(("openvino", "int8", "dynamic"))
     calibration = [texts[row] for row in int8_samples(len(texts), 0)[1]]
     with tempfile.TemporaryDirectory() as scratch:
-        for runtime, precision in configs:
+        for runtime, precision, activations in configs:
             encoder = BiEncoder.load(default_model_path())
             choose_runtime(encoder, precision, runtime)
-            if precision == "int8":
-                encoder.use_int8(quantise_int8(encoder, Path(scratch), runtime, calibration))
-            encoder.encode(texts[:64], show_progress=False)
             name = f"lockstep {precision} ({encoder.runtime})"
+            if precision == "int8":
+                folder = Path(scratch) / activations
+                folder.mkdir()
+                encoder.use_int8(quantise_int8(encoder, folder, runtime, activations, calibration))
+                name = f"lockstep int8 ({encoder.runtime}" + (", dynamic)" if activations == "dynamic" else ")")
+            encoder.encode(texts[:64], show_progress=False)
             encoders[name] = lambda chunk, encoder=encoder: encoder.encode(
                 chunk, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, show_progress=False)
             query_vectors[name] = encoder.encode(query_texts, "query", show_progress=False)
@@ -207,16 +217,17 @@ def main() -> None:
     print(f"batch {args.batch_size} texts / {args.max_batch_tokens} padded tokens for Lockstep, 32 texts for sentence-transformers"
           + ("" if whole else "; nDCG@10 needs the whole corpus (no --limit)"))
     print(f"{'encoder':<38}{'docs/s':>9}{'tokens/s':>11}{'vs ST fp32':>12}{'vs ST bf16':>12}{'min cos':>10}"
-          f"{'% peak':>9}{'nDCG@10':>9}")
+          f"{'mean cos':>10}{'% peak':>9}{'nDCG@10':>9}")
     results = {}
     for name, (vectors, seconds) in runs.items():
-        cosine = float(np.sum(vectors * reference, axis=1).min())
+        cosines = np.sum(vectors * reference, axis=1)
+        cosine, mean_cosine = float(cosines.min()), float(cosines.mean())
         peak_name = next((p for p in ("bf16", "int8") if p in name), "fp32")
         share = tokens * FLOP_PER_TOKEN / seconds / 1e9 / peak[peak_name] if peak_name in peak else float("nan")
         ndcg = exact_ndcg(judged, doc_ids, vectors, query_vectors[name], query_ids) if whole else float("nan")
-        results[name] = (base_time / seconds, bf16_time / seconds, cosine, ndcg)
+        results[name] = (base_time / seconds, bf16_time / seconds, cosine, mean_cosine, ndcg)
         print(f"{name:<38}{len(texts) / seconds:>9.1f}{tokens / seconds:>11.0f}{base_time / seconds:>11.2f}x"
-              f"{versus_bf16(seconds)}{cosine:>10.5f}"
+              f"{versus_bf16(seconds)}{cosine:>10.5f}{mean_cosine:>10.5f}"
               + (f"{share:>8.1%}" if math.isfinite(share) else f"{'n/a':>8}") + f"{ndcg:>9.4f}")
     report_targets(results)
     print("reproduce: python bench/encode_throughput.py --data ../shared/data/scifact"

@@ -10,6 +10,7 @@ the ratio is what to compare across machines.
     python bench/rebuild.py --scifact ../shared/data/scifact --limit 1000 --precision fp32
     python bench/rebuild.py --scifact ../shared/data/scifact --limit 1000 --runtime openvino
     python bench/rebuild.py --scifact ../shared/data/scifact --precision int8 --runtime openvino
+    python bench/rebuild.py --scifact ../shared/data/scifact --precision int8 --runtime openvino --int8-activations dynamic
 
 For int8 the pure encode runs a model quantised beforehand, as a release build
 quantises it (same calibration documents), and the rebuild pays for quantising and
@@ -42,12 +43,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N documents")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or int8")
     parser.add_argument("--runtime", default="torch", help="torch or openvino")
+    parser.add_argument("--int8-activations", default="auto", help="auto, calibrated or dynamic (int8 only)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--index-type", default="Flat")
     args = parser.parse_args()
     limit = f" --limit {args.limit}" if args.limit else ""
     print(f"command: python bench/rebuild.py --scifact {args.scifact}{limit} --precision {args.precision} "
-          f"--runtime {args.runtime} --batch-size {args.batch_size} --index-type {args.index_type}")
+          f"--runtime {args.runtime} --int8-activations {args.int8_activations} --batch-size {args.batch_size} --index-type {args.index_type}")
     documents = list(read_corpus(args.scifact / "corpus.jsonl"))[: args.limit or None]
     encoder = BiEncoder.load(default_model_path())
     choose_runtime(encoder, resolve(args.precision, encoder.device), args.runtime)
@@ -55,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quantised-") as scratch:
         if args.precision == "int8":
             calibration = [texts[row] for row in int8_samples(len(texts), 0)[1]]
-            encoder.use_int8(quantise_int8(encoder, Path(scratch), args.runtime, calibration))
+            encoder.use_int8(quantise_int8(encoder, Path(scratch), args.runtime, args.int8_activations, calibration))
         encoder.encode(texts[:64], "document", show_progress=False)
         started = time.perf_counter()
         encoder.encode(texts, "document", batch_size=args.batch_size, show_progress=False)
@@ -66,7 +68,7 @@ def main() -> None:
         corpus.upsert(documents)
         releases = ReleaseStore(data_dir)
         options = BuildOptions(model_path=default_model_path(), precision=args.precision, runtime=args.runtime,
-                               batch_size=args.batch_size, index_type=args.index_type)
+                               int8_activations=args.int8_activations, batch_size=args.batch_size, index_type=args.index_type)
         started = time.perf_counter()
         build_release(corpus, releases, options, activate=True)
         rebuild_s = time.perf_counter() - started

@@ -255,6 +255,7 @@ def _build_options(ctx: JobContext) -> BuildOptions:
         reranker_path=ctx.settings.data_dir / live.reranker.path if live and live.reranker else ctx.settings.reranker,
         precision=ctx.settings.precision,
         runtime=ctx.settings.runtime,
+        int8_activations=ctx.settings.int8_activations,
         ef_search=ctx.settings.ef_search,
         nprobe=ctx.settings.nprobe,
         ef_construction=ctx.settings.ef_construction,

@@ -8,8 +8,9 @@ dimension, metric, search parameters and, for approximate kinds, recall@10 again
 exact search measured at build time), the document norms before normalisation (a drift signal),
 evaluation metrics if any, and a sha256 of every file in the release. An int8 release
 also holds its quantised encoder (`int8_model_files`: an ONNX model on onnxruntime, an
-OpenVINO IR pair on openvino, checksummed like the index) and how closely its document
-vectors agreed with fp32 when it was built.
+OpenVINO IR pair on openvino, checksummed like the index), how its activations are
+quantised (calibrated on a corpus sample, or dynamically at run time) and how closely
+its document vectors agreed with fp32 when it was built.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Manifest:
     precision: str = "fp32"
     int8_agreement: Int8Agreement | None = None
     runtime: str = "torch"
+    int8_activations: str | None = None
     search_params: dict[str, int] = field(default_factory=dict)
     recall: RecallCheck | None = None
     format_version: int = FORMAT_VERSION
@@ -136,6 +138,8 @@ class Manifest:
         if data.get("int8_agreement") is not None:
             data["int8_agreement"] = Int8Agreement(**data["int8_agreement"])
         data.setdefault("runtime", "onnxruntime" if data.get("precision") == "int8" else "torch")
+        if data.get("precision") == "int8":
+            data.setdefault("int8_activations", "calibrated" if data["runtime"] == "openvino" else "dynamic")
         if data.get("recall") is not None:
             data["recall"] = RecallCheck(**data["recall"])
         return cls(**data)

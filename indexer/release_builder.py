@@ -34,7 +34,7 @@ from indexer.durable_files import sha256_file
 from indexer.manifest import Int8Agreement, Manifest, ModelRef, NormStats, RerankerRef, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.recall_check import measure_recall
-from indexer.release_runtime import BuildRuntime, choose_runtime, quantise_int8
+from indexer.release_runtime import BuildRuntime, Int8Activations, choose_runtime, int8_activations, quantise_int8
 from indexer.release_store import ReleaseStore, new_release_id, touch
 from indexer.vector_index import VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
@@ -65,6 +65,7 @@ class BuildOptions:
     reranker_path: Path | None = None
     precision: Precision = "auto"
     runtime: BuildRuntime = "torch"
+    int8_activations: Int8Activations = "auto"
     int8_min_cosine: float = 0.98
     int8_sample: int = 256
     ef_search: int | None = None
@@ -100,6 +101,7 @@ class ReleaseSpec:
     ef_construction: int | None = None
     int8_agreement: Int8Agreement | None = None
     runtime: str = "torch"
+    int8_activations: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ReleaseSpec:
@@ -155,6 +157,8 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
     )
     precision = resolve(options.precision, encoder.device)
     choose_runtime(encoder, precision, options.runtime)
+    if precision == "int8":
+        int8_activations(options.runtime, options.int8_activations)
     reranker = None
     if options.reranker_path is not None:
         _, reranker = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
@@ -173,8 +177,9 @@ def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, 
     """Quantise `encoder` into `folder` for the build's runtime, switch it to int8, and return its agreement with fp32
     together with the int8 encoding of the sample it was measured on.
 
-    On torch the model is quantised dynamically for ONNX Runtime; on openvino statically,
-    calibrated on documents apart from those the agreement is measured on (`int8_samples`).
+    On torch the model is quantised dynamically for ONNX Runtime; on openvino with
+    calibrated activations (the default there), on documents apart from those the
+    agreement is measured on (`int8_samples`), or with dynamic ones.
     The agreement is the cosine between fp32 and int8 vectors of up to
     `options.int8_sample` documents; below `options.int8_min_cosine` (mean) the build fails
     with the figures, and the caller's staging folder, model files included, is removed.
@@ -184,7 +189,7 @@ def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, 
     encoder.precision = "fp32"
     reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
     calibration = [documents[row].embedding_text() for row in calibrated]
-    encoder.use_int8(quantise_int8(encoder, folder, options.runtime, calibration))
+    encoder.use_int8(quantise_int8(encoder, folder, options.runtime, options.int8_activations, calibration))
     quantised = encoder.encode_with_norms(texts, "document", batch_size=options.batch_size, show_progress=False)
     agreement = Int8Agreement.of(np.sum(reference * quantised.vectors, axis=1))
     if agreement.mean_cosine < options.int8_min_cosine:
@@ -242,6 +247,7 @@ def release_spec(
         ef_construction=options.ef_construction,
         int8_agreement=int8_agreement,
         runtime=model.encoder.runtime,
+        int8_activations=int8_activations(options.runtime, options.int8_activations) if int8_agreement else None,
     )
 
 
@@ -354,6 +360,7 @@ def publish_release(
         precision=spec.precision,
         int8_agreement=spec.int8_agreement,
         runtime=spec.runtime,
+        int8_activations=spec.int8_activations,
         search_params=index.search_params(),
         recall=recall,
     )

@@ -3,8 +3,9 @@
 Queries must be encoded exactly as the corpus was, so every process that encodes for a
 release (the server, a drift probe, a shard worker) attaches the runtime through here:
 torch (fp32 or bf16 autocast), openvino (fp32 or bf16 compiled for the CPU, or int8
-statically quantised and stored in the release) or onnxruntime (int8, dynamically
-quantised and stored in the release). A release's reranker follows it onto openvino.
+with calibrated or dynamic activations, stored in the release) or onnxruntime (int8,
+dynamically quantised and stored in the release). A release's reranker follows it onto
+openvino.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 BuildRuntime = Literal["torch", "openvino"]
 BUILD_RUNTIMES = ("torch", "openvino")
+Int8Activations = Literal["auto", "calibrated", "dynamic"]
+INT8_ACTIVATIONS = ("auto", "calibrated", "dynamic")
 
 
 def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: BuildRuntime) -> None:
@@ -35,6 +38,19 @@ def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: Bu
     encoder.precision = precision
     if runtime == "openvino":
         encoder.use_openvino()
+
+
+def int8_activations(runtime: BuildRuntime, requested: str) -> str:
+    """How an int8 build on `runtime` quantises activations: calibrated (ranges measured on a corpus sample, openvino
+    only) or dynamic (measured per batch at run time); auto means calibrated on openvino and dynamic on torch."""
+    if requested not in INT8_ACTIVATIONS:
+        raise InvalidInput(f"int8 activations must be 'auto', 'calibrated' or 'dynamic', got {requested!r}")
+    if requested == "auto":
+        return "calibrated" if runtime == "openvino" else "dynamic"
+    if requested == "calibrated" and runtime != "openvino":
+        raise InvalidInput("calibrated int8 activations need the openvino runtime; build with runtime openvino, "
+                           "or with int8 activations dynamic (ONNX Runtime)")
+    return requested
 
 
 def warn_if_int8_is_slow_here(runtime: str, subject: str) -> None:
@@ -49,16 +65,23 @@ def warn_if_int8_is_slow_here(runtime: str, subject: str) -> None:
                     "runtime torch, on machines like this", subject)
 
 
-def quantise_int8(encoder: BiEncoder, folder: Path, runtime: BuildRuntime, calibration_texts: Sequence[str]) -> Path:
+def quantise_int8(
+    encoder: BiEncoder, folder: Path, runtime: BuildRuntime, activations: str, calibration_texts: Sequence[str]
+) -> Path:
     """Quantise the fp32 encoder for an int8 release on `runtime` into `folder`; returns the file to load.
 
-    On torch: dynamically, to ONNX for ONNX Runtime (`calibration_texts` unused). On
-    openvino: statically, to OpenVINO IR calibrated on `calibration_texts`.
+    On torch: dynamically, to ONNX for ONNX Runtime. On openvino: to OpenVINO IR, with
+    activations calibrated on `calibration_texts`, or with int8 weights and activations
+    quantised at run time (`int8_activations` says which; `calibration_texts` are used
+    only when calibrating).
     """
-    if runtime == "openvino":
-        warn_if_int8_is_slow_here(runtime, "an int8 build")
-        return encoder.quantise_openvino_int8(folder / int8_model_files("openvino")[0], calibration_texts)
-    return encoder.export_int8(folder / int8_model_files("onnxruntime")[0])
+    if runtime != "openvino":
+        return encoder.export_int8(folder / int8_model_files("onnxruntime")[0])
+    warn_if_int8_is_slow_here(runtime, "an int8 build")
+    path = folder / int8_model_files("openvino")[0]
+    if int8_activations(runtime, activations) == "dynamic":
+        return encoder.compress_openvino_int8(path)
+    return encoder.quantise_openvino_int8(path, calibration_texts)
 
 
 def attach_reranker_runtime(reranker: CrossEncoder, precision: str, runtime: str) -> None:

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         "faster; needs `pip install 'lockstep[openvino]'`). int8 on torch is dynamically quantised and runs on "
         "ONNX Runtime; int8 on openvino is statically quantised on a sample of the corpus (faster still)",
     )
+    int8_activations: Literal["auto", "calibrated", "dynamic"] = Field(
+        "auto",
+        description="How int8 builds quantise activations: calibrated (ranges measured on a corpus sample; openvino "
+        "only, fastest), dynamic (measured per batch at run time; on openvino per 64 values of each token, closest "
+        "to fp32, no calibration), or auto (calibrated on openvino, dynamic on torch)",
+    )
     ef_search: int = Field(64, ge=1, le=4096, description="HNSW search breadth of new builds (recall vs speed)")
     ef_construction: int = Field(40, ge=4, le=4096, description="HNSW build breadth of new builds (graph quality)")
     nprobe: int = Field(16, ge=1, le=65536, description="IVF lists searched per query in new builds (recall vs speed)")

@@ -75,6 +75,7 @@ def _build(
     reranker: Path | None = None,
     precision: str | None = None,
     runtime: str | None = None,
+    int8_activations: str | None = None,
 ) -> None:
     corpus = CorpusStore(settings.corpus_path)
     options = BuildOptions(
@@ -85,6 +86,7 @@ def _build(
         reranker_path=reranker or settings.reranker,
         precision=precision or settings.precision,
         runtime=runtime or settings.runtime,
+        int8_activations=int8_activations or settings.int8_activations,
         ef_search=settings.ef_search,
         nprobe=settings.nprobe,
         ef_construction=settings.ef_construction,
@@ -97,7 +99,7 @@ def _build(
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
     precision = f"{manifest.precision} on {manifest.runtime}"
     if manifest.int8_agreement is not None:
-        precision += f" (mean cosine {manifest.int8_agreement.mean_cosine:.4f} with fp32)"
+        precision += f" with {manifest.int8_activations} activations (mean cosine {manifest.int8_agreement.mean_cosine:.4f} with fp32)"
     index = manifest.index_type
     if manifest.recall is not None:
         params = " ".join(f"{name}={value}" for name, value in manifest.recall.search_params.items())
@@ -128,6 +130,7 @@ def build(
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
     runtime: Annotated[Optional[str], typer.Option(help="What runs the encoder: torch (int8 on ONNX Runtime) or openvino (default $LOCKSTEP_RUNTIME or torch)")] = None,
+    int8_activations: Annotated[Optional[str], typer.Option(help="int8 only: calibrated (openvino, fastest), dynamic (closest to fp32) or auto (default $LOCKSTEP_INT8_ACTIVATIONS or auto)")] = None,
     ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default $LOCKSTEP_EF_SEARCH or 64)")] = None,
     nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists searched per query (default $LOCKSTEP_NPROBE or 16)")] = None,
     ef_construction: Annotated[Optional[int], typer.Option(min=4, help="HNSW build breadth (default $LOCKSTEP_EF_CONSTRUCTION or 40)")] = None,
@@ -135,7 +138,8 @@ def build(
     """Re-embed the whole corpus into a new release."""
     requested = {"ef_search": ef_search, "nprobe": nprobe, "ef_construction": ef_construction}
     overrides = {k: v for k, v in requested.items() if v is not None}
-    _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision, runtime)
+    _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision, runtime,
+           int8_activations)
 
 
 @releases_app.command("list")

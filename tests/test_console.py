@@ -140,6 +140,7 @@ def test_a_rollback_through_the_ui_changes_the_active_release(page, stack):
     page.get_by_role("tab", name="Releases").click()
     _expect(page.locator(".card.active")).to_have_attribute("data-release", live)
     _expect(page.locator(f'.card[data-release="{live}"]')).to_contain_text("Fingerprint")
+    _expect(page.locator(f'.card[data-release="{live}"] dt:text("Precision") + dd')).to_have_text("fp32 on torch")
     page.get_by_role("button", name="Roll back to the previous release").click()
     _expect(page.locator(".card.active")).to_have_attribute("data-release", previous)
     _expect(page.locator("#releases-status")).to_contain_text(f"this server serves {previous}")

@@ -154,7 +154,7 @@ def test_int8_is_chosen_explicitly_and_never_for_training(tmp_path, tiny_model_d
     data = ["--data-dir", str(tmp_path / "data")]
     assert CliRunner().invoke(cli, [*data, "ingest", str(corpus_file)]).exit_code == 0
     result = CliRunner().invoke(cli, [*data, "build", "--model", str(tiny_model_dir), "--precision", "int8"])
-    assert result.exit_code == 0 and re.search(r", int8 on onnxruntime \(mean cosine [01]\.\d{4} with fp32\), model tiny-bert-0", result.output), result.output
+    assert result.exit_code == 0 and re.search(r", int8 on onnxruntime with dynamic activations \(mean cosine [01]\.\d{4} with fp32\), model tiny-bert-0", result.output), result.output
 
 
 @pytest.mark.integration

@@ -1,4 +1,5 @@
-"""int8 on the openvino runtime: statically quantised on a corpus sample, gated, stored in the release and served."""
+"""int8 on the openvino runtime: calibrated on a corpus sample or with dynamic activations, gated, stored in the
+release and served."""
 
 import json
 import re
@@ -15,12 +16,16 @@ from indexer.embedding_shards import assemble_release, encode_shard, plan_shards
 from indexer.live_release import LiveRelease
 from indexer.manifest import MANIFEST_FILE, OPENVINO_INT8_FILES, Manifest, NormStats
 from indexer.release_builder import BuildOptions, build_release
+from indexer.release_runtime import int8_activations
 from indexer.release_store import new_release_id
 from service.cli import app as cli
 from training.bi_encoder import BiEncoder, TorchForward
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, InvalidInput
-from training.openvino_runtime import FLOAT_HINT_KEY, CompiledGraph, OpenVinoForward, stored_float_hint
+from training.openvino_int8 import ACTIVATION_GROUP
+from training.openvino_runtime import (
+    ACTIVATION_GROUP_KEY, FLOAT_HINT_KEY, CompiledGraph, OpenVinoForward, stored_float_hint,
+)
 from tests.conftest import SAMPLE_DOCS, require_shared
 from tests.test_int8 import GATE, TEXTS, _cosines, _fragile_model
 
@@ -29,6 +34,7 @@ pytest.importorskip("nncf", reason="int8 on openvino needs `pip install 'lockste
 
 XML, BIN = OPENVINO_INT8_FILES
 INT8_OPENVINO = {"precision": "int8", "runtime": "openvino"}
+DYNAMIC = {**INT8_OPENVINO, "int8_activations": "dynamic"}
 
 
 def _refuse(*args, **kwargs):
@@ -230,7 +236,114 @@ def test_cli_builds_int8_on_openvino_and_says_so(tmp_path, tiny_model_dir):
         cli, [*data, "build", "--model", str(tiny_model_dir), "--precision", "int8", "--runtime", "openvino"]
     )
     assert result.exit_code == 0, result.output
-    assert re.search(r", int8 on openvino \(mean cosine [01]\.\d{4} with fp32\), model tiny-bert-0", result.output), result.output
+    assert re.search(r", int8 on openvino with calibrated activations \(mean cosine [01]\.\d{4} with fp32\), model tiny-bert-0",
+                     result.output), result.output
+    result = CliRunner().invoke(cli, [*data, "build", "--model", str(tiny_model_dir), "--precision", "int8",
+                                      "--runtime", "openvino", "--int8-activations", "dynamic"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r", int8 on openvino with dynamic activations \(mean cosine [01]\.\d{4} with fp32\)", result.output), result.output
+    result = CliRunner().invoke(cli, [*data, "build", "--model", str(tiny_model_dir), "--precision", "int8",
+                                      "--int8-activations", "calibrated"])
+    assert result.exit_code != 0 and "calibrated int8 activations need the openvino runtime" in result.output, result.output
+
+
+def test_dynamic_activations_store_int8_weights_and_agree_with_fp32_in_every_batch_shape(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards against a graph that lost its int8 weights, its recorded group size, or the padding mask."""
+    encoder = BiEncoder.load(tiny_model_dir)
+    reference = {kind: encoder.encode(TEXTS, kind) for kind in ("query", "document")}
+    path = encoder.compress_openvino_int8(tmp_path / XML)
+    graph = openvino.Core().read_model(str(path))
+    weights = [op for op in graph.get_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() == "u8"]
+    assert len(weights) >= 12, "every linear layer's weights should be stored in int8"
+    assert "FakeQuantize" not in [op.get_type_name() for op in graph.get_ops()], "nothing should be calibrated"
+    assert graph.get_rt_info(ACTIVATION_GROUP_KEY).astype(int) == ACTIVATION_GROUP
+    encoder.use_int8(path)
+    assert (encoder.precision, encoder.runtime) == ("int8", "openvino")
+    assert encoder.forward.graph.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == ACTIVATION_GROUP
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
+    for kind, expected in reference.items():
+        for batch_size in (1, 3, 32):
+            vectors = encoder.encode(TEXTS, kind, batch_size=batch_size)
+            assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+            assert _cosines(vectors, expected).min() >= 0.99 and np.abs(vectors - expected).max() > 0
+
+
+def test_graphs_without_int8_weights_compile_without_dynamic_activations(tiny_model_dir, tmp_path):
+    encoder = BiEncoder.load(tiny_model_dir)
+    calibrated = CompiledGraph.of_file(encoder.quantise_openvino_int8(tmp_path / XML, TEXTS), "int8")
+    assert calibrated.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
+    assert CompiledGraph.of_model(encoder.model, "fp32").compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
+
+
+def test_a_release_with_dynamic_activations_calibrates_nothing_and_serves_through_its_graph(corpus, releases, tiny_model_dir, monkeypatch):
+    corpus.upsert(SAMPLE_DOCS)
+    monkeypatch.setattr(BiEncoder, "quantise_openvino_int8", _refuse)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **DYNAMIC), activate=True)
+    folder = releases.path(manifest.release_id)
+    assert (manifest.precision, manifest.runtime, manifest.int8_activations) == ("int8", "openvino", "dynamic")
+    assert Manifest.read(folder) == manifest and set(manifest.files) == {"index.faiss", "ids.json", XML, BIN}
+    assert GATE <= manifest.int8_agreement.min_cosine <= manifest.int8_agreement.mean_cosine <= 1.0 + 1e-6
+
+    live = LiveRelease.load(releases, manifest.release_id)
+    assert live.encoder.forward.graph.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == ACTIVATION_GROUP
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
+    assert live.search(corpus, "apple banana cherry", k=1).hits[0].document.id == "d3"
+    built = np.stack([live.index.reconstruct(doc.id) for doc in SAMPLE_DOCS])
+    assert np.allclose(built, live.encoder.encode([doc.embedding_text() for doc in SAMPLE_DOCS]), atol=1e-5)
+
+
+def test_shards_of_a_plan_with_dynamic_activations_record_them(corpus, releases, tiny_model_dir, data_dir, tmp_path):
+    corpus.upsert(SAMPLE_DOCS)
+    plan = plan_shards(corpus, releases, BuildOptions(model_path=tiny_model_dir, **DYNAMIC), new_release_id(),
+                       tmp_path / "plan", shard_size=3)
+    for shard in range(plan.count):
+        encode_shard(data_dir, tmp_path / "plan", shard, batch_size=4)
+    manifest = assemble_release(releases, tmp_path / "plan")
+    assert manifest.int8_activations == "dynamic"
+    assert LiveRelease.load(releases, manifest.release_id).search(corpus, "apple banana cherry", k=1).hits[0].document.id == "d3"
+
+
+@pytest.mark.parametrize(("runtime", "requested", "expected"), [
+    ("openvino", "auto", "calibrated"), ("torch", "auto", "dynamic"), ("openvino", "dynamic", "dynamic"),
+    ("torch", "dynamic", "dynamic"), ("openvino", "calibrated", "calibrated"),
+])
+def test_auto_activations_are_calibrated_on_openvino_and_dynamic_on_torch(runtime, requested, expected):
+    assert int8_activations(runtime, requested) == expected
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"precision": "int8", "int8_activations": "calibrated"}, "calibrated int8 activations need the openvino runtime"),
+    ({**INT8_OPENVINO, "int8_activations": "static"}, "int8 activations must be 'auto', 'calibrated' or 'dynamic', got 'static'"),
+])
+def test_an_impossible_activation_scheme_is_refused_before_any_work(corpus, releases, tiny_model_dir, monkeypatch, options, message):
+    corpus.upsert(SAMPLE_DOCS)
+    monkeypatch.setattr(corpus, "snapshot", _refuse)
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, **options))
+    assert releases.list() == [] and list(releases.releases_dir.glob(".staging-*")) == []
+
+
+@pytest.mark.parametrize(("runtime", "expected"), [("openvino", "calibrated"), ("onnxruntime", "dynamic")])
+def test_an_int8_manifest_written_before_the_activation_scheme_was_recorded_names_the_one_it_used(
+        corpus, releases, tiny_model_dir, runtime, expected):
+    def older(data):
+        del data["int8_activations"]
+        return {**data, "runtime": runtime}
+
+    release_id = _int8_release_with_manifest(corpus, releases, tiny_model_dir, older)
+    assert Manifest.read(releases.path(release_id)).int8_activations == expected
+
+
+@pytest.mark.integration
+def test_minilm_with_dynamic_int8_activations_stays_near_fp32_on_scifact(corpus, releases):
+    """The packaged MiniLM with int8 weights and dynamic activations keeps document vectors within about 0.001 of fp32."""
+    from training.default_model import default_model_path
+
+    lines = require_shared("scifact", "corpus.jsonl").read_text().splitlines()[:300]
+    corpus.upsert([Document(id=r["_id"], title=r["title"], text=r["text"]) for r in map(json.loads, lines)])
+    manifest = build_release(corpus, releases, BuildOptions(model_path=default_model_path(), **DYNAMIC))
+    assert manifest.int8_agreement.sample == 256 and manifest.int8_agreement.mean_cosine >= 0.998
+    assert manifest.int8_agreement.min_cosine >= 0.99
 
 
 @pytest.mark.integration

@@ -222,6 +222,13 @@ class BiEncoder:
         names = input_names(self.model)
         return quantise(self.model, [feeds(names, *batch) for batch in batches], Path(path))
 
+    def compress_openvino_int8(self, path: str | Path) -> Path:
+        """Write the transformer with int8 weights and dynamically quantised activations as OpenVINO IR at `path`
+        (see `training.openvino_int8.compress`); needs no calibration texts."""
+        from training.openvino_int8 import compress
+
+        return compress(self.model, Path(path))
+
     def use_int8(self, path: str | Path) -> None:
         """Encode through the int8 model at `path` from now on; the torch weights stay for the fingerprint.
 

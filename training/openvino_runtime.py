@@ -64,6 +64,7 @@ def decline_telemetry() -> None:
 
 
 FLOAT_HINT_KEY = ["lockstep", "float_precision"]
+ACTIVATION_GROUP_KEY = ["lockstep", "activation_group"]
 
 
 def stored_float_hint() -> str:
@@ -110,12 +111,13 @@ class CompiledGraph:
     (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
     """
 
-    def __init__(self, graph, precision: ConcretePrecision, hint: str) -> None:
+    def __init__(self, graph, precision: ConcretePrecision, hint: str, activation_group: int = 0) -> None:
         ov = openvino_module()
         self.precision = precision
         self.input_names = tuple(port.get_any_name() for port in graph.inputs)
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
-                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": activation_group}
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
         compiled_for = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if compiled_for != hint:
@@ -142,7 +144,8 @@ class CompiledGraph:
     @classmethod
     def of_file(cls, path: Path, precision: ConcretePrecision) -> CompiledGraph:
         """A graph stored as OpenVINO IR (`.xml` beside its `.bin`), compiled at `precision` with the float
-        precision it records (`stored_float_hint`; f32 if it records none)."""
+        precision it records (`stored_float_hint`; f32 if it records none) and, for a graph with int8 weights and
+        dynamic activations, the activation group size it records (`training.openvino_int8.compress`)."""
         ov = openvino_module()
         path = Path(path)
         for part in (path, path.with_suffix(".bin")):
@@ -150,7 +153,8 @@ class CompiledGraph:
                 raise IntegrityError(f"the OpenVINO model {path.name} lacks {part}; build the release again")
         graph = ov.Core().read_model(str(path))
         hint = graph.get_rt_info(FLOAT_HINT_KEY).astype(str) if graph.has_rt_info(FLOAT_HINT_KEY) else "f32"
-        return cls(graph, precision, hint)
+        group = graph.get_rt_info(ACTIVATION_GROUP_KEY).astype(int) if graph.has_rt_info(ACTIVATION_GROUP_KEY) else 0
+        return cls(graph, precision, hint, group)
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None

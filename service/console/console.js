@@ -201,7 +201,7 @@
       ["Model", m.model.name],
       ["Fingerprint", el("code", { title: m.model.fingerprint, text: m.model.fingerprint.slice(0, 19) })],
       ["Documents", String(m.doc_count)],
-      ["Precision", m.precision],
+      ["Precision", `${m.precision} on ${m.runtime}${m.int8_activations ? `, ${m.int8_activations} activations` : ""}`],
       ["Index", `${m.index_type}, ${m.dim} dimensions${Object.keys(m.search_params || {}).length ?
         ` (${Object.entries(m.search_params).map(([k, v]) => `${k} ${v}`).join(", ")})` : ""}`],
       ["Metrics", metrics.join("; ") || "none recorded"],
