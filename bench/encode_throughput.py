@@ -192,7 +192,7 @@ def main() -> None:
             choose_runtime(encoder, precision, runtime)
             name = f"lockstep {precision} ({encoder.runtime})"
             if precision == "int8":
-                folder = Path(scratch) / activations
+                folder = Path(scratch) / f"{runtime}-{activations}"
                 folder.mkdir()
                 encoder.use_int8(quantise_int8(encoder, folder, runtime, activations, calibration))
                 name = f"lockstep int8 ({encoder.runtime}" + (", dynamic)" if activations == "dynamic" else ")")

@@ -91,6 +91,30 @@ def test_an_int8_openvino_release_stores_its_graph_and_serves_through_it(corpus,
     assert np.allclose(live.index.reconstruct("d6"), live.encoder.encode([new.embedding_text()])[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("activations", ["calibrated", "dynamic"])
+def test_an_int8_openvino_build_never_runs_the_torch_transformer(corpus, releases, tiny_model_dir, monkeypatch, activations):
+    """The gate's fp32 reference runs on OpenVINO's fp32 graph too, and agrees with torch's."""
+    corpus.upsert(SAMPLE_DOCS)
+    references: list[tuple[list[str], np.ndarray]] = []
+    encode = BiEncoder.encode
+
+    def recording(encoder, texts, *args, **kwargs):
+        vectors = encode(encoder, texts, *args, **kwargs)
+        if encoder.precision == "fp32":
+            references.append((list(texts), vectors))
+        return vectors
+
+    monkeypatch.setattr(BiEncoder, "encode", recording)
+    monkeypatch.setattr(TorchForward, "__call__", _refuse)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, int8_activations=activations,
+                                                            **INT8_OPENVINO))
+    monkeypatch.undo()
+    assert manifest.int8_activations == activations and len(references) == 1
+    texts, vectors = references[0]
+    assert len(texts) == len(SAMPLE_DOCS)
+    assert _cosines(vectors, BiEncoder.load(tiny_model_dir).encode(texts)).min() >= 0.99999
+
+
 def test_calibration_and_agreement_samples_share_no_document(corpus, releases, tiny_model_dir, monkeypatch):
     """The agreement figure would flatter a graph calibrated on the very documents it is measured on. Also guards
     against the corpus encode spending time on the measured documents again: their int8 vectors are reused."""
