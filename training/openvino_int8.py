@@ -12,8 +12,8 @@ CPU it gains little over bf16 and loses accuracy. Two better ways run on OpenVIN
 - `compress` (dynamic): only the weights are stored in int8 (per output channel), and
   OpenVINO quantises each token's activations at run time in groups of
   `ACTIVATION_GROUP` values before the int8 products. No calibration, so it costs a
-  build a second instead of a dozen, and fine-grained ranges keep it near fp32 (mean
-  cosine 0.999 for MiniLM), at a speed between bf16 and calibrated int8. This is the
+  build 2 s instead of 15, and fine-grained ranges keep it near fp32 (mean cosine
+  0.999 for MiniLM), at a speed between bf16 and calibrated int8. This is the
   scheme of Hugging Face Optimum's `OVDynamicQuantizationConfig`.
 
 Either graph is stored as OpenVINO IR (an `.xml` beside its `.bin`) with the float
@@ -35,7 +35,7 @@ from training.openvino_runtime import (
     ACTIVATION_GROUP_KEY, FLOAT_HINT_KEY, INSTALL_HINT, convert_transformer, openvino_module, stored_float_hint,
 )
 
-ACTIVATION_GROUP = 64
+ACTIVATION_GROUP = 64  # the largest group that kept MiniLM's SciFact vectors at mean cosine 0.999 (docs/benchmarks.md)
 
 
 def nncf_module(path: Path):
