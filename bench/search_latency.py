@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-REPRODUCED_ENV = ("OMP_NUM_THREADS", "LOCKSTEP_RUNTIME", "LOCKSTEP_PRECISION")
+REPRODUCED_ENV = ("OMP_NUM_THREADS", "LOCKSTEP_RUNTIME", "LOCKSTEP_PRECISION", "LOCKSTEP_INT8_ACTIVATIONS")
 
 
 def lockstep(data_dir: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
