@@ -10,7 +10,10 @@ precision (touching the model's folder with each chunk, so `releases gc` spares 
 model of a re-embed whose release is not published yet) and writes
 `shard-NNNNN.npz` (ids, float32 unit vectors, norms) atomically
 (temporary file, fsync, rename): a shard file is complete or absent, and one already
-there that matches its input is kept, not encoded again. `assemble_release` refuses
+there that matches its input is kept, not encoded again. An int8 plan also keeps the
+int8 gate's sample (`int8-sample.npz`: the sampled rows with their int8 vectors, norms
+and token counts), whose rows each shard takes from there instead of encoding them
+again, as a single-process build does. `assemble_release` refuses
 while any shard is missing or differs from its recorded checksum, and otherwise adds
 the shards to the index in order and publishes through the same path as a
 single-process build. Nothing here knows about jobs or Celery.
@@ -34,15 +37,16 @@ from indexer.durable_files import fsync_dir, sha256_file, write_atomic
 from indexer.manifest import Manifest, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.release_builder import (
-    BuildOptions, BuildProgress, EmbeddedDocuments, ReleaseSpec, embed_documents, keep_in_use, publish_release,
-    quantise_if_int8, release_spec, snapshot_for_build,
+    BuildOptions, BuildProgress, EmbeddedDocuments, EncodedRows, ReleaseSpec, embed_documents, keep_in_use,
+    publish_release, quantise_if_int8, release_spec, snapshot_for_build,
 )
 from indexer.release_runtime import attach_runtime
 from indexer.release_store import ReleaseStore
-from training.bi_encoder import BiEncoder
+from training.bi_encoder import BiEncoder, Encoded
 from training.errors import IntegrityError, InvalidInput
 
 PLAN_FILE = "plan.json"
+INT8_SAMPLE_FILE = "int8-sample.npz"
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,10 @@ def plan_shards(
     folder.mkdir(parents=True)
     gate = quantise_if_int8(model, documents, folder, options, report)
     agreement = gate.agreement if gate is not None else None
+    if gate is not None:
+        encoded = gate.sample.encoded
+        _write_arrays(folder / INT8_SAMPLE_FILE, rows=gate.sample.rows, vectors=encoded.vectors, norms=encoded.norms,
+                      lengths=encoded.lengths)
     sizes = []
     for shard, start in enumerate(range(0, len(documents), shard_size)):
         chunk = documents[start : start + shard_size]
@@ -136,12 +144,36 @@ def _read_vectors(path: Path, ids: list[str], dim: int) -> EmbeddedDocuments | N
     return EmbeddedDocuments(stored_ids, vectors, norms)
 
 
+def _read_int8_sample(folder: Path, plan: ShardPlan) -> EncodedRows | None:
+    """The int8 gate's sample the plan kept (None for a plan that is not int8); IntegrityError if it is damaged."""
+    if plan.spec.int8_agreement is None:
+        return None
+    path = folder / INT8_SAMPLE_FILE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            rows, vectors, norms, lengths = data["rows"], data["vectors"], data["norms"], data["lengths"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise IntegrityError(f"the int8 sample {path} is missing or unreadable; plan the re-embed again") from exc
+    count = len(rows)
+    if (rows.dtype.kind != "i" or np.any(np.diff(rows) <= 0) or vectors.dtype != np.float32
+            or vectors.shape != (count, plan.spec.dim) or norms.shape != (count,) or lengths.shape != (count,)
+            or not np.isfinite(vectors).all() or (count and not 0 <= rows[0] <= rows[-1] < plan.spec.doc_count)):
+        raise IntegrityError(f"the int8 sample {path} does not fit the plan; plan the re-embed again")
+    return EncodedRows(rows, Encoded(vectors, norms, lengths))
+
+
 def _write_vectors(path: Path, part: EmbeddedDocuments) -> None:
-    """Write a shard file so readers see it complete or not at all: temporary file, fsync, rename, fsync folder."""
+    """Write a shard file so readers see it complete or not at all."""
+    _write_arrays(path, ids=np.array(part.ids, dtype=str), vectors=part.vectors, norms=part.norms)
+
+
+def _write_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Write `arrays` as an `.npz` file that readers see complete or not at all: temporary file, fsync, rename,
+    fsync folder."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with temporary.open("xb") as handle:
-            np.savez(handle, ids=np.array(part.ids, dtype=str), vectors=part.vectors, norms=part.norms)
+            np.savez(handle, **arrays)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -165,7 +197,10 @@ def encode_shard(
     progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
 ) -> EncodedShard:
-    """Encode one shard's input on `device` into its vector file, unless a file matching the input is already there."""
+    """Encode one shard's input on `device` into its vector file, unless a file matching the input is already there.
+
+    Rows of an int8 plan's gate sample take the vectors the gate encoded.
+    """
     plan = read_plan(folder)
     if not 0 <= shard < plan.count:
         raise InvalidInput(f"shard {shard} does not exist; the plan has shards 0 to {plan.count - 1}")
@@ -173,9 +208,12 @@ def encode_shard(
     path = vectors_path(folder, shard)
     if _read_vectors(path, ids, plan.spec.dim) is not None:
         return EncodedShard(shard, sha256_file(path), reused=True)
+    sample = _read_int8_sample(folder, plan)
+    start = shard * plan.shard_size
+    encoded_before = sample.shifted(start, start + len(ids)) if sample is not None else None
     encoder = _shard_encoder(data_dir, folder, plan.spec, device)
     parts = []
-    for part in embed_documents(encoder, ids, texts, batch_size, progress):
+    for part in embed_documents(encoder, ids, texts, batch_size, progress, encoded_before):
         keep_in_use(data_dir, plan.spec)
         parts.append(part)
     _write_vectors(path, EmbeddedDocuments(

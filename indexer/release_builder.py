@@ -123,6 +123,11 @@ class EncodedRows:
         first, last = np.searchsorted(self.rows, [start, stop])
         return self.rows[first:last], np.arange(first, last)
 
+    def shifted(self, start: int, stop: int) -> EncodedRows:
+        """The rows in `[start, stop)`, numbered from `start` (as a shard starting there numbers its own)."""
+        first, last = np.searchsorted(self.rows, [start, stop])
+        return EncodedRows(self.rows[first:last] - start, self.encoded.rows(first, last))
+
 
 @dataclass(frozen=True)
 class Int8Gate:

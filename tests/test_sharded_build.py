@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from indexer.corpus_store import CorpusStore, Document
-from indexer.embedding_shards import assemble_release, encode_shard, plan_shards, read_plan, vectors_path
+from indexer.embedding_shards import (
+    INT8_SAMPLE_FILE, assemble_release, encode_shard, plan_shards, read_plan, vectors_path,
+)
 from indexer.job_steps import Dispatch, recover_lost_work, run_step, worker_identity
 from indexer.job_store import FAILED, QUEUED, RUNNING, SHARD_DONE, SUCCEEDED, JobStore
 from indexer.job_submission import submit_job
@@ -28,6 +30,7 @@ from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STAGING_PREFIX, STALE_SECONDS, ReleaseStore
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
+from training.bi_encoder import BiEncoder
 from service.job_queue import JobQueue
 from tests.conftest import WORDS
 from tests.processes import REDIS_URL, start_worker, stop
@@ -116,6 +119,58 @@ def test_an_int8_sharded_build_encodes_every_shard_with_the_planned_onnx_model(f
     cosines = [float(many.reconstruct(i) @ one.reconstruct(i)) for i in one.doc_ids()]
     assert many.doc_ids() == one.doc_ids() and min(cosines) > 0.9999, "int8 activations are quantised per batch"
     assert LiveRelease.load(releases, sharded.release_id).encoder.precision == "int8"
+
+
+def test_int8_shards_take_the_gate_sample_vectors_instead_of_encoding_them_again(filled, tiny_model_dir, tmp_path, monkeypatch):
+    corpus, releases = filled
+    options = BuildOptions(model_path=tiny_model_dir, precision="int8", batch_size=8, int8_sample=20)
+    folder = tmp_path / "shards"
+    plan = plan_shards(corpus, releases, options, "r-20260101T000000Z-5a4d04", folder, SHARD_SIZE)
+    with np.load(folder / INT8_SAMPLE_FILE) as data:
+        rows, sample_vectors = data["rows"], data["vectors"]
+    _, documents = corpus.snapshot()
+    sampled = {documents[row].embedding_text() for row in rows}
+    assert len(rows) == len(sampled) == 20
+
+    encoded: list[str] = []
+    encode = BiEncoder.encode_with_norms
+
+    def recording(encoder, texts, *args, **kwargs):
+        encoded.extend(texts)
+        return encode(encoder, texts, *args, **kwargs)
+
+    monkeypatch.setattr(BiEncoder, "encode_with_norms", recording)
+    manifest = assemble_release(releases, folder, _encode_all(releases.data_dir, folder, plan.count))
+    monkeypatch.undo()
+    everything = {doc.embedding_text() for doc in documents}
+    assert len(encoded) == len(documents) - 20 and set(encoded) == everything - sampled
+
+    index = VectorIndex.load(releases.path(manifest.release_id))
+    assert np.array_equal(np.stack([index.reconstruct(documents[row].id) for row in rows]), sample_vectors)
+    live = LiveRelease.load(releases, manifest.release_id)
+    fresh = live.encoder.encode([doc.embedding_text() for doc in documents], batch_size=8)
+    stored = np.stack([index.reconstruct(doc.id) for doc in documents])
+    assert np.sum(fresh * stored, axis=1).min() > 0.9999, "int8 activations are quantised per batch"
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate", "shift"])
+def test_an_int8_shard_refuses_a_damaged_gate_sample(filled, tiny_model_dir, tmp_path, damage):
+    corpus, releases = filled
+    options = BuildOptions(model_path=tiny_model_dir, precision="int8", batch_size=8, int8_sample=20)
+    folder = tmp_path / "shards"
+    plan_shards(corpus, releases, options, "r-20260101T000000Z-5a4d04", folder, SHARD_SIZE)
+    path = folder / INT8_SAMPLE_FILE
+    if damage == "remove":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        with np.load(path) as data:
+            arrays = dict(data)
+        np.savez(path, **{**arrays, "rows": arrays["rows"] + 1000})
+    with pytest.raises(IntegrityError, match=f"the int8 sample {path} .*; plan the re-embed again"):
+        encode_shard(releases.data_dir, folder, 0, batch_size=8)
+    assert not vectors_path(folder, 0).exists()
 
 
 def test_a_shard_already_on_disk_is_kept_and_a_torn_one_is_encoded_again(filled, tiny_model_dir, tmp_path):
