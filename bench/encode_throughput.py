@@ -95,7 +95,7 @@ def exact_ndcg(qrels: dict, doc_ids: list[str], vectors: np.ndarray, queries: np
     return evaluate_run(run, {q: qrels[q] for q in query_ids})["ndcg@10"]
 
 
-def report_targets(results: dict[str, tuple[float, float, float, float]]) -> None:
+def report_targets(results: dict[str, tuple[float, float, float, float, float]]) -> None:
     """Say for each encode target whether the best qualifying encoder meets it, and by how much it misses.
 
     `results` maps an encoder to (speed-up over ST fp32, over ST bf16, min cosine, mean cosine, nDCG@10). The
