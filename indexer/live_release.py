@@ -86,6 +86,7 @@ class LiveRelease:
         self.applied_seq = manifest.corpus_seq
         self._catch_up_lock = threading.Lock()
         self._encode_lock = threading.Lock()
+        self._rerank_lock = threading.Lock()
 
     @property
     def release_id(self) -> str:
@@ -213,9 +214,11 @@ class LiveRelease:
         return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()})
 
     def _rerank(self, query: str, hits: list[SearchHit], weight: float) -> list[SearchHit]:
+        """Rescore `hits` with the cross-encoder, one rerank at a time per release; its own lock, not the encoder's,
+        so a plain query never waits behind a rerank (50 long documents take seconds on a CPU)."""
         if not hits:
             return hits
-        with self._encode_lock, autocast(self.manifest.precision, self.reranker.device):
+        with self._rerank_lock, autocast(self.manifest.precision, self.reranker.device):
             logits = self.reranker.score([(query, hit.document.embedding_text()) for hit in hits], batch_size=self.batch_size)
         scores = fuse(np.array([hit.score for hit in hits]), logits, weight)
         order = sorted(range(len(hits)), key=lambda i: -scores[i])

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import threading
 import time
 
 import faiss
@@ -213,6 +214,36 @@ def test_a_tampered_reranker_is_refused(corpus, releases, tiny_model_dir, other_
     CrossEncoder.load(other_model_dir).save(stored)
     with pytest.raises(IntegrityError, match="reranker at"):
         LiveRelease.load(releases, manifest.release_id)
+
+
+def test_a_plain_query_does_not_wait_behind_a_rerank(corpus, releases, tiny_model_dir, monkeypatch):
+    """A rerank of long documents takes seconds on a CPU; searches without rerank must not queue behind it."""
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir))
+    live = LiveRelease.load(releases, manifest.release_id)
+    scoring, release = threading.Event(), threading.Event()
+    score = type(live.reranker).score
+
+    def held(reranker, *args, **kwargs):
+        scoring.set()
+        assert release.wait(30), "the test never released the rerank"
+        return score(reranker, *args, **kwargs)
+
+    monkeypatch.setattr(type(live.reranker), "score", held)
+    reranked = []
+    rerank = threading.Thread(target=lambda: reranked.append(live.search(corpus, "apple banana cherry", k=3, rerank=True)))
+    rerank.start()
+    try:
+        assert scoring.wait(30)
+        plain = []
+        search = threading.Thread(target=lambda: plain.append(live.search(corpus, "apple banana cherry", k=1)))
+        search.start()
+        search.join(20)
+        assert plain and plain[0].hits[0].document.id == "d3", "the plain search waited for the rerank"
+    finally:
+        release.set()
+        rerank.join(30)
+    assert reranked and reranked[0].hits[0].document.id == "d3"
 
 
 def test_release_records_and_serves_its_precision(corpus, releases, tiny_model_dir):
