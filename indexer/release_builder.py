@@ -76,12 +76,14 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class BuildModel:
-    """The stored model a build encodes with, its manifest reference, the reranker it carries and its precision."""
+    """The stored model a build encodes with, its manifest reference, the reranker it carries, its precision and, for
+    int8, how its activations are quantised (`int8_activations`)."""
 
     encoder: BiEncoder
     ref: ModelRef
     reranker: RerankerRef | None
     precision: ConcretePrecision
+    int8_activations: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,13 +120,8 @@ class EncodedRows:
     rows: np.ndarray
     encoded: Encoded
 
-    def within(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Snapshot rows in `[start, stop)` encoded here, and their positions in `encoded`."""
-        first, last = np.searchsorted(self.rows, [start, stop])
-        return self.rows[first:last], np.arange(first, last)
-
     def shifted(self, start: int, stop: int) -> EncodedRows:
-        """The rows in `[start, stop)`, numbered from `start` (as a shard starting there numbers its own)."""
+        """The rows in `[start, stop)`, numbered from `start` (as a chunk or shard starting there numbers its own)."""
         first, last = np.searchsorted(self.rows, [start, stop])
         return EncodedRows(self.rows[first:last] - start, self.encoded.rows(first, last))
 
@@ -162,12 +159,11 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
     )
     precision = resolve(options.precision, encoder.device)
     choose_runtime(encoder, precision, options.runtime)
-    if precision == "int8":
-        int8_activations(options.runtime, options.int8_activations)
+    activations = int8_activations(options.runtime, options.int8_activations) if precision == "int8" else None
     reranker = None
     if options.reranker_path is not None:
         _, reranker = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
-    return BuildModel(encoder, ref, reranker, precision)
+    return BuildModel(encoder, ref, reranker, precision, activations)
 
 
 def int8_samples(document_count: int, agreement: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,13 +174,15 @@ def int8_samples(document_count: int, agreement: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[:agreement]), np.sort(order[::-1][:INT8_CALIBRATION])
 
 
-def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, options: BuildOptions) -> Int8Gate:
+def _gate_int8(
+    encoder: BiEncoder, activations: str, documents: Sequence[Document], folder: Path, options: BuildOptions
+) -> Int8Gate:
     """Quantise `encoder` into `folder` for the build's runtime, switch it to int8, and return its agreement with fp32
     together with the int8 encoding of the sample it was measured on.
 
     On torch the model is quantised dynamically for ONNX Runtime; on openvino with
-    calibrated activations (the default there), on documents apart from those the
-    agreement is measured on (`int8_samples`), or with dynamic ones.
+    `activations` calibrated, on documents apart from those the agreement is measured
+    on (`int8_samples`), or dynamic.
     The agreement is the cosine between fp32 and int8 vectors of up to
     `options.int8_sample` documents; below `options.int8_min_cosine` (mean) the build fails
     with the figures, and the caller's staging folder, model files included, is removed.
@@ -196,7 +194,7 @@ def _gate_int8(encoder: BiEncoder, documents: Sequence[Document], folder: Path, 
     choose_runtime(encoder, "fp32", options.runtime)
     reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
     calibration = [documents[row].embedding_text() for row in calibrated]
-    encoder.use_int8(quantise_int8(encoder, folder, options.runtime, options.int8_activations, calibration))
+    encoder.use_int8(quantise_int8(encoder, folder, options.runtime, activations, calibration))
     quantised = encoder.encode_with_norms(texts, "document", batch_size=options.batch_size, show_progress=False)
     agreement = Int8Agreement.of(np.sum(reference * quantised.vectors, axis=1))
     if agreement.mean_cosine < options.int8_min_cosine:
@@ -230,7 +228,7 @@ def quantise_if_int8(
     if model.precision != "int8":
         return None
     report("int8", 0, 1)
-    gate = _gate_int8(model.encoder, documents, folder, options)
+    gate = _gate_int8(model.encoder, model.int8_activations, documents, folder, options)
     report("int8", 1, 1)
     return gate
 
@@ -254,7 +252,7 @@ def release_spec(
         ef_construction=options.ef_construction,
         int8_agreement=int8_agreement,
         runtime=model.encoder.runtime,
-        int8_activations=int8_activations(options.runtime, options.int8_activations) if int8_agreement else None,
+        int8_activations=model.int8_activations,
     )
 
 
@@ -287,23 +285,22 @@ def embed_documents(
     """
     for start in range(0, len(texts), ENCODE_CHUNK):
         stop = min(start + ENCODE_CHUNK, len(texts))
-        rows = np.arange(start, stop)
-        known, positions = encoded_before.within(start, stop) if encoded_before is not None else (rows[:0], rows[:0])
-        todo = np.setdiff1d(rows, known)
+        before = encoded_before.shifted(start, stop) if encoded_before is not None else None
+        known = before.rows if before is not None else np.arange(0)
+        todo = np.setdiff1d(np.arange(stop - start), known)
 
         def advance(done: int, _total: int, offset: int = start + len(known)) -> None:
             if progress is not None:
                 progress(offset + done, len(texts))
 
         encoded = encoder.encode_with_norms(
-            [texts[row] for row in todo], "document", batch_size=batch_size, show_progress=False, progress=advance
+            [texts[start + row] for row in todo], "document", batch_size=batch_size, show_progress=False, progress=advance
         )
         vectors = np.empty((stop - start, encoder.dim), dtype=np.float32)
         norms = np.empty(stop - start, dtype=np.float32)
-        vectors[todo - start], norms[todo - start] = encoded.vectors, encoded.norms
-        if encoded_before is not None:
-            vectors[known - start] = encoded_before.encoded.vectors[positions]
-            norms[known - start] = encoded_before.encoded.norms[positions]
+        vectors[todo], norms[todo] = encoded.vectors, encoded.norms
+        if before is not None:
+            vectors[known], norms[known] = before.encoded.vectors, before.encoded.norms
         if progress is not None and len(todo) == 0:
             progress(stop, len(texts))
         yield EmbeddedDocuments(list(ids[start:stop]), vectors, norms)
