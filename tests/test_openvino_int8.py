@@ -292,6 +292,31 @@ def test_dynamic_activations_store_int8_weights_and_agree_with_fp32_in_every_bat
             assert _cosines(vectors, expected).min() >= 0.99 and np.abs(vectors - expected).max() > 0
 
 
+@pytest.mark.parametrize("scheme", ["calibrated", "dynamic"])
+def test_quantising_reuses_the_running_fp32_graph_without_changing_it(tiny_model_dir, tmp_path, monkeypatch, scheme):
+    """Guards against converting the model twice in an int8 build (a second or more), and against quantising the
+    graph the fp32 reference runs on in place."""
+    def quantised(encoder: BiEncoder, folder: str) -> bytes:
+        path = tmp_path / folder / XML
+        path.parent.mkdir()
+        if scheme == "dynamic":
+            encoder.compress_openvino_int8(path)
+        else:
+            encoder.quantise_openvino_int8(path, TEXTS)
+        return path.with_suffix(".bin").read_bytes()
+
+    converted = quantised(BiEncoder.load(tiny_model_dir), "converted")
+    encoder = BiEncoder.load(tiny_model_dir)
+    encoder.use_openvino()
+    reference = encoder.encode(TEXTS, "document")
+    running = encoder.forward.graph.source
+    operations = [op.get_type_name() for op in running.get_ordered_ops()]
+    monkeypatch.setattr(sys.modules["training.bi_encoder"], "convert_transformer", _refuse)
+    assert quantised(encoder, "reused") == converted
+    assert [op.get_type_name() for op in running.get_ordered_ops()] == operations
+    assert np.array_equal(encoder.encode(TEXTS, "document"), reference)
+
+
 def test_graphs_without_int8_weights_compile_without_dynamic_activations(tiny_model_dir, tmp_path):
     encoder = BiEncoder.load(tiny_model_dir)
     calibrated = CompiledGraph.of_file(encoder.quantise_openvino_int8(tmp_path / XML, TEXTS), "int8")

@@ -32,7 +32,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from training.errors import InvalidInput
 from training.fingerprint import model_fingerprint
-from training.openvino_runtime import CompiledGraph, OpenVinoForward
+from training.openvino_runtime import FLOAT_PRECISION, CompiledGraph, OpenVinoForward, convert_transformer
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
 from training.token_prefix import token_prefixes
@@ -220,14 +220,24 @@ class BiEncoder:
         batches = [self._pad(token_ids[start : start + CALIBRATION_BATCH])
                    for start in range(0, len(token_ids), CALIBRATION_BATCH)]
         names = input_names(self.model)
-        return quantise(self.model, [feeds(names, *batch) for batch in batches], Path(path))
+        return quantise(self.openvino_graph(), [feeds(names, *batch) for batch in batches], Path(path))
 
     def compress_openvino_int8(self, path: str | Path) -> Path:
         """Write the transformer with int8 weights and dynamically quantised activations as OpenVINO IR at `path`
         (see `training.openvino_int8.compress`); needs no calibration texts."""
         from training.openvino_int8 import compress
 
-        return compress(self.model, Path(path))
+        return compress(self.openvino_graph(), Path(path))
+
+    def openvino_graph(self):
+        """The transformer as an uncompiled OpenVINO graph to quantise: a copy of the graph this encoder runs when it
+        runs its weights in fp32 or bf16 on OpenVINO (as an int8 build's fp32 reference does), else converted anew.
+
+        Converting traces the model, about a second for MiniLM; the copy shares the weights.
+        """
+        if isinstance(self.forward, OpenVinoForward) and self.forward.precision in FLOAT_PRECISION:
+            return self.forward.graph.source.clone()
+        return convert_transformer(self.model)
 
     def use_int8(self, path: str | Path) -> None:
         """Encode through the int8 model at `path` from now on; the torch weights stay for the fingerprint.

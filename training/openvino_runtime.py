@@ -108,12 +108,14 @@ class CompiledGraph:
     multi-threaded stream leaves partly serial (10% more documents/s on two cores). A
     single row runs on one stream. Runs are serialised (requests are not re-entrant),
     and outputs are copied out before the next run. Threads follow torch's setting
-    (`OMP_NUM_THREADS`), so one knob sizes both runtimes.
+    (`OMP_NUM_THREADS`), so one knob sizes both runtimes. The uncompiled graph stays as
+    `source` (sharing its weights), so an int8 build quantises it without converting again.
     """
 
     def __init__(self, graph, precision: ConcretePrecision, hint: str, activation_group: int = 0) -> None:
         ov = openvino_module()
         self.precision = precision
+        self.source = graph
         self.input_names = tuple(port.get_any_name() for port in graph.inputs)
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads(),
