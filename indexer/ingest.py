@@ -11,11 +11,11 @@ read is refused with its path and the reason.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from indexer.corpus_store import CorpusStore, Document, WriteResult
 from training.errors import InvalidInput
+from training.input_file import read_jsonl
 
 MAX_ID_LENGTH = 512
 
@@ -51,31 +51,6 @@ def parse_document(obj: object) -> Document:
     return Document(id=doc_id, title=title, text=text, metadata=metadata)
 
 
-def _parse_line(path: Path, number: int, raw: bytes) -> Document | None:
-    """The document on one line of `path` (None for a blank line); raises InvalidInput as `file:line: problem`.
-
-    Besides malformed JSON, `json.loads` refuses an integer longer than Python converts
-    (a ValueError) and nesting deeper than the recursion limit (a RecursionError).
-    """
-    try:
-        line = raw.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if not line:
-        return None
-    try:
-        return parse_document(json.loads(line))
-    except InvalidInput as exc:
-        raise InvalidInput(f"{path}:{number}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-    except RecursionError as exc:
-        raise InvalidInput(f"{path}:{number}: JSON nested too deeply to parse; flatten the document") from exc
-    except ValueError as exc:
-        raise InvalidInput(f"{path}:{number}: a number has more than {sys.get_int_max_str_digits()} digits; "
-                           "write long numbers, such as ids, as strings") from exc
-
-
 def read_corpus(path: str | Path) -> list[Document]:
     """Parse a JSONL corpus file; raises InvalidInput as `file:line: problem`, or `file: problem` if unreadable."""
     path = Path(path)
@@ -83,19 +58,11 @@ def read_corpus(path: str | Path) -> list[Document]:
         raise InvalidInput(f"{path}: no such file; pass a JSONL corpus such as BEIR's corpus.jsonl")
     documents: list[Document] = []
     first_line: dict[str, int] = {}
-    try:
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                doc = _parse_line(path, number, raw)
-                if doc is None:
-                    continue
-                if doc.id in first_line:
-                    raise InvalidInput(f"{path}:{number}: duplicate id {doc.id!r} (first at line {first_line[doc.id]})")
-                first_line[doc.id] = number
-                documents.append(doc)
-    except OSError as exc:
-        raise InvalidInput(f"{path}: cannot be read ({exc.strerror}); check the file's permissions and "
-                           "that it is a regular file") from exc
+    for number, doc in read_jsonl(path, parse_document):
+        if doc.id in first_line:
+            raise InvalidInput(f"{path}:{number}: duplicate id {doc.id!r} (first at line {first_line[doc.id]})")
+        first_line[doc.id] = number
+        documents.append(doc)
     if not documents:
         raise InvalidInput(f"{path}: the file holds no documents")
     return documents

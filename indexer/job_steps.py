@@ -529,13 +529,11 @@ def _readable(key: str, path: str) -> None:
 
 
 def _parse(key: str, path: str, parse: Callable) -> object:
-    """Parse an input file, turning unreadable or non-UTF-8 files into errors that name them."""
+    """Parse an input file; its errors, which name the file and line, are prefixed with the parameter."""
     try:
         return parse(path)
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{key}: {path} is not UTF-8 text ({exc.reason}); decompress or re-encode it") from exc
-    except OSError as exc:
-        raise InvalidInput(f"{key}: {path} cannot be read ({exc.strerror})") from exc
+    except InvalidInput as exc:
+        raise InvalidInput(f"{key}: {exc}") from exc
 
 
 def validate_params(kind: str, params: dict, dim: int | None = None) -> None:

@@ -2,8 +2,9 @@
 
 Training data may be paths the workers can read, or sent inline (pairs, queries,
 qrels); inline data is written to `<data_dir>/uploads/<id>/` in the same formats the
-file readers take, so a job's parameters are always paths and a rerun reads the
-same bytes. A job is only recorded once everything it names has been checked, and
+file readers take (JSON escapes any character UTF-8 cannot hold, so the reader
+refuses it with the line), so a job's parameters are always paths and a rerun reads
+the same bytes. A job is only recorded once everything it names has been checked, and
 if the queue cannot be reached the record says so instead of sitting queued forever.
 """
 
@@ -19,19 +20,20 @@ from indexer.job_steps import validate_params
 from indexer.job_store import FAILED, STEPS, Job, JobStore
 from indexer.training_roots import confine_paths
 from training.errors import InvalidInput, NotReady
+from training.utf8 import require_utf8
 
 Enqueue = Callable[[str, str], None]
 
 
 def _write_pairs(folder: Path, pairs: list) -> Path:
     path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in pairs), encoding="utf-8")
+    path.write_text("".join(json.dumps(item) + "\n" for item in pairs), encoding="utf-8")
     return path
 
 
 def _write_queries(folder: Path, queries: dict) -> Path:
     path = folder / "queries.jsonl"
-    lines = (json.dumps({"_id": query_id, "text": text}, ensure_ascii=False) + "\n" for query_id, text in queries.items())
+    lines = (json.dumps({"_id": query_id, "text": text}) + "\n" for query_id, text in queries.items())
     path.write_text("".join(lines), encoding="utf-8")
     return path
 
@@ -42,6 +44,11 @@ def _write_qrels(folder: Path, qrels: dict) -> Path:
     for query_id, judged in qrels.items():
         if not isinstance(judged, dict):
             raise InvalidInput(f"qrels[{query_id!r}] must map document ids to relevance grades")
+        for name in (query_id, *judged):
+            if any(separator in name for separator in "\t\r\n"):
+                raise InvalidInput(f"qrels id {name!r} holds a tab or a line break, which the qrels file cannot "
+                                   "hold; use ids without them")
+            require_utf8(name, f"qrels id {name!r}")
         rows.extend(f"{query_id}\t{doc_id}\t{grade}\n" for doc_id, grade in judged.items())
     path.write_text("".join(rows), encoding="utf-8")
     return path
@@ -86,13 +93,14 @@ def submit_job(
     if roots is not None:
         confine_paths(params, roots)
     uploads = data_dir / "uploads" / secrets.token_hex(8)
-    params = store_uploads(uploads, {key: value for key, value in params.items() if value is not None})
     try:
+        params = store_uploads(uploads, {key: value for key, value in params.items() if value is not None})
         validate_params(kind, params, dim)
-    except InvalidInput:
+        job = store.create(kind, params)
+    except BaseException:
         shutil.rmtree(uploads, ignore_errors=True)
         raise
-    return _enqueue_or_fail(store, enqueue, store.create(kind, params))
+    return _enqueue_or_fail(store, enqueue, job)
 
 
 def retry_job(store: JobStore, enqueue: Enqueue, job_id: str) -> Job:

@@ -31,6 +31,7 @@ from training.cross_encoder import CrossEncoder
 from training.errors import EmptyInput, IntegrityError, InvalidInput
 from training.precision import autocast
 from training.score_fusion import RerankPolicy, fuse
+from training.utf8 import require_utf8
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class LiveRelease:
         """Refuse a search this release cannot answer, before any encoding."""
         if not query.strip():
             raise EmptyInput("query is empty; send the text to search for")
+        require_utf8(query, "query")
         if rerank and self.reranker is None:
             raise InvalidInput(
                 f"release {self.release_id} has no cross-encoder to rerank with; send rerank=false "

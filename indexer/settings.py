@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.errors import InvalidInput
 from training.score_fusion import DEFAULT_RERANK_CANDIDATES, DEFAULT_RERANK_WEIGHT, RerankPolicy
 
 
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks for a new active release")
     keep_releases: int = Field(5, ge=1, description="Releases kept by `lockstep releases gc`")
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     broker_url: str | None = Field(
         None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; default: a SQLite broker in the data dir"
     )
@@ -97,6 +98,28 @@ class Settings(BaseSettings):
     def jobs_path(self) -> Path:
         return self.data_dir / "jobs.sqlite3"
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, **values: object) -> Settings:
+        """The settings from the environment, with `values` given in code taking precedence; InvalidInput naming
+        each bad value and its variable, where pydantic would raise a ValidationError."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+    def with_values(self, **values: object) -> Settings:
+        """These settings with `values` (a command's options; None leaves a setting as it is), validated as the
+        environment is: InvalidInput for a value out of range."""
+        try:
+            return type(self).model_validate(self.model_dump() | {k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
     def broker(self) -> str:
         """The Celery broker URL: `broker_url`, or a SQLite file in the data dir that needs no server."""
         if self.broker_url:
@@ -121,3 +144,12 @@ class Settings(BaseSettings):
         from training.default_model import DEFAULT_MODEL_NAME
 
         return None if self.model else DEFAULT_MODEL_NAME
+
+
+def _invalid(error: ValidationError) -> InvalidInput:
+    """One message for every bad setting: its name, the variable that sets it, what is wrong and the value given."""
+    problems = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"])
+        problems.append(f"{name} (LOCKSTEP_{name.upper()}): {problem['msg']}, got {problem.get('input')!r}")
+    return InvalidInput("invalid settings: " + "; ".join(problems))

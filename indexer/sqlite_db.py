@@ -2,7 +2,8 @@
 
 Used by the corpus store and the job store: both are read and written by the API
 and the workers at once, so every write takes the database lock up front
-(`BEGIN IMMEDIATE`) and waits up to `timeout` seconds for another writer. Commits are
+(`BEGIN IMMEDIATE`) and waits up to `timeout` seconds for another writer, then gives
+up with NotReady (HTTP 503: retry), having written nothing. Commits are
 synchronous (`synchronous=FULL`: the WAL is fsynced at each commit), so a write the API
 has acknowledged survives a power loss; with NORMAL the last commits could roll back
 while a release's fsynced manifest already records their change sequence, and writes
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from training.errors import NotReady
+
 
 class SqliteDb:
     """A thread-safe connection with a schema applied on open."""
@@ -25,6 +28,7 @@ class SqliteDb:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
+        self.timeout = timeout
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=timeout)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -43,7 +47,7 @@ class SqliteDb:
         left to roll back and the original error is the one raised.
         """
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._begin()
             try:
                 yield self.db
             except BaseException:
@@ -54,6 +58,18 @@ class SqliteDb:
             except sqlite3.Error:
                 self._rollback()
                 raise
+
+    def _begin(self) -> None:
+        """Take the write lock, or NotReady when another process held it for the whole timeout."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            raise NotReady(
+                f"{self.path.name} is locked by another writer (a large ingest, or another process's transaction) "
+                f"for longer than {self.timeout:g} s; nothing was written; retry when it finishes"
+            ) from exc
 
     def _rollback(self) -> None:
         if self.db.in_transaction:

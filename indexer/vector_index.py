@@ -17,6 +17,7 @@ exact; every other kind gets its recall measured when a release is built.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,14 @@ CODEBOOK_SIZE = 256
 TRAIN_SEED = 13
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
+# Sizes a factory string sets that allocate with the index, refused above these before FAISS allocates anything.
+# FAISS suggests 4*sqrt(N) to 16*sqrt(N) IVF lists for N vectors (2^20 serves billions), and HNSW links per vector
+# of 16 to 64 (each vector stores twice that many at its bottom level).
+FACTORY_LIMITS = (
+    (re.compile(r"IVF(\d+)"), 1 << 20, "IVF lists", "use about 4-16 times the square root of the corpus size"),
+    (re.compile(r"IMI2x(\d+)"), 10, "IMI bits per half", "use IVF with fewer lists"),
+    (re.compile(r"HNSW(\d+)"), 512, "HNSW links per vector", "use 16 to 64"),
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,17 @@ def check_vectors(vectors: object, dim: int, what: str = "vectors") -> np.ndarra
     return vectors
 
 
+def _check_sizes(factory: str) -> None:
+    """InvalidInput when `factory` asks for more lists or links than `FACTORY_LIMITS` allow."""
+    for pattern, limit, what, advice in FACTORY_LIMITS:
+        for match in pattern.finditer(factory):
+            if int(match.group(1)) > limit:
+                raise InvalidInput(f"index type {factory!r} asks for {match.group(1)} {what}, more than the {limit} "
+                                   f"Lockstep builds; {advice}")
+
+
 def _build_faiss(dim: int, factory: str) -> faiss.Index:
+    _check_sizes(factory)
     try:
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

@@ -62,7 +62,11 @@ def main(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    try:
+        settings = Settings.load(data_dir=data_dir) if data_dir else Settings.load()
+    except InvalidInput as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = settings
 
@@ -137,8 +141,7 @@ def build(
 ) -> None:
     """Re-embed the whole corpus into a new release."""
     requested = {"ef_search": ef_search, "nprobe": nprobe, "ef_construction": ef_construction}
-    overrides = {k: v for k, v in requested.items() if v is not None}
-    _build(_settings(ctx).model_copy(update=overrides), model, index_type, activate, reranker, precision, runtime,
+    _build(_settings(ctx).with_values(**requested), model, index_type, activate, reranker, precision, runtime,
            int8_activations)
 
 
@@ -190,14 +193,14 @@ def releases_delete(ctx: typer.Context, release_id: str) -> None:
 @_fail_cleanly
 def releases_gc(
     ctx: typer.Context,
-    keep: Annotated[Optional[int], typer.Option(help="Releases to keep")] = None,
+    keep: Annotated[Optional[int], typer.Option(min=1, help="Releases to keep (default $LOCKSTEP_KEEP_RELEASES or 5)")] = None,
     unused_for: Annotated[float, typer.Option(
         help="Seconds a model no release uses (or a build's leftovers) must have gone untouched before removal; "
              "builds in progress touch theirs, so 0 (free the space now) is safe only while no build runs")] = STALE_SECONDS,
 ) -> None:
     """Delete old releases (never the active one), and models no release uses once untouched for a day."""
     settings = _settings(ctx)
-    removed = ReleaseStore(settings.data_dir).gc(keep or settings.keep_releases, unused_for)
+    removed = ReleaseStore(settings.data_dir).gc(keep if keep is not None else settings.keep_releases, unused_for)
     typer.echo(f"removed {len(removed)} release(s): {' '.join(removed) or '-'}")
 
 
@@ -390,7 +393,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API over the active release."""
     settings = _settings(ctx)
-    _serve(settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}))
+    _serve(settings.with_values(host=host, port=port))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -432,7 +435,7 @@ def up(
     from indexer.ingest import ingest_file
 
     settings = _settings(ctx)
-    settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    settings = settings.with_values(host=host, port=port)
     store = CorpusStore(settings.corpus_path)
     changed = False
     if corpus is not None:

@@ -45,6 +45,8 @@ def test_ingest_build_search_releases_eval(tmp_path, tiny_model_dir):
     hits = run(data, "search", "Fruit apple banana cherry", "-k", "2")
     assert hits.exit_code == 0 and f"release {first}" in hits.output
     assert hits.output.splitlines()[1].split()[2] == "d3"
+    undecodable = run(data, "search", "pear \udcff")
+    assert undecodable.exit_code == 1 and "query holds '\\udcff', a lone surrogate" in undecodable.output
 
     queries = tmp_path / "queries.jsonl"
     queries.write_text('{"_id": "q1", "text": "Fruit apple banana cherry"}\n{"_id": "q2", "text": "Fox the quick brown fox jumps"}\n')
@@ -87,6 +89,33 @@ def test_malformed_ingest_prints_file_and_line_and_commits_nothing(tmp_path):
 def test_errors_are_one_clear_line(tmp_path, args, message):
     result = run(tmp_path / "data", *args)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"LOCKSTEP_LOG_LEVEL": "verbose"}, ["releases", "list"], "log_level (LOCKSTEP_LOG_LEVEL): Input should be 'debug'"),
+        ({"LOCKSTEP_BATCH_SIZE": "0"}, ["releases", "list"], "batch_size (LOCKSTEP_BATCH_SIZE): Input should be greater than"),
+        ({}, ["serve", "--port", "70000"], "port (LOCKSTEP_PORT): Input should be less than or equal to 65535, got 70000"),
+        ({}, ["build", "--ef-search", "100000"], "ef_search (LOCKSTEP_EF_SEARCH): Input should be less than or equal to"),
+    ],
+)
+def test_bad_settings_and_options_are_one_clear_line(tmp_path, env, args, message):
+    """Guards against a bad setting crashing the CLI with a traceback before any command runs, and against an
+    option that skips the checks its setting has."""
+    result = runner.invoke(app, ["--data-dir", str(tmp_path / "data"), *args], env=env)
+    assert result.exit_code == 1 and f"error: invalid settings: {message}" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_upper_case_log_level_is_accepted(tmp_path):
+    result = runner.invoke(app, ["--data-dir", str(tmp_path / "data"), "releases", "list"], env={"LOCKSTEP_LOG_LEVEL": "WARNING"})
+    assert result.exit_code == 0, result.output
+
+
+def test_gc_keeps_at_least_one_release(tmp_path):
+    result = run(tmp_path / "data", "releases", "gc", "--keep", "0")
+    assert result.exit_code == 2 and "greater than or equal to 1" in result.output
 
 
 def test_train_and_report_commands(tmp_path, tiny_model_dir):

@@ -1,10 +1,13 @@
 """The corpus store: upserts, deletes, the change sequence and catch-up reads."""
 
+import sqlite3
+
 import pytest
 
 from indexer.corpus_store import CorpusStore, Document
 from indexer.job_store import JobStore
-from training.errors import NotFound
+from indexer.sqlite_db import SqliteDb
+from training.errors import NotFound, NotReady
 from tests.conftest import SAMPLE_DOCS
 
 
@@ -79,3 +82,17 @@ def test_every_commit_is_synced_to_disk(corpus, data_dir):
             assert db.query("PRAGMA journal_mode")[0][0] == "wal"
     finally:
         jobs.close()
+
+
+def test_a_write_waiting_out_another_writer_is_not_ready_and_writes_nothing(tmp_path):
+    """Guards against SQLite's "database is locked" reaching the API as a 500 when a long ingest holds the lock."""
+    db = SqliteDb(tmp_path / "x.sqlite3", "CREATE TABLE IF NOT EXISTS t (v INTEGER);", timeout=0.2)
+    other = sqlite3.connect(tmp_path / "x.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(NotReady, match=r"x\.sqlite3 is locked by another writer .* longer than 0\.2 s; nothing was written"):
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+    other.execute("COMMIT")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert [row[0] for row in db.query("SELECT v FROM t")] == [2]

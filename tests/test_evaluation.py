@@ -100,3 +100,31 @@ def test_bad_eval_files_name_the_line(tmp_path):
     queries.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2"}\n')
     with pytest.raises(InvalidInput, match=r"queries\.jsonl:2: "):
         load_queries(queries)
+
+
+@pytest.mark.parametrize("score", ["inf", "1e999", "nan", "-inf"])
+def test_qrels_relevance_that_is_not_a_finite_number_names_the_line(tmp_path, score):
+    """Guards against int(float('inf')) raising OverflowError past the file:line handling."""
+    qrels = tmp_path / "q.tsv"
+    qrels.write_text(f"1\tA\t1\n1\tB\t{score}\n")
+    with pytest.raises(InvalidInput, match=rf"q\.tsv:2: relevance '{score}' is not a finite number"):
+        load_qrels(qrels)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"_id": "1", "text": "caf\xe9"}\n', r"queries\.jsonl:1: not valid UTF-8"),
+        (b'{"_id": "1", "text": "a \\ud800"}\n', r"queries\.jsonl:1: the query's text holds '\\ud800'"),
+        (b'{"_id": ' + b"7" * 5000 + b', "text": "a"}\n', r"queries\.jsonl:1: a number has more than"),
+    ],
+)
+def test_bad_queries_lines_name_the_file_and_line(tmp_path, content, message):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_bytes(content)
+    with pytest.raises(InvalidInput, match=message):
+        load_queries(queries)
+    qrels = tmp_path / "q.tsv"
+    qrels.write_bytes(b"1\tA\t1\n1\tB\xff\t1\n")
+    with pytest.raises(InvalidInput, match=r"q\.tsv:2: not valid UTF-8"):
+        load_qrels(qrels)

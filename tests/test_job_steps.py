@@ -284,7 +284,7 @@ def test_unreadable_inputs_and_bad_index_types_are_refused_and_uploads_removed(s
     settings, _, _, store, files, _ = setup
     packed = tmp_path / "qrels.tsv.gz"
     packed.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
-    with pytest.raises(InvalidInput, match="is not UTF-8 text"):
+    with pytest.raises(InvalidInput, match=r"qrels: .*qrels\.tsv\.gz:1: not valid UTF-8 .*; re-encode the file as UTF-8, or decompress"):
         submit_job(store, lambda *_: None, settings.data_dir, "retrain", {"queries": files["queries"], "qrels": str(packed)})
     with pytest.raises(InvalidInput, match="not a valid FAISS factory string"):
         submit_job(store, lambda *_: None, settings.data_dir, "reembed", {"index_type": "HNSW-fast"}, dim=32)
@@ -293,6 +293,15 @@ def test_unreadable_inputs_and_bad_index_types_are_refused_and_uploads_removed(s
                    {"dev_queries": files["queries"], "dev_qrels": str(packed)})
     with pytest.raises(InvalidInput, match="positive"):
         submit_job(store, lambda *_: None, settings.data_dir, "retrain", {"pairs": [{"query": "q"}]})
+    bad_uploads = [
+        ({"pairs": [{"query": "q", "positive": "p", "negatives": ["n"], "negative_ids": 5}]}, r"pairs\.jsonl:1: .*one id per negative"),
+        ({"pairs": [{"query": "q", "positive": "p \ud800"}]}, r"pairs\.jsonl:1: positive holds '\\ud800'"),
+        ({"queries": {"q1": "text"}, "qrels": {"q1": {"d\t1": 1}}}, r"qrels id 'd\\t1' holds a tab"),
+        ({"queries": {"q1": "text"}, "qrels": {"q\udc00": {"d1": 1}}}, r"qrels id '\\udc00'|lone surrogate"),
+    ]
+    for params, message in bad_uploads:
+        with pytest.raises(InvalidInput, match=message):
+            submit_job(store, lambda *_: None, settings.data_dir, "retrain", params)
     assert not any((settings.data_dir / "uploads").glob("*")) and store.list() == []
 
 

@@ -49,10 +49,12 @@ def test_search_answers_from_the_active_release(client, built):
         ({"query": "x", "unknown": 1}, 422, "unknown: Extra inputs"),
         ({"query": "x", "rerank": True}, 422, "no cross-encoder"),
         ({"query": "x", "rerank": True, "rerank_weight": 1.5}, 422, "rerank_weight: Input should be less than or equal to 1"),
+        ('{"query": "pear \\ud800 tart"}', 422, "query: Input should be a valid string, unable to parse raw data"),
     ],
 )
 def test_bad_search_input_is_a_4xx_that_says_what_to_fix(client, payload, status, fragment):
-    response = client.post("/v1/search", json=payload)
+    body = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, str) else {"json": payload}
+    response = client.post("/v1/search", **body)
     assert response.status_code == status
     body = response.json()
     assert set(body) == {"error", "error_type"} and fragment in body["error"]
@@ -88,6 +90,15 @@ def test_embeddings_are_openai_compatible_and_match_the_release_model(client, bu
 def test_bad_embedding_input(client, payload, status):
     response = client.post("/v1/embeddings", json=payload)
     assert response.status_code == status and response.json()["error"]
+
+
+def test_a_lone_surrogate_in_one_embedding_input_is_a_422_naming_it(client, built):
+    """Guards against the tokenizer's TypeError on text UTF-8 cannot hold surfacing as a 500."""
+    response = client.post("/v1/embeddings", content='{"input": ["apple", "fox \\udc80"]}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "input 1 holds '\\udc80', a lone surrogate" in response.json()["error"]
+    assert client.post("/v1/embeddings", json={"input": ["apple"]}).status_code == 200
 
 
 def test_document_writes_reach_the_live_index(client, built):

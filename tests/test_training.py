@@ -1,6 +1,7 @@
 """Training end to end on a tiny model: stages, gates, early stopping, collapse abort, checkpoints."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from training.errors import InvalidInput
 from training.fine_tune import TrainingData, fine_tune
 from training.losses import Candidate
 from training.metrics_log import read_log
-from training.recipe import load_recipe, parse_recipe
+from training.recipe import load_recipe, parse_recipe, parse_recipe_text
 from training.trainer import TrainingAborted
 from tests.training_data import synthetic_task
 
@@ -132,6 +133,38 @@ def test_pairs_and_triplets_files(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"query": "q", "positive": "p", "negatives": ["n"], "negative_ids": 5}', "must be a list with one id per negative"),
+        ('{"query": "q", "positive": "p", "negatives": ["n"], "negative_ids": ["a", "b"]}', "one id per negative"),
+        ('{"query": "q \\ud800", "positive": "p"}', "query holds '\\ud800', a lone surrogate"),
+        ('{"query": "q", "positive": "p", "negatives": ["ok", "\\udfff"]}', "negative 1 holds '\\udfff'"),
+        ('{"query": "q", "positive": "p", "query_id": ' + "9" * 5000 + "}", "more than 4300 digits"),
+        ('{"query": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+    ],
+)
+def test_bad_pairs_lines_name_the_file_and_line(tmp_path, line, message):
+    """Guards against tracebacks (TypeError, ValueError, RecursionError) from a bad line instead of `file:line`."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "q", "positive": "p"}\n\n' + line + "\n")
+    with pytest.raises(InvalidInput, match=r"pairs\.jsonl:3: ") as raised:
+        load_pairs(path)
+    assert message in str(raised.value)
+
+
+def test_pairs_that_are_not_utf8_or_unreadable_name_the_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "caf\xe9", "positive": "p"}\n')
+    with pytest.raises(InvalidInput, match=r"pairs\.jsonl:2: not valid UTF-8"):
+        load_pairs(path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("this user reads files whatever their permissions (root)")
+    with pytest.raises(InvalidInput, match=r"pairs\.jsonl: cannot be read"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize(
     ("stage", "message"),
     [
         ({"loss": "nope"}, "loss must be one of"),
@@ -139,16 +172,37 @@ def test_pairs_and_triplets_files(tmp_path):
         ({"temperature": 0}, "temperature must be a positive"),
         ({"hard_negatives": 21, "negatives": "mined"}, "between 0 and 20"),
         ({"typo_field": 1}, "unknown settings ['typo_field']"),
-        ({"epochs": 1e9}, "epochs must be an integer from 1 to 1000"),
+        ({"epochs": 1e9}, "epochs must be an integer, got 1000000000.0"),
+        ({"epochs": 10**9}, "epochs must be an integer from 1 to 1000"),
         ({"batch_size": 10**8}, "batch_size must be an integer from 2 to 65536"),
         ({"batch_size": 8, "mini_batch_size": 16}, "mini_batch_size must be at most batch_size (8)"),
         ({"negatives": "mined", "hard_negatives": 1, "mine_window_end": 10**6}, "mine_window_end at most 10000"),
+        ({"hard_negatives": "1", "negatives": "mined"}, "hard_negatives must be an integer, got '1'"),
+        ({"symmetric": 1}, "symmetric must be true or false, got 1"),
+        ({"teacher_mask_threshold": "0.1"}, "teacher_mask_threshold must be a number or unset, got '0.1'"),
+        ({"negatives": 3}, "negatives must be one of 'in_batch', 'given', 'mined', 'teacher', got 3"),
     ],
 )
 def test_bad_recipes_are_refused_with_the_field(stage, message):
     with pytest.raises(InvalidInput) as raised:
         _recipe({"name": "s", **stage})
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('stage = [1]', "each [[stage]] must be a table, got 1"),
+        ('[run]\ndev_fraction = "x"\n[[stage]]\nname = "s"', "[run]: dev_fraction must be a number, got 'x'"),
+        ('[teacher]\nepochs = 1.5\n[[stage]]\nname = "s"', "[teacher]: epochs must be an integer, got 1.5"),
+        ('[diagnostics]\ncollapse_patience = "2"\n[[stage]]\nname = "s"', "collapse_patience must be an integer"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_refused_with_the_section(toml, message):
+    """Guards against TOML values of the wrong type reaching the checks as a TypeError (a 500 over HTTP)."""
+    with pytest.raises(InvalidInput) as raised:
+        parse_recipe_text(toml, "r.toml")
+    assert str(raised.value).startswith("r.toml: ") and message in str(raised.value)
 
 
 def test_shipped_default_recipe_parses():

@@ -141,6 +141,19 @@ def test_invalid_factory_and_untrainable_ivf():
         VectorIndex(DIM, "IVF64,Flat").train(unit(2))
 
 
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [("IVF2000000000,Flat", "2000000000 IVF lists"), ("IVF64_HNSW100000,Flat", "100000 HNSW links"),
+     ("HNSW4096", "4096 HNSW links"), ("IMI2x12,PQ8", "12 IMI bits")],
+)
+def test_factory_sizes_that_would_allocate_gigabytes_are_refused_before_faiss(factory, message):
+    """Guards against an index type whose construction alone allocates more than the machine has (an IVF list
+    costs tens of bytes before any vector is added)."""
+    with pytest.raises(InvalidInput, match=f"asks for {message}"):
+        VectorIndex(DIM, factory)
+    assert VectorIndex(DIM, "IVF4096_HNSW32,Flat").factory == "IVF4096_HNSW32,Flat"
+
+
 @pytest.mark.parametrize(("factory", "exact"), [("Flat", True), ("HNSW32", False), ("IVF4,Flat", False),
                                                  ("SQ8", False), ("PQ4x4", False), ("HNSW16,SQ8", False)])
 def test_only_flat_is_exact(factory, exact):

@@ -6,11 +6,12 @@ order, so the same seed always holds out the same queries.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from training.errors import InvalidInput
+from training.input_file import read_jsonl, read_lines
+from training.utf8 import require_utf8
 
 
 def load_queries(path: str | Path) -> dict[str, str]:
@@ -18,21 +19,16 @@ def load_queries(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file; pass a queries JSONL file such as BEIR's queries.jsonl")
-    queries: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            query_id = obj.get("_id", obj.get("id")) if isinstance(obj, dict) else None
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if query_id is None or not isinstance(text, str) or not text.strip():
-                raise InvalidInput(f'{path}:{number}: a query needs an "_id" (or "id") and a non-empty "text"')
-            queries[str(query_id)] = text
-    return queries
+    return dict(query for _, query in read_jsonl(path, _query))
+
+
+def _query(obj: object) -> tuple[str, str]:
+    """`(query id, text)` from one queries line."""
+    query_id = obj.get("_id", obj.get("id")) if isinstance(obj, dict) else None
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if query_id is None or not isinstance(text, str) or not text.strip():
+        raise InvalidInput('a query needs an "_id" (or "id") and a non-empty "text"')
+    return str(query_id), require_utf8(text, "the query's text")
 
 
 def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
@@ -41,24 +37,20 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file; pass a qrels file such as BEIR's qrels/train.tsv")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if number == 1 and fields[0].lower() in {"query-id", "query_id", "qid"}:
-                continue
-            if len(fields) == 4:
-                fields = [fields[0], fields[2], fields[3]]
-            if len(fields) != 3:
-                raise InvalidInput(f"{path}:{number}: expected `query-id<TAB>corpus-id<TAB>score`, got {len(fields)} fields")
-            query_id, doc_id, score = fields
-            try:
-                relevance = int(float(score))
-            except ValueError as exc:
-                raise InvalidInput(f"{path}:{number}: relevance {score!r} is not a number") from exc
-            qrels.setdefault(query_id, {})[doc_id] = relevance
+    for number, line in read_lines(path):
+        fields = line.split("\t") if "\t" in line else line.split()
+        if number == 1 and fields[0].lower() in {"query-id", "query_id", "qid"}:
+            continue
+        if len(fields) == 4:
+            fields = [fields[0], fields[2], fields[3]]
+        if len(fields) != 3:
+            raise InvalidInput(f"{path}:{number}: expected `query-id<TAB>corpus-id<TAB>score`, got {len(fields)} fields")
+        query_id, doc_id, score = fields
+        try:
+            relevance = int(float(score))
+        except (ValueError, OverflowError) as exc:
+            raise InvalidInput(f"{path}:{number}: relevance {score!r} is not a finite number") from exc
+        qrels.setdefault(query_id, {})[doc_id] = relevance
     if not qrels:
         raise InvalidInput(f"{path}: the file holds no judgements")
     return qrels

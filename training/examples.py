@@ -12,13 +12,14 @@ negatives a file gives are trained on by stages with `negatives = "given"`.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from training.errors import InvalidInput
+from training.input_file import read_jsonl
 from training.losses.false_negatives import Candidate
+from training.utf8 import require_utf8
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,11 @@ def _parse_line(obj: object) -> TrainingExample:
     negatives = obj.get("negatives", [obj["negative"]] if "negative" in obj else [])
     if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
         raise InvalidInput('"negatives" must be a list of non-empty strings')
+    for what, text in (("query", query), ("positive", positive), *((f"negative {i}", n) for i, n in enumerate(negatives))):
+        require_utf8(text, what)
     negative_ids = obj.get("negative_ids") or [_text_id(n) for n in negatives]
-    if len(negative_ids) != len(negatives):
-        raise InvalidInput('"negative_ids" must have one id per negative')
+    if not isinstance(negative_ids, list) or len(negative_ids) != len(negatives):
+        raise InvalidInput('"negative_ids" must be a list with one id per negative')
     return TrainingExample(
         query_id=str(obj.get("query_id") or _text_id(query)),
         query=query,
@@ -76,17 +79,7 @@ def load_pairs(path: str | Path) -> list[TrainingExample]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file; pass a JSONL file of query/positive pairs")
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(_parse_line(json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            except InvalidInput as exc:
-                raise InvalidInput(f"{path}:{number}: {exc}") from exc
+    examples = [example for _, example in read_jsonl(path, _parse_line)]
     if not examples:
         raise InvalidInput(f"{path}: the file holds no training pairs")
     return examples

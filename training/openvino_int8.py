@@ -12,7 +12,7 @@ CPU it gains little over bf16 and loses accuracy. Two better ways run on OpenVIN
 - `compress` (dynamic): only the weights are stored in int8 (per output channel), and
   OpenVINO quantises each token's activations at run time in groups of
   `ACTIVATION_GROUP` values before the int8 products. No calibration, so it costs a
-  build 2 s instead of 15, and fine-grained ranges keep it near fp32 (mean cosine
+  build under a second instead of 15 s, and fine-grained ranges keep it near fp32 (mean cosine
   0.999 for MiniLM), at a speed between bf16 and calibrated int8. This is the
   scheme of Hugging Face Optimum's `OVDynamicQuantizationConfig`.
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from training.diagnostics import Thresholds
 from training.errors import InvalidInput
 from training.stage import StageConfig
+from training.typed_fields import check_field_types
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "default.toml"
@@ -79,10 +80,8 @@ def _section(cls, data: object, where: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidInput(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise InvalidInput(f"{where}: {exc}") from exc
+    check_field_types(cls, data, where)
+    return cls(**data)
 
 
 def parse_recipe(data: dict, source: str = "<recipe>") -> Recipe:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from training.errors import InvalidInput
+from training.typed_fields import check_field_types
 
 LossName = Literal["infonce", "triplet", "margin_mse", "kl"]
 NegativeSource = Literal["in_batch", "given", "mined", "teacher"]
@@ -115,9 +116,15 @@ class StageConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> StageConfig:
+    def from_dict(cls, data: object) -> StageConfig:
+        """A stage from its parsed table; InvalidInput naming the stage for an unknown setting or a value of the
+        wrong type, before the checks of `__post_init__`."""
+        if not isinstance(data, dict):
+            raise InvalidInput(f"each [[stage]] must be a table, got {data!r}")
+        where = f"stage {data.get('name', '?')!r}"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InvalidInput(f"stage {data.get('name', '?')!r}: unknown settings {unknown}; known: {sorted(known)}")
+            raise InvalidInput(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
+        check_field_types(cls, data, where)
         return cls(**data)

@@ -6,8 +6,16 @@ from fastapi import APIRouter
 
 from service.deps import LiveDep, StateDep
 from service.http_errors import ERROR_RESPONSES
-from service.schemas import MAX_EMBEDDING_INPUTS, MAX_QUERY_CHARS, EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, Usage
+from service.schemas import (
+    MAX_EMBEDDING_INPUTS,
+    MAX_QUERY_CHARS,
+    EmbeddingItem,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    Usage,
+)
 from training.errors import EmptyInput, InvalidInput
+from training.utf8 import require_utf8
 
 router = APIRouter(tags=["embeddings"])
 
@@ -21,6 +29,7 @@ def _texts(body: EmbeddingsRequest) -> list[str]:
     for position, text in enumerate(texts):
         if len(text) > MAX_QUERY_CHARS:
             raise InvalidInput(f"input {position} has {len(text)} characters; the limit is {MAX_QUERY_CHARS}")
+        require_utf8(text, f"input {position}")
     return texts
 
 
