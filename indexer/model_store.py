@@ -2,7 +2,8 @@
 
 A model is stored by loading it, saving it in sentence-transformers' layout, and
 re-loading the saved copy to fingerprint it, so the fingerprint in a manifest is the
-fingerprint of exactly the files that will be served. Loading verifies it again.
+fingerprint of exactly the files that will be served; a copy already stored intact is
+re-loaded instead of written again. Loading verifies it again.
 Storing or reusing a model touches its folder: a build stores its model long before it
 publishes the release that references it, and `releases gc` spares an unreferenced
 model folder touched within `STALE_SECONDS`.
@@ -10,6 +11,7 @@ model folder touched within `STALE_SECONDS`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 from pathlib import Path
@@ -21,6 +23,8 @@ from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, NotFound
 from training.pooling import Pooling
+
+log = logging.getLogger(__name__)
 
 
 def _folder_name(fingerprint: str) -> str:
@@ -72,6 +76,7 @@ class ModelStore:
             document_max_length=document_max_length,
         )
         stored, folder = self._store(original, lambda path: BiEncoder.load(path, device=device))
+        stored.name = original.name  # a display name, outside the fingerprint: this build's, not the stored copy's
         return stored, model_ref(stored, f"models/{folder.name}")
 
     def put_reranker(self, source: str | Path, *, max_length: int | None = None) -> tuple[CrossEncoder, RerankerRef]:
@@ -94,13 +99,27 @@ class ModelStore:
         return reranker
 
     def _store(self, original, load):
-        """Save `original` to staging, re-load the saved copy with `load`, and move it to `models/<fingerprint>`
-        unless that folder exists; returns the re-loaded copy and its folder, touched."""
+        """`original` as stored in `models/<fingerprint>`, re-loaded with `load`, and its folder, touched.
+
+        A folder that already holds these weights intact is reused without writing the
+        model again (a repeated `lockstep build --model PATH`). Otherwise the model is saved
+        to staging and re-loaded there, and moved into place unless an intact copy exists;
+        a damaged copy (files edited or truncated) is replaced.
+        """
+        folder = self.models_dir / _folder_name(original.fingerprint)
+        stored = _intact(folder, original.fingerprint, load)
+        if stored is not None:
+            touch(folder)
+            return stored, folder
         staging = self.models_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
         try:
             original.save(staging)
             stored = load(staging)
             folder = self.models_dir / _folder_name(stored.fingerprint)
+            if folder.exists() and _intact(folder, stored.fingerprint, load) is None:
+                damaged = self.models_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+                folder.rename(damaged)
+                shutil.rmtree(damaged, ignore_errors=True)
             if not folder.exists():
                 fsync_tree(staging)
                 staging.rename(folder)
@@ -123,3 +142,19 @@ class ModelStore:
                 "Rebuild the release (`lockstep build --activate`) or restore the original model files"
             )
         return encoder
+
+
+def _intact(folder: Path, fingerprint: str, load):
+    """The model in `folder` loaded with `load` if it hashes to `fingerprint`; None if the folder is missing, or
+    damaged (logged: it is replaced)."""
+    if not folder.is_dir():
+        return None
+    try:
+        model = load(folder)
+    except Exception as exc:  # a damaged folder fails to load in many ways (safetensors, JSON, tokenizer files)
+        log.warning("stored model %s cannot be loaded (%s: %s); storing it again", folder, type(exc).__name__, exc)
+        return None
+    if model.fingerprint != fingerprint:
+        log.warning("stored model %s no longer hashes to its name (files changed); storing it again", folder)
+        return None
+    return model

@@ -1,5 +1,6 @@
 """Releases: build, list, activate, roll back, delete, gc; integrity checks; interrupted builds."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -65,6 +66,28 @@ def test_model_is_stored_once_by_content(corpus, releases, tiny_model_dir, other
     third = _build(corpus, releases, other_model_dir)
     assert first.model.path == second.model.path != third.model.path
     assert len(list((releases.data_dir / "models").iterdir())) == 2
+
+
+def test_a_stored_model_is_reused_without_writing_it_again_and_a_damaged_copy_is_replaced(releases, tiny_model_dir, monkeypatch):
+    """Guards against every build from an outside folder writing the whole model again, and against a release
+    being built on a stored copy whose files no longer hash to its name (it would be refused when served)."""
+    store = ModelStore(releases.data_dir)
+    first, ref = store.put(tiny_model_dir)
+    folder = releases.data_dir / ref.path
+    weights = folder / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    saves = []
+    original_save = BiEncoder.save
+    monkeypatch.setattr(BiEncoder, "save", lambda self, out: saves.append(out) or original_save(self, out))
+    again, same = store.put(tiny_model_dir, name="renamed")
+    assert same == dataclasses.replace(ref, name="renamed")
+    assert saves == [] and weights.stat().st_mtime_ns == written and again.name == "renamed"
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"layer_norm_eps": 1e-12', '"layer_norm_eps": 1e-05'))
+    repaired, fixed = store.put(tiny_model_dir)
+    assert len(saves) == 1 and fixed.path == ref.path and repaired.fingerprint == ref.fingerprint
+    assert store.load(ref).fingerprint == ref.fingerprint, "the damaged copy should have been replaced"
+    assert sorted(p.name for p in (releases.data_dir / "models").iterdir()) == [folder.name]
 
 
 def test_activate_rollback_and_history(corpus, releases, tiny_model_dir):
