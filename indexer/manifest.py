@@ -23,6 +23,7 @@ import numpy as np
 
 from indexer.recall_check import RecallCheck
 from training.errors import InvalidInput
+from training.typed_fields import check_field_types
 
 MANIFEST_FILE = "manifest.json"
 INT8_MODEL_FILE = "encoder.int8.onnx"
@@ -129,19 +130,21 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
+    def from_dict(cls, data: object) -> Manifest:
+        """The manifest in parsed JSON; InvalidInput (or TypeError for a missing or unknown field) naming a value of
+        the wrong type, so a hand-edited manifest is refused when read rather than failing where a value is used."""
+        if not isinstance(data, dict):
+            raise InvalidInput(f"a manifest is a JSON object, got {type(data).__name__}")
         data = dict(data)
-        data["model"] = ModelRef(**data["model"])
-        data["document_norms"] = NormStats(**data["document_norms"])
-        if data.get("reranker") is not None:
-            data["reranker"] = RerankerRef(**data["reranker"])
-        if data.get("int8_agreement") is not None:
-            data["int8_agreement"] = Int8Agreement(**data["int8_agreement"])
+        for key, part in (("model", ModelRef), ("document_norms", NormStats), ("reranker", RerankerRef),
+                          ("int8_agreement", Int8Agreement), ("recall", RecallCheck)):
+            if isinstance(data.get(key), dict):
+                check_field_types(part, data[key], key)
+                data[key] = part(**data[key])
         data.setdefault("runtime", "onnxruntime" if data.get("precision") == "int8" else "torch")
         if data.get("precision") == "int8":
             data.setdefault("int8_activations", "calibrated" if data["runtime"] == "openvino" else "dynamic")
-        if data.get("recall") is not None:
-            data["recall"] = RecallCheck(**data["recall"])
+        check_field_types(cls, data, "manifest")
         return cls(**data)
 
     @classmethod

@@ -312,7 +312,7 @@ def test_activating_a_damaged_release_is_refused_and_the_pointer_kept(corpus, re
     assert releases.pointer() == before and releases.active() == good
 
 
-@pytest.mark.parametrize("damage", ["manifest", "model", "missing file"])
+@pytest.mark.parametrize("damage", ["manifest", "manifest types", "model", "missing file"])
 def test_activate_checks_the_manifest_files_and_model_folder(corpus, releases, tiny_model_dir, other_model_dir, damage):
     corpus.upsert(SAMPLE_DOCS)
     good = _build(corpus, releases, tiny_model_dir, activate=True).release_id
@@ -321,6 +321,11 @@ def test_activate_checks_the_manifest_files_and_model_folder(corpus, releases, t
     if damage == "manifest":
         (folder / "manifest.json").write_text("{not json")
         message = r"manifest\.json cannot be read"
+    elif damage == "manifest types":
+        edited = json.loads((folder / "manifest.json").read_text())
+        edited["model"]["document_max_length"] = "256"
+        (folder / "manifest.json").write_text(json.dumps(edited))
+        message = r"manifest\.json cannot be read \(InvalidInput: model: document_max_length must be an integer, got '256'\)"
     elif damage == "model":
         shutil.rmtree(releases.data_dir / other.model.path)
         message = f"model folder {other.model.path} is missing"

@@ -1,9 +1,10 @@
-"""Checking a settings table (a parsed TOML section) against a dataclass's field types before building it.
+"""Checking parsed data (a TOML section, a JSON object) against a dataclass's field types before building it.
 
-TOML values keep their types (`hard_negatives = "1"` is a string), and a dataclass does
-not check them, so a wrong type would surface later as a TypeError deep in validation
-or training. This checks the plain types recipes use: bool, int, float (an int is
-accepted), str, Literal choices and optional (`| None`) fields.
+TOML and JSON values keep their types (`hard_negatives = "1"` is a string), and a
+dataclass does not check them, so a wrong type would surface later as a TypeError deep
+in validation or training. This checks the plain types recipes and manifests use: bool,
+int, float (an int is accepted), str, Literal choices, optional (`| None`) fields,
+nested dataclasses and containers (the container only, not its items).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _matches(value: object, hint: object) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True
@@ -49,5 +52,8 @@ def _describe(hint: object) -> str:
         return " or ".join(_describe(option) for option in get_args(hint))
     if hint is type(None):
         return "unset"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if origin is not None:
+        hint = origin
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+             list: "a list"}
     return names.get(hint) or getattr(hint, "__name__", str(hint))
