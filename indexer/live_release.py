@@ -128,19 +128,27 @@ class LiveRelease:
         return cls(manifest, encoder, index, batch_size, reranker, rerank_policy)
 
     def catch_up(self, corpus: CorpusStore) -> int:
-        """Apply corpus writes made after this release's sequence; returns how many were applied."""
+        """Apply corpus writes made after this release's sequence; returns how many were applied.
+
+        The documents are encoded one batch per hold of the query-encoding lock, so a
+        backlog (a large `lockstep ingest`, another replica's writes) delays a search by
+        at most one batch, not by the whole backlog. Each change holds a document's
+        latest state, so applying them in batches leaves no document half-updated.
+        """
         with self._catch_up_lock:
             changes = corpus.changes_since(self.applied_seq)
             if not changes:
                 return 0
             upserts = [c.document for c in changes if c.document is not None]
             deletes = [c.doc_id for c in changes if c.document is None]
-            if upserts:
+            for start in range(0, len(upserts), self.batch_size):
+                batch = upserts[start : start + self.batch_size]
                 with self._encode_lock:
                     vectors = self.encoder.encode(
-                        [doc.embedding_text() for doc in upserts], "document", batch_size=self.batch_size
+                        [doc.embedding_text() for doc in batch], "document", batch_size=self.batch_size,
+                        show_progress=False,
                     )
-                self.index.add([doc.id for doc in upserts], vectors)
+                self.index.add([doc.id for doc in batch], vectors)
             self.index.remove(deletes)
             self.applied_seq = changes[-1].seq
             log.info("release %s caught up %d corpus writes (seq %d)", self.release_id, len(changes), self.applied_seq)

@@ -3,7 +3,7 @@
 Used by the corpus store and the job store: both are read and written by the API
 and the workers at once, so every write takes the database lock up front
 (`BEGIN IMMEDIATE`) and waits up to `timeout` seconds for another writer, then gives
-up with NotReady (HTTP 503: retry), having written nothing. Commits are
+up with Busy (HTTP 503: retry), having written nothing. Commits are
 synchronous (`synchronous=FULL`: the WAL is fsynced at each commit), so a write the API
 has acknowledged survives a power loss; with NORMAL the last commits could roll back
 while a release's fsynced manifest already records their change sequence, and writes
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from training.errors import NotReady
+from training.errors import Busy
 
 
 class SqliteDb:
@@ -60,13 +60,13 @@ class SqliteDb:
                 raise
 
     def _begin(self) -> None:
-        """Take the write lock, or NotReady when another process held it for the whole timeout."""
+        """Take the write lock, or Busy (NotReady) when another process held it for the whole timeout."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise
-            raise NotReady(
+            raise Busy(
                 f"{self.path.name} is locked by another writer (a large ingest, or another process's transaction) "
                 f"for longer than {self.timeout:g} s; nothing was written; retry when it finishes"
             ) from exc

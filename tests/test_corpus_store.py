@@ -7,6 +7,7 @@ import pytest
 from indexer.corpus_store import CorpusStore, Document
 from indexer.job_store import JobStore
 from indexer.sqlite_db import SqliteDb
+from workers.tasks import RETRY
 from training.errors import NotFound, NotReady
 from tests.conftest import SAMPLE_DOCS
 
@@ -89,9 +90,10 @@ def test_a_write_waiting_out_another_writer_is_not_ready_and_writes_nothing(tmp_
     db = SqliteDb(tmp_path / "x.sqlite3", "CREATE TABLE IF NOT EXISTS t (v INTEGER);", timeout=0.2)
     other = sqlite3.connect(tmp_path / "x.sqlite3", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    with pytest.raises(NotReady, match=r"x\.sqlite3 is locked by another writer .* longer than 0\.2 s; nothing was written"):
+    with pytest.raises(NotReady, match=r"x\.sqlite3 is locked by another writer .* longer than 0\.2 s; nothing was written") as raised:
         with db.transaction() as conn:
             conn.execute("INSERT INTO t VALUES (1)")
+    assert isinstance(raised.value, RETRY["autoretry_for"]), "a job task meeting a busy job store must retry, not fail"
     other.execute("COMMIT")
     with db.transaction() as conn:
         conn.execute("INSERT INTO t VALUES (2)")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from training.dev_eval import DevSet, _dev_negatives_above_positive
+from training.bi_encoder import BiEncoder
+from training.dev_eval import DevSet, _dev_negatives_above_positive, evaluate_encoder
 from training.diagnostics import (
     Thresholds,
     alerts_for,
@@ -117,3 +118,15 @@ def test_dev_false_negative_rate_masks_judged_documents_and_counts_the_rest():
     flipped = queries.copy()
     flipped[2] = [0.0, 1.0]  # q2 now scores d1 (1.0) above d2 (0.6)
     assert _dev_negatives_above_positive(dev, flipped, ["d0", "d1", "d2"], docs) == pytest.approx(1 / 4)
+
+
+def test_a_dev_set_too_small_to_split_by_overlap_reports_no_gap_and_fires_no_shortcut(tiny_model_dir):
+    """Guards against a one-query dev split, whose low-overlap half is empty, reporting that half's nDCG as 0 so
+    that any gain of the one query reads as a growing shortcut gap."""
+    dev = DevSet(queries={"q": "apple pie"}, qrels={"q": {"d0": 1}},
+                 documents={"d0": "apple pie recipe", "d1": "quick brown fox", "d2": "river stone"})
+    evaluation = evaluate_encoder(BiEncoder.load(tiny_model_dir), dev)
+    assert "ndcg@10" in evaluation and "ndcg@10_low_overlap" not in evaluation and "ndcg@10_high_overlap" not in evaluation
+    unsplit = {key: value for key, value in BASE.items() if "overlap" not in key}
+    assert alerts_for({**unsplit, "ndcg@10": 0.95}, unsplit, T) == []
+    assert alerts_for({**BASE, "ndcg@10_high_overlap": 0.95}, unsplit, T) == [], "no baseline gap, nothing to compare"

@@ -218,6 +218,27 @@ def test_catch_up_applies_writes_made_after_the_build(corpus, releases, tiny_mod
     assert live.catch_up(corpus) == 0
 
 
+def test_catch_up_encodes_a_backlog_one_batch_per_hold_of_the_query_lock(corpus, releases, tiny_model_dir, monkeypatch):
+    """Guards against encoding a whole backlog (a large ingest) under the lock every search's query encode needs."""
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = _build(corpus, releases, tiny_model_dir, activate=True)
+    live = LiveRelease.load(releases, manifest.release_id, batch_size=4)
+    backlog = [Document(id=f"n{i}", title="note", text=f"apple {i} banana {i % 3}") for i in range(10)]
+    corpus.upsert(backlog)
+    held, encode = [], live.encoder.encode
+
+    def recording(texts, kind="query", **kwargs):
+        if kind == "document":
+            held.append((len(texts), live._encode_lock.locked()))
+        return encode(texts, kind, **kwargs)
+
+    monkeypatch.setattr(live.encoder, "encode", recording)
+    assert live.catch_up(corpus) == 10
+    assert held == [(4, True), (4, True), (2, True)]
+    assert all(doc.id in live.index for doc in backlog)
+    assert np.allclose(live.index.reconstruct("n7"), encode([backlog[7].embedding_text()], "document")[0], atol=1e-5)
+
+
 def test_model_store_reuses_a_stored_model(releases, tiny_model_dir):
     store = ModelStore(releases.data_dir)
     encoder, ref = store.put(tiny_model_dir)

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 
 from training.batch_sampler import no_duplicate_batches
@@ -178,6 +179,8 @@ def test_pairs_that_are_not_utf8_or_unreadable_name_the_file(tmp_path):
         ({"batch_size": 8, "mini_batch_size": 16}, "mini_batch_size must be at most batch_size (8)"),
         ({"negatives": "mined", "hard_negatives": 1, "mine_window_end": 10**6}, "mine_window_end at most 10000"),
         ({"hard_negatives": "1", "negatives": "mined"}, "hard_negatives must be an integer, got '1'"),
+        ({"distill_scale": 0}, "distill_scale must be a positive finite number, got 0"),
+        ({"triplet_margin": -0.1}, "triplet_margin must be a non-negative finite number"),
         ({"symmetric": 1}, "symmetric must be true or false, got 1"),
         ({"teacher_mask_threshold": "0.1"}, "teacher_mask_threshold must be a number or unset, got '0.1'"),
         ({"negatives": 3}, "negatives must be one of 'in_batch', 'given', 'mined', 'teacher', got 3"),
@@ -253,3 +256,23 @@ def test_distillation_stages_train_a_teacher_and_use_its_cached_scores(tiny_mode
         assert (tmp_path / "run" / "checkpoints" / stage / "modules.json").exists()
     steps = [r for r in read_log(tmp_path / "run") if r["type"] == "step"]
     assert {r["stage"] for r in steps} == {"margin", "kl"} and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_a_trained_teacher_follows_the_run_seed(tiny_model_dir, tmp_path):
+    """Guards against every run training the same teacher whatever its seed (the seed never reaching the teacher's
+    mining, head initialisation and shuffling), so seeded reruns would not vary the teacher at all."""
+    from training.examples import examples_from_qrels, known_positives
+    from training.recipe import TeacherConfig
+    from training.teacher import obtain_teacher
+
+    data = synthetic_task(24)
+    examples = examples_from_qrels(data.queries, data.qrels, data.documents)
+    config = TeacherConfig(init=str(tiny_model_dir), epochs=1, batch_size=8, negatives=2, max_length=32)
+
+    def head(seed: int, run: str) -> torch.Tensor:
+        teacher, _ = obtain_teacher(config, BiEncoder.load(tiny_model_dir), examples, data.documents,
+                                    known_positives(examples), tmp_path / run, "fp32", False, seed)
+        return torch.cat([p.detach().flatten() for p in teacher.model.classifier.parameters()])
+
+    assert torch.equal(head(3, "a"), head(3, "b"))
+    assert not torch.equal(head(3, "c"), head(4, "d"))

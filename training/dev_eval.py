@@ -109,7 +109,7 @@ def _dev_negatives_above_positive(
 
 
 def _mean_ndcg(per_query: Mapping[str, Mapping[str, float]], query_ids: list[str]) -> float:
-    return float(np.mean([per_query[q]["ndcg@10"] for q in query_ids])) if query_ids else 0.0
+    return float(np.mean([per_query[q]["ndcg@10"] for q in query_ids]))
 
 
 def evaluate_encoder(
@@ -141,8 +141,9 @@ def evaluate_encoder(
     result = dict(evaluate_run(run, dev.qrels))
     per_query = per_query_metrics(run, dev.qrels)
     low, high = overlap_split(dev.queries, dev.qrels, dev.documents)
-    result["ndcg@10_low_overlap"] = _mean_ndcg(per_query, low)
-    result["ndcg@10_high_overlap"] = _mean_ndcg(per_query, high)
+    if low and high:
+        result["ndcg@10_low_overlap"] = _mean_ndcg(per_query, low)
+        result["ndcg@10_high_overlap"] = _mean_ndcg(per_query, high)
     if dev.train_qrels:
         result["ndcg@10_train"] = evaluate_run(run, dev.train_qrels)["ndcg@10"]
     probe = docs.vectors[: min(COLLAPSE_PROBE, len(docs.vectors))]

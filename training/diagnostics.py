@@ -135,6 +135,14 @@ class Alert:
     remedy: str
 
 
+def _overlap_gap(evaluation: Mapping[str, float]) -> float | None:
+    """nDCG@10 of the high lexical-overlap half of the dev queries minus the low half's; None when the dev set was
+    too small to split (a single query), where the gap would just be that query's nDCG."""
+    if "ndcg@10_high_overlap" not in evaluation or "ndcg@10_low_overlap" not in evaluation:
+        return None
+    return evaluation["ndcg@10_high_overlap"] - evaluation["ndcg@10_low_overlap"]
+
+
 def alerts_for(evaluation: Mapping[str, float], baseline: Mapping[str, float], thresholds: Thresholds) -> list[Alert]:
     """Check one evaluation's signals (see `DevEvaluation.as_dict`) against thresholds and the base model's values."""
     found = []
@@ -148,9 +156,8 @@ def alerts_for(evaluation: Mapping[str, float], baseline: Mapping[str, float], t
     rate = evaluation.get("negatives_above_positive")
     if rate is not None and rate > thresholds.saturation_max_negatives_above_positive:
         fire("false_negatives", f"{rate:.1%} of negatives score at or above the positive")
-    gap = evaluation.get("ndcg@10_high_overlap", 0.0) - evaluation.get("ndcg@10_low_overlap", 0.0)
-    base_gap = baseline.get("ndcg@10_high_overlap", 0.0) - baseline.get("ndcg@10_low_overlap", 0.0)
-    if gap - base_gap > thresholds.shortcut_max_overlap_gap:
+    gap, base_gap = _overlap_gap(evaluation), _overlap_gap(baseline)
+    if gap is not None and base_gap is not None and gap - base_gap > thresholds.shortcut_max_overlap_gap:
         fire("shortcut", f"the high/low lexical overlap nDCG gap grew from {base_gap:.3f} to {gap:.3f}")
     if "sts_spearman" in evaluation and "sts_spearman" in baseline:
         drop = baseline["sts_spearman"] - evaluation["sts_spearman"]

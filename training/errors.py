@@ -31,5 +31,9 @@ class NotReady(LockstepError):
     """Nothing can answer yet, e.g. no active release (HTTP 503)."""
 
 
+class Busy(NotReady):
+    """Another process held a store's write lock for the whole wait; retrying later succeeds (HTTP 503)."""
+
+
 class IntegrityError(LockstepError):
     """Stored data does not match what was recorded for it; refusing to use it (HTTP 500-class, 424)."""

@@ -96,7 +96,7 @@ class _Miner:
         if use_teacher and self.teacher is None:
             self.teacher = obtain_teacher(
                 self.teacher_config, self.encoder, self.examples, self.documents, self.positives,
-                self.run_dir, self.precision, self.show_progress,
+                self.run_dir, self.precision, self.show_progress, self.seed,
             )
         teacher, cache = self.teacher if use_teacher else (None, None)
         return mine_hard_negatives(

@@ -90,10 +90,12 @@ class StageConfig:
                 raise bad(name, f"an integer from {low} to {high}")
         if self.mini_batch_size > self.batch_size:
             raise bad("mini_batch_size", f"at most batch_size ({self.batch_size})")
-        for name in ("learning_rate", "temperature", "kl_temperature", "kl_scale", "max_grad_norm"):
+        for name in ("learning_rate", "temperature", "kl_temperature", "kl_scale", "max_grad_norm", "distill_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise bad(name, "a positive finite number")
+        if not (math.isfinite(self.triplet_margin) and self.triplet_margin >= 0):
+            raise bad("triplet_margin", "a non-negative finite number (0.1 to 0.5 is usual)")
         if self.teacher_mask_threshold is not None:
             self._check_teacher_mask(bad)
         if not 0 <= self.warmup_ratio < 1:

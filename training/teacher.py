@@ -70,10 +70,13 @@ def obtain_teacher(
     run_dir: Path,
     precision: str,
     show_progress: bool,
+    seed: int,
 ) -> tuple[CrossEncoder, TeacherScoreCache]:
-    """The configured teacher (trained into `<run_dir>/teacher` if none is given) and its score cache."""
+    """The configured teacher (trained into `<run_dir>/teacher` with the run's `seed` if none is given) and its
+    score cache."""
     if config.model:
         teacher = CrossEncoder.load(config.model, max_length=config.max_length, device=str(encoder.device))
     else:
-        teacher = train_teacher(config, encoder, examples, documents, positives, run_dir / TEACHER_DIR, precision, show_progress=show_progress)
+        teacher = train_teacher(config, encoder, examples, documents, positives, run_dir / TEACHER_DIR, precision,
+                                seed=seed, show_progress=show_progress)
     return teacher, TeacherScoreCache(run_dir / CACHE_FILE)

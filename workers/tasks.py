@@ -7,7 +7,8 @@ one per shard, over every worker; the worker that finishes the last shard (the j
 store says which, so no result backend or chord is needed) sends `lockstep.reembed`
 again to assemble the release. Brief database contention is absorbed by SQLite's busy
 timeout (30 s); a task whose claim, or whose recording of a finished step or shard,
-still finds the job store failing (`sqlite3.OperationalError`) is retried with backoff,
+still finds the job store failing (`sqlite3.OperationalError`, or `Busy` when another
+process held its write lock for the whole timeout) is retried with backoff,
 up to 5 times, which is safe because steps and shards are idempotent. A failure inside
 a step or shard, a database error included, is not retried: the step records it on the
 job.
@@ -29,11 +30,12 @@ from indexer.job_steps import Dispatch, recover_lost_work, run_step
 from indexer.job_store import JobStore
 from indexer.reembed_shards import run_shard
 from indexer.settings import Settings
+from training.errors import Busy
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 RECOVER_EVERY_S = 60.0
-RETRY = {"autoretry_for": (sqlite3.OperationalError,), "retry_backoff": True, "max_retries": 5}
+RETRY = {"autoretry_for": (sqlite3.OperationalError, Busy), "retry_backoff": True, "max_retries": 5}
 
 
 @dataclass
