@@ -80,11 +80,15 @@ def job_folder(data_dir: Path, job_id: str) -> Path:
 
 
 def is_lost(held: Job | Shard, stale_after_s: float, now: float | None = None) -> bool:
-    """A running job (or shard) is lost when its worker process on this host is gone, or it was silent too long."""
+    """A running job (or shard) is lost when its worker process on this host is gone, or it was silent too long.
+
+    Where process start times cannot be read (no /proc, as on macOS), only silence counts.
+    """
     now = now or time.time()
     if held.worker:
         host, pid, started = (held.worker.split(":") + ["", ""])[:3]
-        if host == socket.gethostname() and pid.isdigit() and _process_started(int(pid)) != started:
+        known = started not in ("", "None")
+        if known and host == socket.gethostname() and pid.isdigit() and _process_started(int(pid)) != started:
             return True
     return now - max(held.heartbeat or 0.0, held.updated) > stale_after_s
 

@@ -339,17 +339,20 @@ class JobStore:
     ) -> tuple[list[Job], list[Job]]:
         """Give running jobs whose worker is lost back to the queue, or fail those that used up their attempts.
 
-        A job between steps (no worker holds it) whose next message seems lost is sent
-        again without counting an attempt. Every change is conditional on the record
-        still being as it was read, so a worker that claims the job meanwhile keeps it.
-        Returns (to enqueue again, failed).
+        A job no worker holds (queued, or between steps) whose message seems lost (it has
+        waited past `is_lost`'s silence) is sent again without counting an attempt: a
+        send that failed after the job was queued, or a message the broker dropped,
+        would otherwise leave it waiting forever. A message that was only slow is then
+        delivered twice, and the second claim finds the job taken. Every change is
+        conditional on the record still being as it was read, so a worker that claims the
+        job meanwhile keeps it. Returns (to enqueue again, failed).
         """
         resend, failed = [], []
-        for job in self.list(limit=1000, status=RUNNING):
+        for job in [*self.list(limit=1000, status=RUNNING), *self.list(limit=1000, status=QUEUED)]:
             if not is_lost(job):
                 continue
             unchanged = "WHERE id = ? AND status = ? AND worker IS ? AND updated = ?"
-            args = (job.id, RUNNING, job.worker, job.updated)
+            args = (job.id, job.status, job.worker, job.updated)
             now = time.time()
             with self._db.transaction() as db:
                 if job.worker is None:

@@ -214,6 +214,9 @@ def test_lost_means_a_gone_or_reused_process_on_this_host_or_long_silence(setup)
     assert is_lost(dead, stale_after_s=60) and is_lost(reused, stale_after_s=60)
     handed_over = dataclasses.replace(alive, worker=None, heartbeat=time.time() - 100, updated=time.time() - 100)
     assert is_lost(handed_over, stale_after_s=60) and not is_lost(handed_over, stale_after_s=600)
+    no_proc = dataclasses.replace(alive, worker=f"{host}:{pid}:None")
+    assert not is_lost(no_proc, stale_after_s=60), "without start times, a live worker is not lost"
+    assert is_lost(no_proc, stale_after_s=60, now=time.time() + 61)
 
 
 def test_retrying_a_job_cancelled_after_its_build_rebuilds_and_goes_live(setup):

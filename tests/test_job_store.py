@@ -96,6 +96,19 @@ def test_a_handed_over_job_whose_message_is_lost_is_sent_again_without_a_new_att
     assert (after.status, after.step, after.attempts) == (RUNNING, "reembed", 1) and after.updated > before.updated
 
 
+def test_a_queued_job_whose_message_is_lost_is_sent_again_and_a_fresh_one_is_left_alone(store):
+    """Guards against a job that was queued (or put back by recovery) but whose message never reached the broker
+    waiting forever: only running jobs used to be looked at."""
+    waiting, fresh = store.create("reembed", {}), store.create("retrain", {})
+    resend, failed = store.recover_lost(lambda j: j.id == waiting.id, max_attempts=1)
+    assert [j.id for j in resend] == [waiting.id] and not failed
+    after = store.get(waiting.id)
+    assert (after.status, after.step, after.attempts) == (QUEUED, "reembed", 0) and after.updated > waiting.updated
+    assert store.get(fresh.id).updated == fresh.updated
+    claimed = store.claim(waiting.id, "reembed", "host:1", 60)
+    assert claimed.status == RUNNING
+
+
 def test_listing_filters_and_errors_name_the_fix(store):
     older = store.create("reembed", {})
     time.sleep(0.01)
