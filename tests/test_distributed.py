@@ -109,7 +109,7 @@ def test_two_processes_get_the_single_process_loss_and_gradients(tiny_model_dir,
 def test_shards_split_each_global_batch_without_overlap():
     """Guards against shards that overlap, drop examples, or leave a process with nothing to embed."""
     examples = [
-        TrainingExample(f"q{i}", f"query {i}", Candidate(f"d{i % 9}", f"text {i % 9}")) for i in range(31)
+        TrainingExample(f"q{i}", f"query {i}", Candidate(f"d{i % 9}", f"text {i % 9}")) for i in range(34)
     ]
     for shards in (1, 2, 3):
         seen = []
@@ -121,7 +121,7 @@ def test_shards_split_each_global_batch_without_overlap():
             seen.extend(batch)
         assert len(seen) == len(set(seen))
         if shards == 1:
-            assert sorted(seen) == list(range(31)), "one process still sees every example"
+            assert sorted(seen) == list(range(34)), "one process still sees every example"
     assert len(list(no_duplicate_batches(examples, 4, seed=5))) > len(list(no_duplicate_batches(examples, 4, seed=5, shards=3)))
 
 

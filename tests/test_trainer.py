@@ -69,7 +69,7 @@ def test_evaluations_land_on_every_epoch_end_and_the_schedule_ends_at_the_last_s
     """Guards against epoch ends computed from epoch 0's batch count when deferrals change it per epoch:
     evaluations on the wrong steps, a skipped final evaluation (its steps then lost at the best-weights
     restore) and a learning-rate schedule that ends before or after the last step."""
-    examples, stage = _examples(27, 9), StageConfig(name="s", epochs=4, batch_size=4, learning_rate=1e-4, warmup_ratio=0.25)
+    examples, stage = _examples(26, 7), StageConfig(name="s", epochs=4, batch_size=4, learning_rate=1e-4, warmup_ratio=0.25)
     counts = [batches_per_epoch(examples, stage.batch_size, 3, epoch) for epoch in range(stage.epochs)]
     assert len(set(counts)) > 1, f"the data must give different batch counts per epoch, got {counts}"
     ctx = _context(tiny_model_dir, tmp_path, [0.1 * (k + 1) for k in range(10)])
@@ -82,6 +82,13 @@ def test_evaluations_land_on_every_epoch_end_and_the_schedule_ends_at_the_last_s
     steps = [r for r in records if r["type"] == "step"]
     assert [r["epoch"] for r in steps] == [epoch for epoch, count in enumerate(counts) for _ in range(count)]
     assert steps[-1]["lr"] == 0.0 and all(r["lr"] > 0 for r in steps[:-1]), "cosine decay reaches 0 exactly at the last step"
+
+
+def test_a_stage_whose_examples_all_share_one_document_stops_with_what_to_fix(tiny_model_dir, tmp_path):
+    """Guards against such a stage reaching the schedule with zero steps and failing with its internal ValueError."""
+    examples = [TrainingExample(f"q{i}", f"question {i}", Candidate("d", "the only answer")) for i in range(8)]
+    with pytest.raises(TrainingAborted, match=r"its 8 usable examples form no batch of two or more without a repeated"):
+        train_stage(_context(tiny_model_dir, tmp_path, [0.1]), examples, StageConfig(name="s", batch_size=4), {})
 
 
 def test_a_plateau_stops_early_and_restores_the_best_weights(tiny_model_dir, tmp_path):

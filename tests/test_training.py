@@ -114,6 +114,19 @@ def test_batches_never_repeat_a_document_or_text():
     assert sorted(seen) == list(range(40)), "every example is used exactly once per epoch"
 
 
+def test_no_batch_is_one_example_with_nothing_to_contrast():
+    """Guards against batches of a single in-batch example (zero loss, zero gradient, yet an optimiser step and a
+    scheduled step) filling most of an epoch when many pairs share one answer."""
+    shared = [TrainingExample(f"f{i}", f"faq question {i}", Candidate("answer", "the one answer")) for i in range(30)]
+    other = [TrainingExample(f"q{i}", f"query {i}", Candidate(f"d{i}", f"text {i}")) for i in range(30)]
+    batches = list(no_duplicate_batches(shared + other, 8, seed=2))
+    assert batches and all(len(batch) >= 2 for batch in batches)
+    used = [i for batch in batches for i in batch]
+    assert len(used) == len(set(used)) and set(range(30, 60)) <= set(used)
+    with_negative = [TrainingExample("q", "lone query", Candidate("a", "the one answer"), (Candidate("n", "neg"),))]
+    assert list(no_duplicate_batches(with_negative, 8, seed=0)) == [[0]], "one example with negatives still trains"
+
+
 def test_pairs_and_triplets_files(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(

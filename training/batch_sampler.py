@@ -31,12 +31,17 @@ def no_duplicate_batches(
 ) -> Iterator[list[int]]:
     """Yield lists of example indices; within a list no query text, document id or document text repeats.
 
-    Batches of fewer than `shards` examples are skipped, so every process gets at least one.
+    Batches of fewer than `shards` examples are skipped, so every process gets at least one,
+    and so is a batch of one example without negatives of its own: it has nothing to
+    contrast with (its loss and gradient are zero), yet the optimiser would still step on
+    it and the schedule would count it. Such batches are what is left when many examples
+    share a document (one answer to many questions) or a query; those examples wait for
+    an epoch whose shuffle places them in a full batch.
     """
     if batch_size < 2:
         raise ValueError("batch_size must be at least 2 for in-batch negatives")
     for batch in _batches(examples, batch_size, seed, epoch, drop_last):
-        if len(batch) >= shards:
+        if len(batch) >= shards and (len(batch) > 1 or examples[batch[0]].negatives):
             yield batch
 
 

@@ -237,6 +237,12 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     model = ctx.encoder.model
     epoch_steps = [batches_per_epoch(usable, stage.batch_size, ctx.seed, epoch, shards) for epoch in range(stage.epochs)]
     total = sum(epoch_steps)
+    if total == 0:
+        raise TrainingAborted(
+            f"stage {stage.name!r}: its {len(usable)} usable examples form no batch of two or more without a repeated "
+            "document, text or query (most share one document or query); add pairs with other documents and queries, "
+            "or give each pair hard negatives"
+        )
     optimizer = build_optimizer(model, stage.learning_rate, stage.weight_decay)
     scheduler = warmup_cosine(optimizer, int(total * stage.warmup_ratio), total)
     torch.manual_seed(ctx.seed + distributed.rank())
