@@ -21,7 +21,7 @@ from training.losses import Candidate, InfoNCELoss, TripletLoss
 from training.metrics_log import MetricsLog, read_log
 from training.recipe import named_recipe, parse_recipe
 from training.stage import StageConfig
-from training.trainer import StageStep, TrainingAborted, TrainingContext, train_stage
+from training.trainer import StageStep, TrainingAborted, TrainingContext, _for_epoch, _usable, train_stage
 
 TINY = Thresholds(collapse_max_mean_cosine=0.99, collapse_min_dim_std=0.001)
 
@@ -89,6 +89,21 @@ def test_a_stage_whose_examples_all_share_one_document_stops_with_what_to_fix(ti
     examples = [TrainingExample(f"q{i}", f"question {i}", Candidate("d", "the only answer")) for i in range(8)]
     with pytest.raises(TrainingAborted, match=r"its 8 usable examples form no batch of two or more without a repeated"):
         train_stage(_context(tiny_model_dir, tmp_path, [0.1]), examples, StageConfig(name="s", batch_size=4), {})
+
+
+def test_given_negatives_pooled_for_a_query_are_drawn_per_epoch_and_mined_ones_keep_their_order():
+    """Guards against a query's pooled given negatives (one per triplet line) training only the first line's, for
+    every example and every epoch, and against reordering mined negatives, which come hardest first."""
+    negatives = tuple(Candidate(f"n{i}", f"negative {i}") for i in range(6))
+    examples = [TrainingExample(f"q{i}", f"query {i}", Candidate(f"d{i}", f"doc {i}"), negatives) for i in range(4)]
+    usable = _usable(examples, StageConfig(name="g", negatives="given", hard_negatives=1))
+    given = StageConfig(name="g", negatives="given", hard_negatives=1)
+    drawn = [_for_epoch(usable, given, seed=3, epoch=epoch) for epoch in range(3)]
+    picked = {e.negatives[0].doc_id for epoch in drawn for e in epoch}
+    assert len(picked) >= 4 and all(len(e.negatives) == 1 for epoch in drawn for e in epoch)
+    assert drawn[0] == _for_epoch(usable, given, seed=3, epoch=0), "seeded: the same draw on a rerun"
+    mined = _for_epoch(usable, StageConfig(name="m", negatives="mined", hard_negatives=2), seed=3, epoch=1)
+    assert all([n.doc_id for n in e.negatives] == ["n0", "n1"] for e in mined)
 
 
 def test_a_plateau_stops_early_and_restores_the_best_weights(tiny_model_dir, tmp_path):

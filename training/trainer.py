@@ -20,6 +20,7 @@ to the others so that every process stops and restores at the same step.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,18 +118,33 @@ class StageResult:
 
 
 def _usable(examples: Sequence[TrainingExample], stage: StageConfig) -> list[TrainingExample]:
-    """Examples with enough negatives (and teacher scores) for the stage, negatives truncated to `hard_negatives`."""
-    usable = []
-    for example in examples:
-        if len(example.negatives) < stage.hard_negatives:
-            continue
-        if stage.negatives == "teacher" and len(example.teacher_scores) < 1 + stage.hard_negatives:
+    """Examples with enough negatives (and teacher scores) for the stage (`_for_epoch` picks which negatives)."""
+    return [
+        example for example in examples
+        if len(example.negatives) >= stage.hard_negatives
+        and (stage.negatives != "teacher" or len(example.teacher_scores) >= 1 + stage.hard_negatives)
+    ]
+
+
+def _for_epoch(usable: Sequence[TrainingExample], stage: StageConfig, seed: int, epoch: int) -> list[TrainingExample]:
+    """Each example with the `hard_negatives` it trains on in `epoch`.
+
+    Mined and teacher-scored negatives come hardest first, so the first ones are kept
+    (with their teacher scores). Given negatives have no order, and a query's are pooled
+    from every line that names it, so each epoch draws its own seeded sample: over
+    examples and epochs every given negative gets trained on, not just the first.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    chosen = []
+    for example in usable:
+        if stage.negatives == "given" and len(example.negatives) > stage.hard_negatives:
+            chosen.append(example.with_negatives(rng.sample(list(example.negatives), stage.hard_negatives)))
             continue
         trimmed = example.with_negatives(example.negatives[: stage.hard_negatives])
         if stage.negatives == "teacher":
             trimmed = trimmed.with_teacher_scores(example.teacher_scores[: 1 + stage.hard_negatives])
-        usable.append(trimmed)
-    return usable
+        chosen.append(trimmed)
+    return chosen
 
 
 class StageStep:
@@ -235,7 +251,8 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     if stage.batch_size < shards:
         raise TrainingAborted(f"stage {stage.name!r}: batch_size {stage.batch_size} is smaller than the {shards} processes; raise it")
     model = ctx.encoder.model
-    epoch_steps = [batches_per_epoch(usable, stage.batch_size, ctx.seed, epoch, shards) for epoch in range(stage.epochs)]
+    epochs = [_for_epoch(usable, stage, ctx.seed, epoch) for epoch in range(stage.epochs)]
+    epoch_steps = [batches_per_epoch(chosen, stage.batch_size, ctx.seed, epoch, shards) for epoch, chosen in enumerate(epochs)]
     total = sum(epoch_steps)
     if total == 0:
         raise TrainingAborted(
@@ -255,11 +272,11 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     with bar, distributed.data_parallel(ctx.encoder) as synced:
         compute = StageStep(ctx, stage, synced)
         for epoch in range(stage.epochs):
-            batches = no_duplicate_batches(usable, stage.batch_size, ctx.seed, epoch, shards=shards)
+            batches = no_duplicate_batches(epochs[epoch], stage.batch_size, ctx.seed, epoch, shards=shards)
             for epoch_step, indices in enumerate(batches, start=1):
                 if ctx.should_stop is not None and ctx.should_stop():
                     raise TrainingCancelled(f"training cancelled during stage {stage.name!r} at step {step}")
-                batch = [usable[i] for i in indices]
+                batch = [epochs[epoch][i] for i in indices]
                 out, mask = compute(batch)
                 step += 1
                 loss = float(out.loss.detach())
