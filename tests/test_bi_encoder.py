@@ -113,6 +113,26 @@ def test_refuses_folders_without_safetensors(tiny_model_copy):
         BiEncoder.load(tiny_model_copy)
 
 
+def test_refuses_a_pipeline_step_or_default_prompt_it_would_skip(tiny_model_copy, caplog):
+    """Guards against silently encoding a model whose sentence-transformers pipeline projects (Dense) or prefixes a
+    default prompt: its vectors would differ from sentence-transformers' with no error anywhere."""
+    modules_file = tiny_model_copy / "modules.json"
+    modules = json.loads(modules_file.read_text())
+    modules_file.write_text(json.dumps([*modules, {"idx": 3, "name": "3", "path": "3_Dense",
+                                                   "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(InvalidInput, match=r"includes sentence_transformers\.models\.Dense, which Lockstep does not run"):
+        BiEncoder.load(tiny_model_copy)
+    modules_file.write_text(json.dumps(modules))
+    config_file = tiny_model_copy / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: "}, "default_prompt_name": "query"}))
+    with pytest.raises(InvalidInput, match=r"prepends its default prompt 'query' \('query: '\) to every text"):
+        BiEncoder.load(tiny_model_copy)
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "passage": ""}, "default_prompt_name": None}))
+    assert BiEncoder.load(tiny_model_copy).dim > 0
+    assert "declares prompts ['query']" in caplog.text
+
+
 def test_refuses_missing_folder(tmp_path):
     with pytest.raises(InvalidInput, match="does not exist"):
         BiEncoder.load(tmp_path / "nope")

@@ -35,6 +35,7 @@ from training.fingerprint import model_fingerprint
 from training.openvino_runtime import FLOAT_PRECISION, CompiledGraph, OpenVinoForward, convert_transformer
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
+from training.st_pipeline import check_pipeline
 from training.token_prefix import token_prefixes
 from training.transformer_graph import feeds, input_names
 
@@ -169,6 +170,7 @@ class BiEncoder:
         """Load a model folder; explicit arguments override what the folder declares."""
         model_dir = Path(path)
         _require_safetensors(model_dir)
+        check_pipeline(model_dir)
         model = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).to(device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         declared = {}

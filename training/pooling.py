@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from training.errors import InvalidInput
+
 POOLING_DIR = "1_Pooling"
 
 
@@ -55,7 +57,7 @@ def read_pooling(model_dir: Path) -> Pooling | None:
         try:
             return Pooling(config["pooling_mode"])
         except ValueError:
-            raise ValueError(
+            raise InvalidInput(
                 f"{config_path}: pooling_mode {config['pooling_mode']!r} is not supported; Lockstep supports mean, cls and max"
             ) from None
     chosen = [mode for mode, key in _ST_KEYS.items() if config.get(key)]
@@ -65,7 +67,7 @@ def read_pooling(model_dir: Path) -> Pooling | None:
         if key.startswith("pooling_mode_") and value and key not in _ST_KEYS.values()
     ]
     if unsupported or len(chosen) != 1:
-        raise ValueError(
+        raise InvalidInput(
             f"{config_path}: exactly one of {sorted(_ST_KEYS.values())} must be true "
             f"(found {chosen + unsupported or 'none'}); Lockstep supports mean, cls and max pooling"
         )

@@ -1,0 +1,68 @@
+"""Checking that a sentence-transformers folder asks for nothing Lockstep would skip when encoding.
+
+Lockstep runs a folder's transformer, its pooling and L2 normalisation. A pipeline
+(`modules.json`) with any other module, a Dense projection say, or a prompt that
+sentence-transformers prepends to every text (`default_prompt_name`) would make
+Lockstep's vectors differ from what sentence-transformers computes for the same model,
+silently, so such folders are refused when loaded. Prompts declared without a default
+are applied by sentence-transformers only when a caller names one; Lockstep encodes
+as its plain `encode` does, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from training.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+MODULES_FILE = "modules.json"
+ST_CONFIG_FILE = "config_sentence_transformers.json"
+RUN_MODULES = ("Transformer", "Pooling", "Normalize")  # class names; the module path moves between versions
+
+
+def _runs(module_type: object) -> bool:
+    return (isinstance(module_type, str) and module_type.startswith("sentence_transformers.")
+            and module_type.rsplit(".", 1)[-1] in RUN_MODULES)
+
+
+def check_pipeline(model_dir: Path) -> None:
+    """InvalidInput naming the module or prompt of `model_dir` that Lockstep would not apply (see the module doc)."""
+    modules = _read_json(model_dir / MODULES_FILE)
+    if modules is not None:
+        if not isinstance(modules, list) or not all(isinstance(module, dict) for module in modules):
+            raise InvalidInput(f"{model_dir / MODULES_FILE}: expected a list of module objects")
+        skipped = [module.get("type", "?") for module in modules if not _runs(module.get("type"))]
+        if skipped:
+            raise InvalidInput(
+                f"{model_dir}: its sentence-transformers pipeline includes {', '.join(map(str, skipped))}, which "
+                f"Lockstep does not run (it runs Transformer, Pooling and Normalize), so its vectors would differ "
+                "from sentence-transformers'; use a model whose pipeline has only those"
+            )
+    config = _read_json(model_dir / ST_CONFIG_FILE)
+    if not isinstance(config, dict):
+        return
+    prompts = {name: text for name, text in (config.get("prompts") or {}).items() if text}
+    default = config.get("default_prompt_name")
+    if default:
+        raise InvalidInput(
+            f"{model_dir}: sentence-transformers prepends its default prompt {default!r} "
+            f"({prompts.get(default, '')!r}) to every text, which Lockstep does not; set default_prompt_name to null "
+            f"in {ST_CONFIG_FILE} to encode without it, or use another model"
+        )
+    if prompts:
+        log.warning("%s declares prompts %s, which sentence-transformers applies only when a caller names one; "
+                    "Lockstep encodes texts as they are, like its plain encode", model_dir, sorted(prompts))
+
+
+def _read_json(path: Path) -> object | None:
+    """The parsed file, None if absent; InvalidInput naming the file if it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: not valid JSON ({exc}); restore the model folder's file") from exc
