@@ -39,7 +39,7 @@ from indexer.quality_gate import DevSet, judge
 from indexer.retrieval_eval import judged_queries
 from indexer.release_builder import BuildOptions
 from indexer.release_events import announce
-from indexer.release_store import ReleaseStore, new_release_id
+from indexer.release_store import ActiveChanged, ReleaseStore, new_release_id
 from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
@@ -360,14 +360,14 @@ def promote(ctx: JobContext) -> StepOutcome:
     release_id = ctx.job.outputs["release_id"]
     previous = ctx.releases.active()
     gate = ctx.job.metrics.get("gate") or {}
-    gated_against = gate.get("live_release")
-    if not gate.get("skipped") and previous not in (gated_against, release_id):
-        log.info("job %s: the live release changed since the gate (%s -> %s); evaluating again",
-                 ctx.job.id, gated_against, previous)
+    expected = None if gate.get("skipped") else (gate.get("live_release"), release_id)
+    try:
+        ctx.releases.activate(release_id, only_if_active=expected)
+    except ActiveChanged as changed:
+        log.info("job %s: %s; evaluating again", ctx.job.id, changed)
         return StepOutcome(next_step="evaluate")
     if previous == release_id:
         previous = ctx.job.outputs.get("previous_release")
-    ctx.releases.activate(release_id)
     announce(ctx.settings, release_id)
     was = f" (was {previous})" if previous and previous != release_id else ""
     return StepOutcome(outputs={"previous_release": previous}, end=(SUCCEEDED, f"release {release_id} is live{was}"))

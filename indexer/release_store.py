@@ -69,6 +69,10 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             )
 
 
+class ActiveChanged(Conflict):
+    """A conditional activation found another release live than the one it was decided against (HTTP 409)."""
+
+
 @dataclass(frozen=True)
 class ReleaseListing:
     """The published releases whose manifest reads, oldest first, and those whose manifest does not (id -> why)."""
@@ -182,16 +186,22 @@ class ReleaseStore:
         payload = {"active": pointer.active, "history": pointer.history, "updated": time.time()}
         write_atomic(self.releases_dir / POINTER_FILE, json.dumps(payload, indent=2))
 
-    def activate(self, release_id: str) -> Pointer:
+    def activate(self, release_id: str, only_if_active: tuple[str | None, ...] | None = None) -> Pointer:
         """Make `release_id` live; the previous active release becomes the rollback target.
 
         The release is verified (`verified`) under the lock, so it cannot be deleted between
         the check and the pointer write; a damaged release is refused and the pointer kept.
+        With `only_if_active`, it is activated only while the live release is one of those
+        (checked under the same lock), else ActiveChanged: a promotion gated against one
+        live release must not replace another that went live meanwhile.
         """
         self.path(release_id)
         with self._locked():
             self.verified(release_id)
             pointer = self.pointer()
+            if only_if_active is not None and pointer.active not in only_if_active:
+                raise ActiveChanged(f"release {pointer.active} went live after {release_id} was judged against "
+                                    f"{only_if_active[0]}; judge it again")
             if pointer.active == release_id:
                 return pointer
             if pointer.active is not None:

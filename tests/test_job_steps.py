@@ -17,7 +17,7 @@ from indexer.job_submission import retry_job, submit_job
 from indexer.quality_gate import _kendall_tau, shadow_agreement
 from indexer.reembed_shards import run_shard
 from indexer.release_builder import BuildOptions, build_release
-from indexer.release_store import STAGING_PREFIX, ReleaseStore
+from indexer.release_store import STAGING_PREFIX, ActiveChanged, ReleaseStore
 from indexer.settings import Settings
 from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput
@@ -255,6 +255,30 @@ def test_promotion_is_gated_again_when_the_live_release_changed(setup, other_mod
     assert run_step(settings, store, corpus, job.id, "promote") == Dispatch(step="evaluate")
     assert run_step(settings, store, corpus, job.id, "evaluate") in (Dispatch(step="promote"), Dispatch())
     assert store.get(job.id).metrics["gate"]["live_release"] == other.release_id
+
+
+def test_a_release_going_live_while_promote_runs_sends_the_candidate_back_to_the_gate(setup, other_model_dir, monkeypatch):
+    """Guards against a promotion that checks the live release, then activates after another release went live
+    in between (an admin, another job), replacing a release it was never judged against."""
+    settings, corpus, releases, store, files, live_id = setup
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed",
+                     {"dev_queries": files["queries"], "dev_qrels": files["qrels"]})
+    run_reembed(settings, store, corpus, job.id)
+    assert run_step(settings, store, corpus, job.id, "evaluate") == Dispatch(step="promote")
+    other = build_release(corpus, releases, BuildOptions(model_path=other_model_dir, precision="fp32"))
+    read_active = ReleaseStore.active
+
+    def then_another_goes_live(self):
+        seen = read_active(self)
+        if ReleaseStore(settings.data_dir).pointer().active == seen == live_id:
+            ReleaseStore(settings.data_dir).activate(other.release_id)
+        return seen
+
+    monkeypatch.setattr(ReleaseStore, "active", then_another_goes_live)
+    assert run_step(settings, store, corpus, job.id, "promote") == Dispatch(step="evaluate")
+    assert releases.pointer().active == other.release_id
+    with pytest.raises(ActiveChanged, match=f"release {other.release_id} went live"):
+        releases.activate(store.get(job.id).outputs["release_id"], only_if_active=(live_id,))
 
 
 def test_a_worker_that_lost_its_claim_cannot_write_the_job(setup):
