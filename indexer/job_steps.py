@@ -199,10 +199,12 @@ def retrain(ctx: JobContext) -> StepOutcome:
     from training.fine_tune import fine_tune
 
     out, run_dir = ctx.job_dir / MODEL_DIR, ctx.job_dir / RUN_DIR
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
     if (out / "lockstep.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
         return StepOutcome(outputs={"model_path": str(out)},
                            metrics={"training": _training_metrics(summary, run_dir)} if summary else {})
+    if summary is not None and all(stage["gated"] for stage in summary["stages"]):
+        return _rejected(summary, run_dir)
     params = ctx.job.params
     recipe = job_recipe(params)
     data = load_training_data(
@@ -225,18 +227,23 @@ def retrain(ctx: JobContext) -> StepOutcome:
     finally:
         if not (partial / "lockstep.json").is_file():
             shutil.rmtree(partial, ignore_errors=True)
-    training = _training_metrics(asdict(summary), run_dir)
     if all(stage["gated"] for stage in summary.stages):
         shutil.rmtree(partial, ignore_errors=True)
-        return StepOutcome(metrics={"training": training}, end=(
-            REJECTED,
-            f"training did not improve dev nDCG@10 ({summary.base.get('ndcg@10', 0):.4f}) in any stage, so no "
-            "release was built; see the alerts in metrics.training and try more data or another recipe",
-        ))
+        return _rejected(asdict(summary), run_dir)
     fsync_tree(partial)
     os.replace(partial, out)
     fsync_dir(out.parent)
-    return StepOutcome(outputs={"model_path": str(out)}, metrics={"training": training})
+    return StepOutcome(outputs={"model_path": str(out)}, metrics={"training": _training_metrics(asdict(summary), run_dir)})
+
+
+def _rejected(summary: dict, run_dir: Path) -> StepOutcome:
+    """The end of a retrain none of whose stages improved dev nDCG@10; also what a rerun of it finds, from the
+    run's summary, instead of training again (the model was not kept)."""
+    return StepOutcome(metrics={"training": _training_metrics(summary, run_dir)}, end=(
+        REJECTED,
+        f"training did not improve dev nDCG@10 ({summary['base'].get('ndcg@10', 0):.4f}) in any stage, so no "
+        "release was built; see the alerts in metrics.training and try more data or another recipe",
+    ))
 
 
 def _model_name(ctx: JobContext, live) -> str | None:

@@ -11,7 +11,7 @@ import torch
 
 from indexer import job_steps
 from indexer.corpus_store import CorpusStore
-from indexer.job_steps import Dispatch, cancel_job, is_lost, run_step, worker_identity
+from indexer.job_steps import Dispatch, JobContext, cancel_job, is_lost, retrain, run_step, worker_identity
 from indexer.job_store import CANCELLED, REJECTED, SUCCEEDED, ClaimLost, JobStore
 from indexer.job_submission import retry_job, submit_job
 from indexer.quality_gate import _kendall_tau, shadow_agreement
@@ -115,13 +115,22 @@ def test_without_a_dev_set_the_gate_is_skipped_and_says_so(setup):
     assert manifest.model.fingerprint == releases.manifest(live_id).model.fingerprint
 
 
-def test_training_that_does_not_help_builds_no_release(setup):
+def _refuse_training(*args, **kwargs):
+    raise AssertionError("the rerun trained again")
+
+
+def test_training_that_does_not_help_builds_no_release(setup, monkeypatch):
     settings, corpus, releases, store, files, live_id = setup
     useless = TINY_RECIPE.replace("learning_rate = 5e-4", "learning_rate = 1e-12").replace("epochs = 6", "epochs = 1")
     job = run_job(settings, store, corpus, "retrain", {**files, "recipe_toml": useless})
     assert job.status == REJECTED and "did not improve" in job.message
     assert [m.release_id for m in releases.list()] == [live_id]
     assert not (settings.data_dir / "jobs" / job.id / "model.partial").exists()
+    rerun = JobContext(settings, store, store.get(job.id), corpus, releases)
+    monkeypatch.setattr("training.fine_tune.fine_tune", _refuse_training)
+    again = retrain(rerun)
+    assert again.end == (REJECTED, job.message), "a rerun (the worker died before recording) does not train again"
+    assert again.metrics["training"]["stages"] == job.metrics["training"]["stages"]
 
 
 def test_a_retrained_model_is_fsynced_before_it_is_renamed_into_place(setup, monkeypatch):
