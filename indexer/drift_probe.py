@@ -49,9 +49,9 @@ class DriftReport:
     elapsed_ms: float
 
 
-def _stored_vectors(live: LiveRelease, doc_ids: list[str]) -> np.ndarray:
+def _stored_vectors(live: LiveRelease, doc_ids: list[str]) -> tuple[list[str], np.ndarray]:
     try:
-        return np.stack([live.index.reconstruct(doc_id) for doc_id in doc_ids]).astype(np.float32)
+        return live.index.stored_vectors(doc_ids)
     except RuntimeError as exc:
         raise Conflict(
             f"release {live.release_id} uses a {live.manifest.index_type} index, which cannot return a stored vector "
@@ -67,12 +67,11 @@ def probe_drift(live: LiveRelease, corpus: CorpusStore, sample: int = 256, thres
     indexed = live.index.doc_ids()
     chosen = random.Random(seed).sample(indexed, min(sample, len(indexed)))
     documents = corpus.get_many(chosen)
-    doc_ids = [doc_id for doc_id in chosen if doc_id in documents and doc_id in live.index]
+    doc_ids, stored = _stored_vectors(live, [doc_id for doc_id in chosen if doc_id in documents])
     if not doc_ids:
         raise Conflict(f"release {live.release_id} holds no documents to probe; add documents or build a release")
-    stored = _stored_vectors(live, doc_ids)
     texts = [documents[doc_id].embedding_text() for doc_id in doc_ids]
-    fresh = live.encoder.encode(texts, "document", batch_size=live.batch_size, show_progress=False)
+    fresh = np.concatenate(list(live.encode_documents(texts)))
     cosines = np.einsum("ij,ij->i", stored, fresh) / (np.linalg.norm(stored, axis=1) * np.linalg.norm(fresh, axis=1))
     order = np.argsort(cosines, kind="stable")[:WORST_SHOWN]
     below = int((cosines < threshold).sum())

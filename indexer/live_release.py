@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,9 +131,9 @@ class LiveRelease:
     def catch_up(self, corpus: CorpusStore) -> int:
         """Apply corpus writes made after this release's sequence; returns how many were applied.
 
-        The documents are encoded one batch per hold of the query-encoding lock, so a
-        backlog (a large `lockstep ingest`, another replica's writes) delays a search by
-        at most one batch, not by the whole backlog. Each change holds a document's
+        The documents are encoded one batch per hold of the query-encoding lock
+        (`encode_documents`), so a backlog (a large `lockstep ingest`, another replica's
+        writes) delays a search by at most one batch, not by the whole backlog. Each change holds a document's
         latest state, so applying them in batches leaves no document half-updated.
         """
         with self._catch_up_lock:
@@ -141,18 +142,22 @@ class LiveRelease:
                 return 0
             upserts = [c.document for c in changes if c.document is not None]
             deletes = [c.doc_id for c in changes if c.document is None]
-            for start in range(0, len(upserts), self.batch_size):
-                batch = upserts[start : start + self.batch_size]
-                with self._encode_lock:
-                    vectors = self.encoder.encode(
-                        [doc.embedding_text() for doc in batch], "document", batch_size=self.batch_size,
-                        show_progress=False,
-                    )
-                self.index.add([doc.id for doc in batch], vectors)
+            texts = [doc.embedding_text() for doc in upserts]
+            for start, vectors in zip(range(0, len(upserts), self.batch_size), self.encode_documents(texts)):
+                self.index.add([doc.id for doc in upserts[start : start + self.batch_size]], vectors)
             self.index.remove(deletes)
             self.applied_seq = changes[-1].seq
             log.info("release %s caught up %d corpus writes (seq %d)", self.release_id, len(changes), self.applied_seq)
             return len(changes)
+
+    def encode_documents(self, texts: Sequence[str]) -> Iterator[np.ndarray]:
+        """Document vectors of this release's model, one batch of `batch_size` texts per hold of the lock queries
+        take, so a long run of documents delays a search by at most one batch."""
+        for start in range(0, len(texts), self.batch_size):
+            with self._encode_lock:
+                vectors = self.encoder.encode(texts[start : start + self.batch_size], "document",
+                                              batch_size=self.batch_size, show_progress=False)
+            yield vectors
 
     def embed_queries(self, texts: list[str]) -> Encoded:
         """Query embeddings of this release's model (one encoder call at a time per release)."""

@@ -243,16 +243,12 @@ class VectorIndex:
                 scores, labels = self._index.search(queries, min(k, total), params=self._hidden_skipped(hnsw))
             else:
                 scores, labels = self._index.search(queries, min(k + len(self._hidden), total))
-            doc_of = self._doc_of
-        results = []
-        for row_scores, row_labels in zip(scores, labels):
-            hits = [
-                Hit(doc_of[label], float(score))
-                for score, label in zip(row_scores, row_labels)
-                if label >= 0 and doc_of[label] is not None
+            rows = [
+                [(self._doc_of[label], float(score)) for score, label in zip(row_scores, row_labels)
+                 if label >= 0 and self._doc_of[label] is not None]
+                for row_scores, row_labels in zip(scores, labels)
             ]
-            results.append(hits[:k])
-        return results
+        return [[Hit(doc_id, score) for doc_id, score in row[:k]] for row in rows]
 
     def to_gpu(self) -> None:
         """Search (and apply catch-up writes) on the GPU where FAISS can; `save` still writes a CPU index."""
@@ -265,7 +261,17 @@ class VectorIndex:
 
     def reconstruct(self, doc_id: str) -> np.ndarray:
         """The stored vector of one document (Flat and HNSW indexes)."""
-        return self._index.reconstruct(self._label_of[doc_id])
+        with self._lock:
+            return self._index.reconstruct(self._label_of[doc_id])
+
+    def stored_vectors(self, doc_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """The stored vectors of those of `doc_ids` still in the index, read under the index lock so that no write
+        runs beside them: (ids found, vectors in that order). FAISS raises RuntimeError for index types that cannot
+        return a stored vector (IVF-PQ, say)."""
+        with self._lock:
+            found = [doc_id for doc_id in doc_ids if doc_id in self._label_of]
+            vectors = [self._index.reconstruct(self._label_of[doc_id]) for doc_id in found]
+        return found, np.asarray(vectors, dtype=np.float32).reshape(len(found), self.dim)
 
     def save(self, folder: Path) -> list[Path]:
         """Write the index and id map into `folder`; returns the files written."""

@@ -136,6 +136,15 @@ class ServiceMetrics:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The request method as a label, `OTHER` for anything else: the server accepts any token as a method, and
+    one label value per invented method would grow the metrics without bound."""
+    return method if method in HTTP_METHODS else "OTHER"
+
+
 def route_template(scope: Scope) -> str:
     """The path template of the route that handled a request (`/v1/jobs/{job_id}`), or `unmatched`.
 
@@ -153,4 +162,5 @@ def install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
             status = response.status_code
             return response
         finally:
-            metrics.observe(request.method, route_template(request.scope), status, time.perf_counter() - started)
+            metrics.observe(method_label(request.method), route_template(request.scope), status,
+                            time.perf_counter() - started)

@@ -36,6 +36,32 @@ def test_a_release_re_encodes_to_the_vectors_it_stores(corpus, releases, tiny_mo
     assert [doc.cosine for doc in report.worst] == sorted(doc.cosine for doc in report.worst)
 
 
+def test_the_probe_encodes_under_the_query_lock_one_batch_at_a_time_and_skips_deleted_documents(
+    corpus, releases, tiny_model_dir, monkeypatch
+):
+    """Guards against the probe sharing the release's tokenizer with searches unlocked (a query tokenized at the
+    document length, or the tokenizer's "Already borrowed"), and against a document deleted mid-probe failing it."""
+    live = _live(corpus, releases, tiny_model_dir)
+    live.batch_size = 8
+    held, encode = [], live.encoder.encode
+
+    def recording(texts, kind="query", **kwargs):
+        held.append((kind, len(texts), live._encode_lock.locked()))
+        return encode(texts, kind, **kwargs)
+
+    monkeypatch.setattr(live.encoder, "encode", recording)
+    read = live.index.stored_vectors
+
+    def deleted_meanwhile(doc_ids):
+        live.index.remove([doc_ids[0]])
+        return read(doc_ids)
+
+    monkeypatch.setattr(live.index, "stored_vectors", deleted_meanwhile)
+    report = probe_drift(live, corpus, sample=1000)
+    assert report.sample == len(SAMPLE_DOCS + MORE_DOCS) - 1 and report.mean_cosine == pytest.approx(1.0, abs=1e-5)
+    assert held == [("document", 8, True)] * 3 + [("document", 4, True)]
+
+
 def test_vectors_another_model_made_show_up_as_drift(corpus, releases, tiny_model_dir, other_model_dir):
     live = _live(corpus, releases, tiny_model_dir)
     swapped = ["d2", "m3", "m7"]

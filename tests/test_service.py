@@ -169,6 +169,14 @@ def test_health_readiness_metrics(client, built):
     assert "lockstep_index_documents 5.0" in metrics
 
 
+def test_invented_http_methods_share_one_metrics_label(client):
+    """Guards against one set of series per method token a client invents, which grows /metrics without bound."""
+    for method in ("FOO1", "FOO2"):
+        client.request(method, "/v1/search")
+    metrics = client.get("/metrics").text
+    assert 'method="OTHER"' in metrics and "FOO1" not in metrics and "FOO2" not in metrics
+
+
 def test_not_ready_until_a_release_is_active(data_dir, corpus, releases, tiny_model_dir):
     with TestClient(create_app(Settings(data_dir=data_dir, poll_interval_s=0.05))) as client:
         response = client.get("/readyz")
