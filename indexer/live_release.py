@@ -133,8 +133,9 @@ class LiveRelease:
 
         The documents are encoded one batch per hold of the query-encoding lock
         (`encode_documents`), so a backlog (a large `lockstep ingest`, another replica's
-        writes) delays a search by at most one batch, not by the whole backlog. Each change holds a document's
-        latest state, so applying them in batches leaves no document half-updated.
+        writes) delays a search by at most one batch, not by the whole backlog. Each
+        change holds a document's latest state, so applying them in batches leaves no
+        document half-updated.
         """
         with self._catch_up_lock:
             changes = corpus.changes_since(self.applied_seq)
