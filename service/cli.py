@@ -55,6 +55,7 @@ def _settings(ctx: typer.Context) -> Settings:
 
 
 @app.callback()
+@_fail_cleanly
 def main(
     ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Option(help="Data directory (default: $LOCKSTEP_DATA_DIR or ./lockstep-data)")] = None,
@@ -62,11 +63,7 @@ def main(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        settings = Settings.load(data_dir=data_dir) if data_dir else Settings.load()
-    except InvalidInput as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+    settings = Settings.load(data_dir=data_dir) if data_dir else Settings.load()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = settings
 

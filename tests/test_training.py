@@ -1,7 +1,6 @@
 """Training end to end on a tiny model: stages, gates, early stopping, collapse abort, checkpoints."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -166,15 +165,17 @@ def test_bad_pairs_lines_name_the_file_and_line(tmp_path, line, message):
     assert message in str(raised.value)
 
 
-def test_pairs_that_are_not_utf8_or_unreadable_name_the_file(tmp_path):
+def test_pairs_that_are_not_utf8_or_unreadable_name_the_file(tmp_path, monkeypatch):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "caf\xe9", "positive": "p"}\n')
     with pytest.raises(InvalidInput, match=r"pairs\.jsonl:2: not valid UTF-8"):
         load_pairs(path)
-    path.chmod(0)
-    if os.access(path, os.R_OK):
-        pytest.skip("this user reads files whatever their permissions (root)")
-    with pytest.raises(InvalidInput, match=r"pairs\.jsonl: cannot be read"):
+
+    def denied(self, *args, **kwargs):  # tests run as root, who reads any file, so the refusal is simulated
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "open", denied)
+    with pytest.raises(InvalidInput, match=r"pairs\.jsonl: cannot be read \(Permission denied\)"):
         load_pairs(path)
 
 

@@ -27,13 +27,13 @@ to a default. The shipped default recipe is `training/recipes/default.toml`.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.diagnostics import Thresholds
 from training.errors import InvalidInput
 from training.stage import StageConfig
-from training.typed_fields import check_field_types
+from training.typed_fields import check_fields
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "default.toml"
@@ -76,11 +76,7 @@ class Recipe:
 def _section(cls, data: object, where: str):
     if not isinstance(data, dict):
         raise InvalidInput(f"{where} must be a table")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InvalidInput(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
-    check_field_types(cls, data, where)
+    check_fields(cls, data, where)
     return cls(**data)
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from training.errors import InvalidInput
-from training.typed_fields import check_field_types
+from training.typed_fields import check_fields
 
 LossName = Literal["infonce", "triplet", "margin_mse", "kl"]
 NegativeSource = Literal["in_batch", "given", "mined", "teacher"]
@@ -123,10 +123,5 @@ class StageConfig:
         wrong type, before the checks of `__post_init__`."""
         if not isinstance(data, dict):
             raise InvalidInput(f"each [[stage]] must be a table, got {data!r}")
-        where = f"stage {data.get('name', '?')!r}"
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidInput(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
-        check_field_types(cls, data, where)
+        check_fields(cls, data, f"stage {data.get('name', '?')!r}")
         return cls(**data)

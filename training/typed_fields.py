@@ -10,9 +10,20 @@ nested dataclasses and containers (the container only, not its items).
 from __future__ import annotations
 
 import types
+from dataclasses import fields
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 from training.errors import InvalidInput
+
+
+def check_fields(cls: type, data: dict, where: str) -> None:
+    """InvalidInput naming `where` for names in `data` that are not fields of `cls` (so a typo never falls back to a
+    default), then as `check_field_types` does."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
+    check_field_types(cls, data, where)
 
 
 def check_field_types(cls: type, data: dict, where: str) -> None:
