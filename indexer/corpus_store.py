@@ -83,8 +83,7 @@ class CorpusStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._store = SqliteDb(self.path, _SCHEMA)
-        self._lock = self._store.lock
-        self._db = self._store.db
+        self._reading = self._store.reading
         self._transaction = self._store.transaction
 
     def close(self) -> None:
@@ -133,8 +132,8 @@ class CorpusStore:
         return seq
 
     def get(self, doc_id: str) -> Document:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM documents WHERE id = ? AND deleted = 0", (doc_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM documents WHERE id = ? AND deleted = 0", (doc_id,)).fetchone()
         if row is None:
             raise NotFound(f"document {doc_id!r} does not exist")
         return _row_to_document(row)
@@ -142,11 +141,11 @@ class CorpusStore:
     def get_many(self, doc_ids: list[str]) -> dict[str, Document]:
         """The live documents among `doc_ids`, keyed by id (missing ids are absent)."""
         found: dict[str, Document] = {}
-        with self._lock:
+        with self._reading() as db:
             for start in range(0, len(doc_ids), 500):
                 chunk = doc_ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
+                rows = db.execute(
                     f"SELECT * FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
                 ).fetchall()
                 found.update((row["id"], _row_to_document(row)) for row in rows)
@@ -155,28 +154,28 @@ class CorpusStore:
     @property
     def seq(self) -> int:
         """The sequence of the latest write."""
-        with self._lock:
-            return self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+        with self._reading() as db:
+            return db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
 
     def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM documents WHERE deleted = 0").fetchone()[0]
+        with self._reading() as db:
+            return db.execute("SELECT COUNT(*) FROM documents WHERE deleted = 0").fetchone()[0]
 
     def snapshot(self) -> tuple[int, list[Document]]:
         """All live documents and the sequence they are consistent with, read in one transaction."""
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._reading() as db:
+            db.execute("BEGIN")
             try:
-                seq = self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
-                rows = self._db.execute("SELECT * FROM documents WHERE deleted = 0 ORDER BY id").fetchall()
+                seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+                rows = db.execute("SELECT * FROM documents WHERE deleted = 0 ORDER BY id").fetchall()
             finally:
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
         return seq, [_row_to_document(row) for row in rows]
 
     def changes_since(self, seq: int) -> list[Change]:
         """Every document written after `seq`, in sequence order (deletions have no document)."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM documents WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM documents WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
         return [
             Change(seq=row["seq"], doc_id=row["id"], document=None if row["deleted"] else _row_to_document(row))
             for row in rows

@@ -430,9 +430,9 @@ class JobStore:
 
     def holds_shard(self, job_id: str, shard: int, owner: str) -> bool:
         """True while `owner` still holds the shard of a running job."""
-        with self._db.lock:
+        with self._db.reading() as db:
             try:
-                self._check_shard_owner(self._db.db, job_id, shard, owner)
+                self._check_shard_owner(db, job_id, shard, owner)
             except ClaimLost:
                 return False
         return True

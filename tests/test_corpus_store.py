@@ -1,6 +1,8 @@
 """The corpus store: upserts, deletes, the change sequence and catch-up reads."""
 
 import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -79,7 +81,7 @@ def test_every_commit_is_synced_to_disk(corpus, data_dir):
     jobs = JobStore(data_dir / "jobs.sqlite3")
     try:
         for db in (corpus._store, jobs._db):
-            assert db.query("PRAGMA synchronous")[0][0] == 2, "expected synchronous=FULL (2)"
+            assert db.db.execute("PRAGMA synchronous").fetchone()[0] == 2, "expected synchronous=FULL (2) for writes"
             assert db.query("PRAGMA journal_mode")[0][0] == "wal"
     finally:
         jobs.close()
@@ -98,3 +100,36 @@ def test_a_write_waiting_out_another_writer_is_not_ready_and_writes_nothing(tmp_
     with db.transaction() as conn:
         conn.execute("INSERT INTO t VALUES (2)")
     assert [row[0] for row in db.query("SELECT v FROM t")] == [2]
+
+
+def test_reads_do_not_wait_behind_a_write_that_waits_for_another_process(tmp_path):
+    """Guards against a search's document fetch freezing for the whole busy timeout while one API write waits out
+    another process's lock (a large ingest): reads have their own connection."""
+    corpus = CorpusStore(tmp_path / "corpus.sqlite3")
+    corpus.upsert(SAMPLE_DOCS)
+    corpus._store.timeout = 3.0
+    corpus._store.db.execute("PRAGMA busy_timeout = 3000")
+    ingest = sqlite3.connect(tmp_path / "corpus.sqlite3", isolation_level=None)
+    ingest.execute("BEGIN IMMEDIATE")
+    outcome = []
+    writer = threading.Thread(target=lambda: outcome.append(_try(corpus.delete, "d1")))
+    writer.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    found = corpus.get_many(["d1", "d2"])
+    waited = time.perf_counter() - started
+    assert sorted(found) == ["d1", "d2"] and corpus.get("d3").id == "d3" and corpus.count() == 5
+    assert corpus.changes_since(4)[0].doc_id == "d5" and corpus.snapshot()[0] == 5
+    assert waited < 1.5, f"a read waited {waited:.1f} s behind the blocked write"
+    assert writer.is_alive(), "the write should still be waiting for the other process's lock"
+    writer.join()
+    ingest.execute("COMMIT")
+    assert isinstance(outcome[0], NotReady)
+    corpus.close()
+
+
+def _try(call, *args):
+    try:
+        return call(*args)
+    except NotReady as error:
+        return error
