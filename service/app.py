@@ -96,7 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    install_request_metrics(app, metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(AdminGate, token=settings.admin_token)
     if settings.cors_origins:
@@ -104,7 +103,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
-    app.add_middleware(RequestLoggingMiddleware)
-    for module in (search, embeddings, documents, health, jobs, admin, console):
-        app.include_router(module.router)
+    routers = [module.router for module in (search, embeddings, documents, health, jobs, admin, console)]
+    routes = [route for router in routers for route in router.routes]
+    install_request_metrics(app, metrics, routes)
+    app.add_middleware(RequestLoggingMiddleware, routes=routes)
+    for router in routers:
+        app.include_router(router)
     return app

@@ -95,12 +95,14 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("no space left for %s %s: %s", request.method, request.url.path, exc)
             return error_response(507, f"the server's disk is full; nothing was written; {STORAGE_FULL_HINT}",
                                   "storage_full")
-        return await _unexpected(request, exc)
+        return internal_error(request.method, request.url.path, exc)
 
     app.add_exception_handler(OSError, _storage)
     app.add_exception_handler(sqlite3.OperationalError, _storage)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "internal")
+
+def internal_error(method: str, path: str, exc: Exception) -> JSONResponse:
+    """Log an unexpected error with its traceback and answer a uniform 500. `RequestLoggingMiddleware` sends it for
+    errors no handler took, so the response and the log line keep the request's id."""
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "internal")

@@ -13,13 +13,14 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from indexer.job_store import RUNNING
@@ -145,15 +146,21 @@ def method_label(method: str) -> str:
     return method if method in HTTP_METHODS else "OTHER"
 
 
-def route_template(scope: Scope) -> str:
+def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """The path template of the route that handled a request (`/v1/jobs/{job_id}`), or `unmatched`.
 
-    Path converters are left out (`{doc_id:path}` reads `{doc_id}`), so a label does not change with them.
+    A request refused before routing (401, 403, 413 from the middleware) is labelled with
+    the first of `routes` that matches it fully. Path converters are left out
+    (`{doc_id:path}` reads `{doc_id}`), so a label does not change with them.
     """
-    return _CONVERTER.sub(r"{\1}", getattr(scope.get("route"), "path", "unmatched"))
+    route = scope.get("route") or next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+    return _CONVERTER.sub(r"{\1}", getattr(route, "path", "unmatched"))
 
 
-def install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
+def install_request_metrics(app: FastAPI, metrics: ServiceMetrics, routes: Sequence[BaseRoute] = ()) -> None:
+    """Count and time every request; install it after the middleware that refuses requests (the admin gate, the
+    body limit), so that it wraps them and their refusals are counted too, under the first of `routes` to match."""
+
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         started, status = time.perf_counter(), 500
@@ -162,5 +169,5 @@ def install_request_metrics(app: FastAPI, metrics: ServiceMetrics) -> None:
             status = response.status_code
             return response
         finally:
-            metrics.observe(method_label(request.method), route_template(request.scope), status,
+            metrics.observe(method_label(request.method), route_template(request.scope, routes), status,
                             time.perf_counter() - started)

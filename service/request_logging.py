@@ -3,7 +3,9 @@
 The middleware takes the caller's `X-Request-ID` (when it is a short token) or makes
 one, returns it in the response header, keeps it in a context variable so every
 line logged while the request is handled carries it, and writes one access line per
-request with the method, path, route template, status and duration.
+request with the method, path, route template, status and duration. An error no
+handler took becomes the uniform 500 here, inside the request's id, so that answer
+and its logged traceback carry the id too.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http_errors import internal_error
 from service.metrics import route_template
 
 HEADER = "x-request-id"
@@ -76,8 +81,10 @@ def _incoming_id(scope: Scope) -> str | None:
 class RequestLoggingMiddleware:
     """Assigns or propagates `X-Request-ID` and logs one access line per HTTP request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute] = ()) -> None:
+        """`routes` label requests refused before routing (see `route_template`)."""
         self.app = app
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,19 +93,23 @@ class RequestLoggingMiddleware:
         current = _incoming_id(scope) or uuid.uuid4().hex
         token = request_id.set(current)
         started = time.perf_counter()
-        status = 500
+        status, responded = 500, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 message["headers"] = [*message.get("headers", []), (HEADER.encode(), current.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if responded:
+                raise
+            await internal_error(scope["method"], scope["path"], exc)(scope, receive, send_with_id)
         finally:
-            route = route_template(scope)
+            route = route_template(scope, self.routes)
             access_log.info(
                 "%s %s %d", scope["method"], scope["path"], status,
                 extra={"method": scope["method"], "path": scope["path"], "route": route, "status": status,

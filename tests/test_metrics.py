@@ -1,6 +1,7 @@
 """Prometheus `/metrics` after real requests, request ids, and JSON access logs from a real uvicorn process."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -9,10 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from indexer.corpus_store import CorpusStore
 from indexer.job_store import JobStore
 from indexer.release_builder import BuildOptions, build_release
 from indexer.settings import Settings
 from service.app import create_app
+from service.request_logging import request_id
 from tests.conftest import SAMPLE_DOCS
 from tests.processes import free_port, lockstep_env, stop, wait_ready
 
@@ -107,9 +110,49 @@ def test_every_response_carries_a_request_id(client):
     assert client.post("/v1/search", json={"query": ""}).headers["x-request-id"]
 
 
+def test_refusals_before_routing_are_counted_under_their_route(data_dir, built):
+    """Guards against the admin gate's 401/403 and the body limit's 413 bypassing the request metrics (they answer
+    before the metrics middleware used to see the request)."""
+    settings = Settings(data_dir=data_dir, poll_interval_s=0.1, admin_token="s3cret", max_request_bytes=1024)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/jobs").status_code == 401
+        assert client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert client.post("/v1/search", json={"query": "x" * 4096}).status_code == 413
+        samples = _scrape(client)
+    assert _value(samples, "lockstep_http_errors_total", method="GET", route="/v1/jobs", status="401") == 1
+    assert _value(samples, "lockstep_http_errors_total", method="GET", route="/v1/jobs", status="403") == 1
+    assert _value(samples, "lockstep_http_errors_total", method="POST", route="/v1/search", status="413") == 1
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_request_id(client, monkeypatch):
+    """Guards against the 500 losing `X-Request-ID`, and its logged traceback the request's id: the generic handler
+    used to run outside the middleware that sets both."""
+    seen = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            seen.append((record.getMessage(), request_id.get(), record.exc_info is not None))
+
+    def broken(self, doc_id):
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(CorpusStore, "get", broken)
+    handler = Capture()
+    logging.getLogger("service.http_errors").addHandler(handler)
+    try:
+        with TestClient(client.app, raise_server_exceptions=False) as plain:
+            reply = plain.get("/v1/documents/d1", headers={"X-Request-ID": "trace-500"})
+    finally:
+        logging.getLogger("service.http_errors").removeHandler(handler)
+    assert reply.status_code == 500 and reply.headers["x-request-id"] == "trace-500"
+    assert reply.json() == {"error": "internal error (RuntimeError); see the server log", "error_type": "internal"}
+    assert ("unhandled error on GET /v1/documents/d1", "trace-500", True) in seen
+
+
 SERVE_WITH_JSON_LOGS = """
 import sys
 from service.app import create_app
+from service.request_logging import request_id
 from service.request_logging import run_with_json_logs
 run_with_json_logs(create_app(), "127.0.0.1", int(sys.argv[1]), "info")
 """
