@@ -31,6 +31,10 @@ class Settings(BaseSettings):
         DEFAULT_RERANK_WEIGHT, ge=0.0, le=1.0,
         description="Cross-encoder's weight when its standardised score is fused with the bi-encoder's (1: rank by it alone)",
     )
+    max_waiting_reranks: int = Field(
+        32, ge=0, le=10_000,
+        description="Reranked searches an API process lets wait while one reranks; past that, `rerank: true` gets 503",
+    )
     index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",

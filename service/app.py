@@ -31,6 +31,7 @@ from service.job_queue import JobQueue
 from service.metrics import ServiceMetrics, install_request_metrics
 from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
+from service.rerank_gate import RerankGate
 from service.request_logging import RequestLoggingMiddleware
 from service.routes import admin, console, documents, embeddings, health, jobs, search
 
@@ -64,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await batcher.start()
         job_store, queue = JobStore(settings.jobs_path), JobQueue(settings)
         metrics.watch(holder, job_store)
-        app.state.lockstep = ServiceState(settings, corpus, releases, holder, metrics, batcher, job_store, queue)
+        app.state.lockstep = ServiceState(
+            settings, corpus, releases, holder, metrics, batcher, job_store, queue, RerankGate(settings.max_waiting_reranks)
+        )
 
         async def on_announcement(release_id: str) -> None:
             log.info("release %s was announced; switching", release_id)

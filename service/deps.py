@@ -20,6 +20,7 @@ from service.job_queue import JobQueue
 from service.metrics import ServiceMetrics
 from service.query_batcher import QueryBatcher
 from service.release_holder import ReleaseHolder
+from service.rerank_gate import RerankGate
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ServiceState:
     batcher: QueryBatcher
     jobs: JobStore
     queue: JobQueue
+    rerank_gate: RerankGate
 
 
 async def get_state(request: Request) -> ServiceState:

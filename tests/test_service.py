@@ -1,7 +1,9 @@
 """The HTTP API in-process: search, embeddings, document writes, health, errors."""
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 
+import anyio
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -239,6 +241,30 @@ def test_rerank_uses_the_release_cross_encoder(data_dir, corpus, releases, tiny_
         expected = sorted(zip(scores, candidates), reverse=True)[:3]
         assert [hit["id"] for hit in body["results"]] == [doc_id for _, doc_id in expected]
         assert [hit["score"] for hit in body["results"]] == pytest.approx([score for score, _ in expected], abs=1e-4)
+
+
+def test_waiting_reranks_take_no_worker_thread_and_a_flood_is_refused(data_dir, corpus, releases, tiny_model_dir):
+    """Guards against reranks waiting for their turn inside the threadpool: a burst of them held every thread, so a
+    plain search (its encode and fetch run in threads) waited behind the whole rerank backlog."""
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, reranker_path=tiny_model_dir,
+                                                 precision="fp32"), activate=True)
+    settings = Settings(data_dir=data_dir, max_waiting_reranks=2)
+    rerank = {"query": "apple banana", "k": 2, "rerank": True}
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(8) as pool:
+        client.portal.call(lambda: setattr(anyio.to_thread.current_default_thread_limiter(), "total_tokens", 2))
+        state = client.app.state.lockstep
+        live = state.holder.current
+        with live._rerank_lock:
+            admitted = [pool.submit(client.post, "/v1/search", json=rerank) for _ in range(3)]
+            _wait_for(lambda: state.rerank_gate._queued == 3)
+            flood = client.post("/v1/search", json=rerank)
+            plain = pool.submit(client.post, "/v1/search", json={"query": "apple banana", "k": 2}).result(timeout=30)
+            assert not any(call.done() for call in admitted)
+        answers = [call.result(timeout=30) for call in admitted]
+    assert plain.status_code == 200 and len(plain.json()["results"]) == 2
+    assert flood.status_code == 503 and "3 reranked searches are already running or waiting" in flood.json()["error"]
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
 
 
 def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_dir, corpus, releases, tiny_model_dir):

@@ -1,5 +1,6 @@
 """`POST /v1/search`: the top-k documents for a query, from one release."""
 
+import contextlib
 import time
 
 from fastapi import APIRouter
@@ -18,9 +19,11 @@ async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchR
     started = time.perf_counter()
     encoded = await state.batcher.embed(live, [body.query])
     encode_ms = (time.perf_counter() - started) * 1e3
-    outcome = await run_in_threadpool(
-        live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms, body.rerank_weight
-    )
+    async with state.rerank_gate.turn() if body.rerank else contextlib.nullcontext():
+        outcome = await run_in_threadpool(
+            live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms,
+            body.rerank_weight,
+        )
     return SearchResponse(
         release=outcome.release_id,
         results=[
