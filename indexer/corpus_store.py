@@ -71,6 +71,7 @@ class WriteResult:
     updated: int
     unchanged: int
     seq: int
+    changed: tuple[str, ...] = ()  # ids inserted or updated, in input order
 
 
 def _row_to_document(row: sqlite3.Row) -> Document:
@@ -96,6 +97,7 @@ class CorpusStore:
     def upsert(self, documents: Iterable[Document]) -> WriteResult:
         """Insert or replace documents in one transaction; all or nothing."""
         inserted = updated = unchanged = 0
+        changed = []
         with self._transaction() as db:
             for doc in documents:
                 digest = doc.content_hash
@@ -115,8 +117,9 @@ class CorpusStore:
                     inserted += 1
                 else:
                     updated += 1
+                changed.append(doc.id)
             seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
-        return WriteResult(inserted=inserted, updated=updated, unchanged=unchanged, seq=seq)
+        return WriteResult(inserted=inserted, updated=updated, unchanged=unchanged, seq=seq, changed=tuple(changed))
 
     def delete(self, doc_id: str) -> int:
         """Delete a document (leaving a tombstone); returns the new sequence."""
@@ -172,10 +175,11 @@ class CorpusStore:
                 db.execute("COMMIT")
         return seq, [_row_to_document(row) for row in rows]
 
-    def changes_since(self, seq: int) -> list[Change]:
-        """Every document written after `seq`, in sequence order (deletions have no document)."""
+    def changes_since(self, seq: int, limit: int = -1) -> list[Change]:
+        """Every document written after `seq`, in sequence order (deletions have no document); the first `limit`
+        of them when `limit` is not negative."""
         with self._reading() as db:
-            rows = db.execute("SELECT * FROM documents WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+            rows = db.execute("SELECT * FROM documents WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
         return [
             Change(seq=row["seq"], doc_id=row["id"], document=None if row["deleted"] else _row_to_document(row))
             for row in rows

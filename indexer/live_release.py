@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.corpus_store import CorpusStore, Document
+from indexer.corpus_store import Change, CorpusStore, Document
 from indexer.manifest import Manifest, int8_model_files
 from indexer.model_store import ModelStore
 from indexer.release_runtime import attach_reranker_runtime, attach_runtime
@@ -131,25 +131,44 @@ class LiveRelease:
     def catch_up(self, corpus: CorpusStore) -> int:
         """Apply corpus writes made after this release's sequence; returns how many were applied.
 
-        The documents are encoded one batch per hold of the query-encoding lock
-        (`encode_documents`), so a backlog (a large `lockstep ingest`, another replica's
-        writes) delays a search by at most one batch, not by the whole backlog. Each
-        change holds a document's latest state, so applying them in batches leaves no
-        document half-updated.
+        The changes are applied in sequence order, `batch_size` at a time, each run under
+        the catch-up lock and the lock let go between runs, so a write applying its own
+        documents (`apply_documents`) waits for at most one run, not the whole backlog (a
+        large `lockstep ingest`, another replica's writes). The documents are encoded one
+        batch per hold of the query-encoding lock (`encode_documents`), so a search waits
+        for at most one batch. Each change holds a document's latest state, so applying
+        them in runs leaves no document half-updated. Writes committed after the call
+        starts may wait for the next one.
         """
+        target, applied = corpus.seq, 0
+        while self.applied_seq < target:
+            with self._catch_up_lock:
+                changes = corpus.changes_since(self.applied_seq, limit=self.batch_size)
+                if not changes:
+                    break
+                self._apply(changes)
+                self.applied_seq = changes[-1].seq
+            applied += len(changes)
+        if applied:
+            log.info("release %s caught up %d corpus writes (seq %d)", self.release_id, applied, self.applied_seq)
+        return applied
+
+    def apply_documents(self, corpus: CorpusStore, doc_ids: Sequence[str]) -> None:
+        """Bring `doc_ids` in the index to their state in the corpus now (deleted ones removed), ahead of any backlog
+        of other writes: a write calls this for its own documents, so that a search after it finds them without
+        the write waiting for the whole backlog. A corpus row holds a document's latest state, so applying it
+        ahead of older changes to other documents is safe, and catch-up applying it again in turn is harmless."""
         with self._catch_up_lock:
-            changes = corpus.changes_since(self.applied_seq)
-            if not changes:
-                return 0
-            upserts = [c.document for c in changes if c.document is not None]
-            deletes = [c.doc_id for c in changes if c.document is None]
-            texts = [doc.embedding_text() for doc in upserts]
-            for start, vectors in zip(range(0, len(upserts), self.batch_size), self.encode_documents(texts)):
-                self.index.add([doc.id for doc in upserts[start : start + self.batch_size]], vectors)
-            self.index.remove(deletes)
-            self.applied_seq = changes[-1].seq
-            log.info("release %s caught up %d corpus writes (seq %d)", self.release_id, len(changes), self.applied_seq)
-            return len(changes)
+            found = corpus.get_many(list(doc_ids))
+            self._apply([Change(0, doc_id, found.get(doc_id)) for doc_id in doc_ids])
+
+    def _apply(self, changes: Sequence[Change]) -> None:
+        """Encode and add the changed documents, remove the deleted ones; the caller holds the catch-up lock."""
+        upserts = [c.document for c in changes if c.document is not None]
+        texts = [doc.embedding_text() for doc in upserts]
+        for start, vectors in zip(range(0, len(upserts), self.batch_size), self.encode_documents(texts)):
+            self.index.add([doc.id for doc in upserts[start : start + self.batch_size]], vectors)
+        self.index.remove([c.doc_id for c in changes if c.document is None])
 
     def encode_documents(self, texts: Sequence[str]) -> Iterator[np.ndarray]:
         """Document vectors of this release's model, one batch of `batch_size` texts per hold of the lock queries

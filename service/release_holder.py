@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 from indexer.corpus_store import CorpusStore, Document, WriteResult
 from indexer.live_release import LiveRelease
@@ -109,17 +110,18 @@ class ReleaseHolder:
     def write(self, documents: list[Document]) -> tuple[WriteResult, str | None]:
         """Upsert documents into the corpus, then into the live index with the live model."""
         result = self.corpus.upsert(documents)
-        return result, self._apply_to_live()
+        return result, self._apply_to_live(result.changed)
 
     def delete(self, doc_id: str) -> tuple[int, str | None]:
         """Delete a document from the corpus and from the live index."""
         seq = self.corpus.delete(doc_id)
-        return seq, self._apply_to_live()
+        return seq, self._apply_to_live([doc_id])
 
-    def _apply_to_live(self) -> str | None:
+    def _apply_to_live(self, doc_ids: Sequence[str]) -> str | None:
+        """Apply the written documents to the live release ahead of any catch-up backlog (`apply_documents`)."""
         with self._swap_lock:
             live = self.current
         if live is None:
             return None
-        live.catch_up(self.corpus)
+        live.apply_documents(self.corpus, doc_ids)
         return live.release_id

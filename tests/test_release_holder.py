@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import numpy as np
+
 from indexer.corpus_store import CorpusStore, Document
 from indexer.release_builder import BuildOptions, build_release
 from service.release_holder import ReleaseHolder
@@ -11,17 +16,18 @@ LATE = Document(id="late", title="", text="a write that lands while the next rel
 
 
 class WriteDuringCatchUp(CorpusStore):
-    """A corpus that runs `hook` once, the next time a release reads its changes, after reading them: a write
-    landing just after a catch-up has looked, which no sleep could place reliably."""
+    """A corpus that runs `hook` once, the next time a release reads how far its changes go, after reading it: a
+    write landing just after a catch-up has looked, which no sleep could place reliably."""
 
     hook = None
 
-    def changes_since(self, seq: int):
-        changes = super().changes_since(seq)
+    @property
+    def seq(self) -> int:
+        seq = super().seq
         hook, self.hook = self.hook, None
         if hook is not None:
             hook()
-        return changes
+        return seq
 
 
 class SwitchRecordingHolder(ReleaseHolder):
@@ -60,3 +66,37 @@ def test_a_write_between_catch_up_and_switch_is_in_the_release_switched_in(data_
     assert holder.held_at_switch[second.release_id], "the incoming release was switched in without the write"
     assert holder.current.release_id == second.release_id and LATE.id in holder.current.index
     corpus.close()
+
+
+def test_a_write_waits_for_one_run_of_a_catch_up_backlog_not_all_of_it(data_dir, corpus, releases, tiny_model_dir):
+    """Guards against an API write waiting for a whole catch-up backlog (a large `lockstep ingest` picked up by the
+    poll) before it answered, holding its request for minutes."""
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+    holder = ReleaseHolder(releases, corpus, batch_size=4)
+    holder.refresh()
+    live = holder.current
+    corpus.upsert([Document(id=f"n{i}", title="note", text=f"apple {i} banana {i % 3}") for i in range(40)])
+    encode, runs = live.encoder.encode, []
+
+    def slow(texts, kind="query", **kwargs):
+        runs.append(len(texts))
+        time.sleep(0.1)
+        return encode(texts, kind, **kwargs)
+
+    live.encoder.encode = slow
+    backlog = threading.Thread(target=live.catch_up, args=(corpus,))
+    backlog.start()
+    while not runs:
+        time.sleep(0.01)
+    result, applied_to = holder.write([LATE])
+    assert backlog.is_alive(), "the write waited for the whole backlog"
+    assert applied_to == live.release_id and result.changed == (LATE.id,)
+    assert live.search(corpus, LATE.text, 1).hits[0].document.id == LATE.id
+    backlog.join()
+    assert len(runs) < 14, f"the write made the backlog run {len(runs)} encodes"
+    assert all(f"n{i}" in live.index for i in range(40))
+    assert live.catch_up(corpus) == 1 and live.applied_seq == corpus.seq, "the write's own change is caught up in turn"
+    assert np.allclose(live.index.reconstruct(LATE.id), encode([LATE.embedding_text()], "document")[0], atol=1e-5)
+    unchanged, _ = holder.write([LATE])
+    assert unchanged.changed == () and live.catch_up(corpus) == 0
