@@ -72,6 +72,21 @@ def test_int8_encoding_agrees_with_fp32_in_every_batch_shape(tiny_model_dir, tmp
             assert _cosines(vectors, expected).min() >= GATE
 
 
+
+def test_the_onnx_session_uses_torchs_thread_count(tiny_model_dir, tmp_path):
+    """Guards against ONNX Runtime starting a thread per visible core where `OMP_NUM_THREADS` (set from a
+    container's CPU limit) asks for fewer, as OpenVINO and torch already honour."""
+    path = BiEncoder.load(tiny_model_dir).export_int8(tmp_path / INT8_MODEL_FILE)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            session = OnnxForward(path).session
+            assert session.get_session_options().intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_int8_release_serves_search_and_catch_up_through_onnx(corpus, releases, tiny_model_dir, monkeypatch):
     corpus.upsert(SAMPLE_DOCS)
     manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="int8"), activate=True)
@@ -116,6 +131,29 @@ def test_a_failed_gate_names_the_figure_and_leaves_nothing(corpus, releases, tmp
         build_release(corpus, releases, options, activate=True)
     assert releases.list() == [] and releases.active() is None
     assert list(releases.releases_dir.glob(".staging-*")) == []
+
+
+@pytest.mark.parametrize("damage, threshold, refusal", [
+    (lambda row: row * float("nan"), 0.98, r"gave 1 of 5 sampled documents vectors that are not finite"),
+    (lambda row: -row, 0.5, r"damages some .* min cosine -\d\.\d{4} .* below the 0\.5 any one document must keep"),
+])
+def test_the_gate_refuses_a_wrecked_document_behind_a_passing_mean(corpus, releases, tiny_model_dir, monkeypatch,
+                                                                  damage, threshold, refusal):
+    """Guards against NaN vectors passing the gate (NaN compares false with the bound) and against a few wrecked
+    documents hiding behind a mean that passes."""
+    corpus.upsert(SAMPLE_DOCS)
+    run = OnnxForward.__call__
+
+    def wreck_first_row(self, input_ids, attention_mask):
+        hidden = run(self, input_ids, attention_mask)
+        hidden[0] = damage(hidden[0])
+        return hidden
+
+    monkeypatch.setattr(OnnxForward, "__call__", wreck_first_row)
+    options = BuildOptions(model_path=tiny_model_dir, precision="int8", int8_min_cosine=threshold)
+    with pytest.raises(InvalidInput, match=refusal):
+        build_release(corpus, releases, options, activate=True)
+    assert releases.list() == [] and list(releases.releases_dir.glob(".staging-*")) == []
 
 
 def test_a_modified_onnx_model_is_refused(corpus, releases, tiny_model_dir):

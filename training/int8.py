@@ -10,7 +10,6 @@ to measure (the release builder gates on it).
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -61,16 +60,13 @@ def export_int8(model: PreTrainedModel, path: Path) -> Path:
     return path
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class OnnxForward:
     """A quantised transformer in an ONNX Runtime session on the CPU; called like `TorchForward`.
 
-    One intra-op thread per core, no inter-op pool and no spinning between runs, so
-    the session never competes with torch, FAISS or the server for the cores.
+    As many intra-op threads as torch uses (`OMP_NUM_THREADS`, which a container's CPU
+    limit should set, since the limit does not narrow the cores a process sees), no
+    inter-op pool and no spinning between runs, so the session never competes with
+    torch, FAISS or the server for the cores.
     """
 
     precision = "int8"
@@ -78,7 +74,7 @@ class OnnxForward:
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_cores()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
