@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
+from transformers import BertConfig, BertModel
 
 from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput
@@ -131,6 +132,61 @@ def test_refuses_a_pipeline_step_or_default_prompt_it_would_skip(tiny_model_copy
     config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "passage": ""}, "default_prompt_name": None}))
     assert BiEncoder.load(tiny_model_copy).dim > 0
     assert "declares prompts ['query']" in caplog.text
+
+
+def test_refuses_lower_casing_and_uncosine_scoring_it_would_not_reproduce(tiny_model_copy):
+    """Guards against silently encoding a model sentence-transformers lower-cases text for, or one that ranks by
+    dot product over unnormalised vectors, where Lockstep normalises and ranks by cosine."""
+    st_file = tiny_model_copy / "sentence_bert_config.json"
+    st_config = json.loads(st_file.read_text())
+    st_file.write_text(json.dumps({**st_config, "do_lower_case": True}))
+    with pytest.raises(InvalidInput, match="sets do_lower_case, so sentence-transformers lower-cases every text"):
+        BiEncoder.load(tiny_model_copy)
+    st_file.write_text(json.dumps(st_config))
+    config_file = tiny_model_copy / "config_sentence_transformers.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "similarity_fn_name": "dot"}))
+    assert BiEncoder.load(tiny_model_copy).dim == 32, "dot product over normalised vectors is cosine"
+    modules_file = tiny_model_copy / "modules.json"
+    modules_file.write_text(json.dumps([m for m in json.loads(modules_file.read_text()) if m["path"] != "2_Normalize"]))
+    with pytest.raises(InvalidInput, match="scores with 'dot' similarity over vectors its pipeline does not normalise"):
+        BiEncoder.load(tiny_model_copy)
+
+
+def test_a_half_precision_checkpoint_encodes_in_fp32(tiny_model_copy):
+    """Guards against an fp16 checkpoint running in fp16 while the release records fp32 (transformers 5 keeps a
+    checkpoint's dtype), which also made the int8 gate's fp32 reference an fp16 one."""
+    BiEncoder.load(tiny_model_copy).model.half().save_pretrained(tiny_model_copy, safe_serialization=True)
+    encoder = BiEncoder.load(tiny_model_copy)
+    assert {parameter.dtype for parameter in encoder.model.parameters()} == {torch.float32}
+    oracle = SentenceTransformer(str(tiny_model_copy), device="cpu", model_kwargs={"dtype": torch.float32})
+    assert np.allclose(encoder.encode(TEXTS), oracle.encode(TEXTS, normalize_embeddings=True), atol=1e-5)
+
+
+def test_a_folder_declaring_no_length_uses_the_position_embeddings_as_sentence_transformers_does(tiny_model_copy):
+    """Guards against capping such a model at 512 tokens where sentence-transformers encodes up to its position
+    embeddings, so long texts got different vectors."""
+    BertModel(BertConfig.from_pretrained(tiny_model_copy, max_position_embeddings=640)).save_pretrained(tiny_model_copy)
+    st_file = tiny_model_copy / "sentence_bert_config.json"
+    st_file.write_text(json.dumps({"do_lower_case": False}))
+    tokenizer_file = tiny_model_copy / "tokenizer_config.json"
+    tokenizer_file.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_file.read_text()).items()
+                                          if k != "model_max_length"}))
+    (tiny_model_copy / "lockstep.json").unlink()
+    encoder = BiEncoder.load(tiny_model_copy)
+    oracle = SentenceTransformer(str(tiny_model_copy), device="cpu")
+    assert encoder.settings.document_max_length == oracle.max_seq_length == 640
+
+
+def test_a_tokenizer_truncating_from_the_left_sees_the_end_of_a_long_text(tiny_model_copy):
+    """Guards against the long-text shortcut (tokenizing a prefix) feeding a left-truncating tokenizer the wrong end
+    of the text."""
+    tokenizer_file = tiny_model_copy / "tokenizer_config.json"
+    tokenizer_file.write_text(json.dumps({**json.loads(tokenizer_file.read_text()), "truncation_side": "left"}))
+    encoder = BiEncoder.load(tiny_model_copy, document_max_length=8)
+    text = "apple banana " * 200 + "cherry red green blue small large"
+    expected = encoder.tokenizer([text], truncation=True, max_length=8)["input_ids"]
+    assert encoder.tokenize([text], "document") == expected
+    assert encoder.tokenizer.convert_ids_to_tokens(expected[0])[-2] == "large"
 
 
 def test_refuses_missing_folder(tmp_path):

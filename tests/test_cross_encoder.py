@@ -193,6 +193,22 @@ def test_refuses_a_classifier_with_several_labels(tiny_model_dir, tmp_path):
         CrossEncoder.load(tmp_path / "nli")
 
 
+def test_refuses_a_classifier_folder_without_its_head_and_loads_a_half_precision_one_in_fp32(tiny_model_dir, tmp_path):
+    """Guards against a reranker whose head weights are missing or renamed silently ranking by a random head, and
+    against an fp16 checkpoint running in fp16 while the release records its precision."""
+    config = BertConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    torch.manual_seed(3)
+    BertForSequenceClassification(config).half().save_pretrained(tmp_path / "reranker")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "reranker")
+    loaded = CrossEncoder.load(tmp_path / "reranker")
+    assert {parameter.dtype for parameter in loaded.model.parameters()} == {torch.float32}
+    weights = load_file(tmp_path / "reranker" / "model.safetensors")
+    headless = {name: tensor for name, tensor in weights.items() if not name.startswith("classifier.")}
+    save_file(headless, tmp_path / "reranker" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InvalidInput, match=r"missing \['classifier\.bias', 'classifier\.weight'\]"):
+        CrossEncoder.load(tmp_path / "reranker")
+
+
 def test_bi_encoder_folder_keeps_encoder_and_seeds_new_head(tiny_model_dir):
     """Guards against a randomly initialised encoder, or a fresh head that differs between identical runs."""
     first = CrossEncoder.load(tiny_model_dir, seed=7)

@@ -112,14 +112,15 @@ def _require_safetensors(model_dir: Path) -> None:
 
 def _folder_max_length(model_dir: Path, model: PreTrainedModel) -> int:
     """sentence-transformers' `max_seq_length` (v5 and older), else the tokenizer's `model_max_length`
-    (where v6 keeps it), else 512; never beyond the model's position embeddings."""
+    (where v6 keeps it), else the model's position embeddings (512 if it declares none), as sentence-transformers
+    falls back; never beyond the position embeddings."""
     limit = getattr(model.config, "max_position_embeddings", 512)
     for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
         path = model_dir / name
         value = json.loads(path.read_text()).get(key) if path.exists() else None
         if isinstance(value, int) and 0 < value < 100_000:
             return min(value, limit)
-    return min(512, limit)
+    return limit
 
 
 def _batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
@@ -171,7 +172,11 @@ class BiEncoder:
         model_dir = Path(path)
         _require_safetensors(model_dir)
         check_pipeline(model_dir)
-        model = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).to(device)
+        # fp32 whatever the checkpoint stores (transformers 5 keeps an fp16 checkpoint in fp16): precision is the
+        # release's choice, and the int8 gate's reference must be fp32.
+        model = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).to(
+            device=device, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         declared = {}
         if (model_dir / LOCKSTEP_CONFIG).exists():

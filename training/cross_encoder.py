@@ -76,10 +76,15 @@ def as_pairs(pairs: Sequence[tuple[str, str]]) -> list[Pair]:
     return checked
 
 
+def _is_classifier(config: PretrainedConfig) -> bool:
+    """True when the folder was saved as a sequence classifier, so its weights should hold the head too."""
+    return any(arch.endswith("ForSequenceClassification") for arch in config.architectures or ())
+
+
 def _classifier_config(model_dir: Path) -> PretrainedConfig:
     """The folder's config with one output label; refuses classifiers trained for more labels."""
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    is_classifier = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or ())
+    is_classifier = _is_classifier(config)
     if is_classifier and config.num_labels != 1:
         raise InvalidInput(
             f"{model_dir} is a classifier with {config.num_labels} labels; a reranker needs one relevance "
@@ -126,17 +131,23 @@ class CrossEncoder:
     def load(
         cls, path: str | Path, *, max_length: int | None = None, seed: int = 0, device: str = "cpu"
     ) -> CrossEncoder:
-        """Load a reranker or any BERT-like encoder folder; a missing head is initialised from `seed`."""
+        """Load a reranker or any BERT-like encoder folder; an encoder's missing head is initialised from `seed`.
+
+        A folder saved as a classifier must hold its head: initialising a missing or renamed
+        one would rank by noise. Weights load in fp32 whatever the checkpoint stores, as
+        precision is chosen per release.
+        """
         model_dir = Path(path)
         _require_safetensors(model_dir)
         config = _classifier_config(model_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+                model_dir, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
             )
         prefix = f"{model.base_model_prefix}."
-        missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix) and ".pooler." not in k)
+        missing = sorted(k for k in info["missing_keys"]
+                         if ".pooler." not in k and (k.startswith(prefix) or _is_classifier(config)))
         if missing or info["mismatched_keys"]:
             raise InvalidInput(
                 f"{model_dir}/model.safetensors does not hold this architecture's encoder weights "
@@ -145,7 +156,7 @@ class CrossEncoder:
             )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         length = _default_max_length(tokenizer, config) if max_length is None else max_length
-        return cls(model.to(device), tokenizer, length)
+        return cls(model.to(device=device, dtype=torch.float32), tokenizer, length)
 
     @property
     def max_length(self) -> int:

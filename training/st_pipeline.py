@@ -1,12 +1,14 @@
 """Checking that a sentence-transformers folder asks for nothing Lockstep would skip when encoding.
 
 Lockstep runs a folder's transformer, its pooling and L2 normalisation. A pipeline
-(`modules.json`) with any other module, a Dense projection say, or a prompt that
-sentence-transformers prepends to every text (`default_prompt_name`) would make
-Lockstep's vectors differ from what sentence-transformers computes for the same model,
-silently, so such folders are refused when loaded. Prompts declared without a default
-are applied by sentence-transformers only when a caller names one; Lockstep encodes
-as its plain `encode` does, and says so.
+(`modules.json`) with any other module, a Dense projection say, a prompt that
+sentence-transformers prepends to every text (`default_prompt_name`), lower-casing
+(`do_lower_case`), or a dot-product or distance similarity over vectors the pipeline
+does not normalise would make Lockstep's vectors or rankings differ from what
+sentence-transformers computes for the same model, silently, so such folders are
+refused when loaded. Prompts declared without a default are applied by
+sentence-transformers only when a caller names one; Lockstep encodes as its plain
+`encode` does, and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MODULES_FILE = "modules.json"
 ST_CONFIG_FILE = "config_sentence_transformers.json"
+TRANSFORMER_CONFIG_FILE = "sentence_bert_config.json"
 RUN_MODULES = ("Transformer", "Pooling", "Normalize")  # class names; the module path moves between versions
 
 
@@ -32,6 +35,7 @@ def _runs(module_type: object) -> bool:
 def check_pipeline(model_dir: Path) -> None:
     """InvalidInput naming the module or prompt of `model_dir` that Lockstep would not apply (see the module doc)."""
     modules = _read_json(model_dir / MODULES_FILE)
+    normalised = True
     if modules is not None:
         if not isinstance(modules, list) or not all(isinstance(module, dict) for module in modules):
             raise InvalidInput(f"{model_dir / MODULES_FILE}: expected a list of module objects")
@@ -42,9 +46,23 @@ def check_pipeline(model_dir: Path) -> None:
                 f"Lockstep does not run (it runs Transformer, Pooling and Normalize), so its vectors would differ "
                 "from sentence-transformers'; use a model whose pipeline has only those"
             )
+        normalised = any(str(module.get("type", "")).endswith(".Normalize") for module in modules)
+    transformer = _read_json(model_dir / TRANSFORMER_CONFIG_FILE)
+    if isinstance(transformer, dict) and transformer.get("do_lower_case"):
+        raise InvalidInput(
+            f"{model_dir}: {TRANSFORMER_CONFIG_FILE} sets do_lower_case, so sentence-transformers lower-cases every "
+            "text before tokenizing, which Lockstep does not; use a model with an uncased tokenizer instead"
+        )
     config = _read_json(model_dir / ST_CONFIG_FILE)
     if not isinstance(config, dict):
         return
+    similarity = config.get("similarity_fn_name")
+    if not normalised and similarity not in (None, "cosine"):
+        raise InvalidInput(
+            f"{model_dir}: the model scores with {similarity!r} similarity over vectors its pipeline does not "
+            "normalise, while Lockstep normalises every vector and ranks by cosine, so rankings would differ; "
+            "use a model trained for cosine similarity"
+        )
     prompts = {name: text for name, text in (config.get("prompts") or {}).items() if text}
     default = config.get("default_prompt_name")
     if default:

@@ -29,7 +29,10 @@ def token_prefixes(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int, longer_than: Sequence[int] | None = None
 ) -> list[str]:
     """`texts`, each long one replaced by a prefix that tokenizes to the same first tokens as the whole text: at least
-    `max_tokens` of them, and more than `longer_than[row]` where given (the length of the other side of a pair)."""
+    `max_tokens` of them, and more than `longer_than[row]` where given (the length of the other side of a pair).
+    A tokenizer that truncates from the left keeps a text's last tokens, so its texts are returned whole."""
+    if tokenizer.truncation_side != "right":
+        return list(texts)
     needed = [max(max_tokens, (longer_than[row] + 1) if longer_than is not None else 0) for row in range(len(texts))]
     prefixes = {}
     for row, text in enumerate(texts):
