@@ -129,9 +129,38 @@ def test_refuses_a_pipeline_step_or_default_prompt_it_would_skip(tiny_model_copy
     config_file.write_text(json.dumps({**config, "prompts": {"query": "query: "}, "default_prompt_name": "query"}))
     with pytest.raises(InvalidInput, match=r"prepends its default prompt 'query' \('query: '\) to every text"):
         BiEncoder.load(tiny_model_copy)
-    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "passage": ""}, "default_prompt_name": None}))
+    config_file.write_text(json.dumps({**config, "prompts": {"passage": "", "clustering": "topic: "},
+                                       "default_prompt_name": None}))
     assert BiEncoder.load(tiny_model_copy).dim > 0
-    assert "declares prompts ['query']" in caplog.text
+    assert "declares prompts ['clustering']" in caplog.text
+
+
+def test_query_and_document_prompts_are_applied_as_sentence_transformers_does(tiny_model_copy, tmp_path):
+    """Guards against dropping an e5- or bge-style model's prompts: sentence-transformers' encode_query and
+    encode_document put them before every text, so Lockstep's vectors differed from the model's own."""
+    plain = BiEncoder.load(tiny_model_copy)
+    config_file = tiny_model_copy / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "passage": "passage: "}}))
+    encoder = BiEncoder.load(tiny_model_copy)
+    assert (encoder.settings.query_prompt, encoder.settings.document_prompt) == ("query: ", "passage: ")
+    assert encoder.fingerprint != plain.fingerprint
+    oracle = SentenceTransformer(str(tiny_model_copy), device="cpu")
+    short = TEXTS[:3]  # within the query length, which sentence-transformers' single max length does not apply
+    assert np.allclose(encoder.encode(short, "query"), oracle.encode_query(short), atol=1e-5)
+    passages = oracle.encode(TEXTS, prompt_name="passage", normalize_embeddings=True)
+    assert np.allclose(encoder.encode(TEXTS, "document"), passages, atol=1e-5)
+    assert not np.allclose(encoder.encode(TEXTS, "query"), plain.encode(TEXTS, "query"), atol=1e-3)
+    encoder.save(tmp_path / "saved")
+    again = BiEncoder.load(tmp_path / "saved")
+    assert again.fingerprint == encoder.fingerprint and again.settings == encoder.settings
+    saved_oracle = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert saved_oracle.prompts["document"] == "passage: ", "saved under the name every version's encode_document reads"
+    assert np.allclose(again.encode(TEXTS, "document"), saved_oracle.encode_document(TEXTS), atol=1e-5)
+    pooling_file = tiny_model_copy / "1_Pooling" / "config.json"
+    pooling_file.write_text(json.dumps({**json.loads(pooling_file.read_text()), "include_prompt": False}))
+    with pytest.raises(InvalidInput, match=r"leaves the prompt's tokens out \(include_prompt false\)"):
+        BiEncoder.load(tiny_model_copy)
 
 
 def test_refuses_lower_casing_and_uncosine_scoring_it_would_not_reproduce(tiny_model_copy):

@@ -35,7 +35,7 @@ from training.fingerprint import model_fingerprint
 from training.openvino_runtime import FLOAT_PRECISION, CompiledGraph, OpenVinoForward, convert_transformer
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
-from training.st_pipeline import check_pipeline
+from training.st_pipeline import check_pipeline, read_prompts
 from training.token_prefix import token_prefixes
 from training.transformer_graph import feeds, input_names
 
@@ -56,9 +56,15 @@ class EncoderSettings:
     pooling: Pooling
     query_max_length: int
     document_max_length: int
+    query_prompt: str = ""
+    document_prompt: str = ""
 
     def max_length(self, kind: TextKind) -> int:
         return self.query_max_length if kind == "query" else self.document_max_length
+
+    def prompt(self, kind: TextKind) -> str:
+        """The text put before every text of `kind` (an instruction such as e5's "query: "), or ""."""
+        return self.query_prompt if kind == "query" else self.document_prompt
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,7 @@ class BiEncoder:
             pooling=pooling or read_pooling(model_dir) or Pooling(declared.get("pooling", Pooling.MEAN.value)),
             query_max_length=query_max_length or declared.get("query_max_length", default_length),
             document_max_length=document_max_length or declared.get("document_max_length", default_length),
+            **read_prompts(model_dir),
         )
         return cls(model, tokenizer, settings, name=name or declared.get("name", model_dir.name))
 
@@ -203,8 +210,10 @@ class BiEncoder:
         return model_fingerprint(self.model, self.tokenizer, self.settings)
 
     def tokenize(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
-        """Token ids per text, truncated to the kind's max length, unpadded."""
+        """Token ids per text, after the kind's prompt, truncated to the kind's max length, unpadded."""
         max_length = self.settings.max_length(kind)
+        if prompt := self.settings.prompt(kind):
+            texts = [prompt + text for text in texts]
         return self.tokenizer(
             token_prefixes(self.tokenizer, texts, max_length), truncation=True, max_length=max_length, padding=False
         )["input_ids"]
@@ -364,6 +373,12 @@ class BiEncoder:
         """Unit float32 vectors `(len(texts), dim)`, in input order."""
         return self.encode_with_norms(texts, kind, **kwargs).vectors
 
+    def settings_prompts(self) -> dict[str, str]:
+        """The prompts in sentence-transformers' naming (`encode_query` reads "query", `encode_document`
+        "document"), those that are set."""
+        named = {"query": self.settings.query_prompt, "document": self.settings.document_prompt}
+        return {name: prompt for name, prompt in named.items() if prompt}
+
     def save(self, path: str | Path) -> Path:
         """Write the model in sentence-transformers' folder layout (safetensors weights)."""
         out = Path(path)
@@ -381,7 +396,8 @@ class BiEncoder:
         st_config = {"max_seq_length": self.settings.document_max_length, "do_lower_case": False}
         (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
         (out / "config_sentence_transformers.json").write_text(
-            json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
+            json.dumps({"similarity_fn_name": "cosine", "prompts": self.settings_prompts(), "default_prompt_name": None},
+                       indent=2)
         )
         lockstep = {
             "name": self.name,

@@ -74,12 +74,12 @@ def model_fingerprint(
     model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", settings: "EncoderSettings"
 ) -> str:
     """The fingerprint string `sha256:<hex>` of a loaded model with its encoder settings."""
-    return compute_fingerprint(
-        model,
-        tokenizer,
-        {
-            "pooling": settings.pooling.value,
-            "query_max_length": settings.query_max_length,
-            "document_max_length": settings.document_max_length,
-        },
-    )
+    described: dict[str, object] = {
+        "pooling": settings.pooling.value,
+        "query_max_length": settings.query_max_length,
+        "document_max_length": settings.document_max_length,
+    }
+    # Only set prompts are hashed, so a model without any keeps the fingerprint it had before prompts were applied.
+    described.update({name: prompt for name, prompt in (("query_prompt", settings.query_prompt),
+                                                         ("document_prompt", settings.document_prompt)) if prompt})
+    return compute_fingerprint(model, tokenizer, described)
