@@ -35,6 +35,7 @@ from indexer.job_store import (
     CANCELLED, FAILED, QUEUED, REJECTED, SHARD_DONE, SUCCEEDED, ClaimLost, Job, JobStore, Shard,
 )
 from indexer.live_release import LiveRelease
+from indexer.manifest import Manifest
 from indexer.quality_gate import DevSet, judge
 from indexer.retrieval_eval import judged_queries
 from indexer.release_builder import BuildOptions
@@ -254,6 +255,13 @@ def _model_name(ctx: JobContext, live) -> str | None:
     return None if ctx.job.params.get("model") else base
 
 
+def _reranker_path(ctx: JobContext, live: Manifest | None) -> Path | None:
+    """The live release's stored reranker (none if it has none); the `RERANKER` setting only while none is live."""
+    if live is None:
+        return ctx.settings.reranker
+    return ctx.settings.data_dir / live.reranker.path if live.reranker else None
+
+
 def _build_options(ctx: JobContext) -> BuildOptions:
     """The job's model with the live release's index type and reranker (else the settings') and the build settings."""
     outputs, params = ctx.job.outputs, ctx.job.params
@@ -263,7 +271,8 @@ def _build_options(ctx: JobContext) -> BuildOptions:
         model_name=_model_name(ctx, live),
         index_type=params.get("index_type") or (live.index_type if live else ctx.settings.index_type),
         batch_size=ctx.settings.batch_size,
-        reranker_path=ctx.settings.data_dir / live.reranker.path if live and live.reranker else ctx.settings.reranker,
+        reranker_path=_reranker_path(ctx, live),
+        reranker_name=live.reranker.name if live and live.reranker else None,
         precision=ctx.settings.precision,
         runtime=ctx.settings.runtime,
         int8_activations=ctx.settings.int8_activations,
@@ -342,13 +351,14 @@ def evaluate(ctx: JobContext) -> StepOutcome:
             "reason": "no dev set: set LOCKSTEP_DEV_QUERIES and LOCKSTEP_DEV_QRELS, or send dev_queries/dev_qrels",
         }})
     ctx.progress("evaluate", 0, 2)
-    candidate = LiveRelease.load(ctx.releases, release_id, batch_size=ctx.settings.batch_size)
+    device = resolve_device(ctx.settings.device)
+    candidate = LiveRelease.load(ctx.releases, release_id, batch_size=ctx.settings.batch_size, device=device)
     candidate.catch_up(ctx.corpus)
     ctx.progress("evaluate", 1, 2)
     active = ctx.releases.active()
     live = None
     if active and active != release_id:
-        live = LiveRelease.load(ctx.releases, active, batch_size=ctx.settings.batch_size)
+        live = LiveRelease.load(ctx.releases, active, batch_size=ctx.settings.batch_size, device=device)
         live.catch_up(ctx.corpus)
     report = judge(candidate, live, dev, ctx.settings.gate_tolerance)
     ctx.progress("evaluate", 2, 2)

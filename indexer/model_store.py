@@ -75,14 +75,17 @@ class ModelStore:
             query_max_length=query_max_length,
             document_max_length=document_max_length,
         )
-        stored, folder = self._store(original, lambda path: BiEncoder.load(path, device=device))
+        stored, folder = self._store(original, BiEncoder, device)
         stored.name = original.name  # a display name, outside the fingerprint: this build's, not the stored copy's
         return stored, model_ref(stored, f"models/{folder.name}")
 
-    def put_reranker(self, source: str | Path, *, max_length: int | None = None) -> tuple[CrossEncoder, RerankerRef]:
-        """Store a cross-encoder by fingerprint and return it loaded from the store."""
-        stored, folder = self._store(CrossEncoder.load(source, max_length=max_length), CrossEncoder.load)
-        ref = RerankerRef(stored.fingerprint, f"models/{folder.name}", Path(source).name, stored.max_length)
+    def put_reranker(
+        self, source: str | Path, *, max_length: int | None = None, name: str | None = None
+    ) -> tuple[CrossEncoder, RerankerRef]:
+        """Store a cross-encoder by fingerprint and return it loaded from the store; `name` (default: the source
+        folder's name) is what the release records it as."""
+        stored, folder = self._store(CrossEncoder.load(source, max_length=max_length), CrossEncoder)
+        ref = RerankerRef(stored.fingerprint, f"models/{folder.name}", name or Path(source).name, stored.max_length)
         return stored, ref
 
     def load_reranker(self, ref: RerankerRef, device: str = "cpu") -> CrossEncoder:
@@ -98,36 +101,28 @@ class ModelStore:
             )
         return reranker
 
-    def _store(self, original, load):
-        """`original` as stored in `models/<fingerprint>`, re-loaded with `load`, and its folder, touched.
+    def _store(self, original, kind: type, device: str = "cpu"):
+        """`original` as stored in `models/<fingerprint>`, loaded onto `device`, and its folder, touched.
 
         A folder that already holds these weights intact is reused without writing the
         model again (a repeated `lockstep build --model PATH`). Otherwise the model is saved
-        to staging and re-loaded there, and moved into place unless an intact copy exists;
-        a damaged copy (files edited or truncated) is replaced.
+        to staging, re-loaded there, and moved into place (`_put_in_place`). Whether a copy
+        is intact is checked on the CPU, so a failure of the device (a GPU out of memory)
+        is never taken for damaged files; the device load comes last.
         """
         folder = self.models_dir / _folder_name(original.fingerprint)
-        stored = _intact(folder, original.fingerprint, load)
-        if stored is not None:
-            touch(folder)
-            return stored, folder
-        staging = self.models_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
-        try:
-            original.save(staging)
-            stored = load(staging)
-            folder = self.models_dir / _folder_name(stored.fingerprint)
-            if folder.exists() and _intact(folder, stored.fingerprint, load) is None:
-                damaged = self.models_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
-                folder.rename(damaged)
-                shutil.rmtree(damaged, ignore_errors=True)
-            if not folder.exists():
-                fsync_tree(staging)
-                staging.rename(folder)
-                fsync_dir(self.models_dir)
-            touch(folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return stored, folder
+        stored = _intact(folder, original.fingerprint, kind)
+        if stored is None:
+            staging = self.models_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+            try:
+                original.save(staging)
+                stored = kind.load(staging)
+                folder = self.models_dir / _folder_name(stored.fingerprint)
+                _put_in_place(staging, folder, stored.fingerprint, kind)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        touch(folder)
+        return (stored if device == "cpu" else kind.load(folder, device=device)), folder
 
     def load(self, ref: ModelRef, device: str = "cpu") -> BiEncoder:
         """Load a stored model and refuse it unless it still hashes to `ref.fingerprint`."""
@@ -144,17 +139,36 @@ class ModelStore:
         return encoder
 
 
-def _intact(folder: Path, fingerprint: str, load):
-    """The model in `folder` loaded with `load` if it hashes to `fingerprint`; None if the folder is missing, or
+def _intact(folder: Path, fingerprint: str, kind: type):
+    """The model in `folder` loaded on the CPU if it hashes to `fingerprint`; None if the folder is missing, or
     damaged (logged: it is replaced)."""
     if not folder.is_dir():
         return None
     try:
-        model = load(folder)
-    except Exception as exc:  # a damaged folder fails to load in many ways (safetensors, JSON, tokenizer files)
+        model = kind.load(folder)
+    except MemoryError:
+        raise
+    except Exception as exc:  # on the CPU, a folder fails to load in many ways, all of them its files (safetensors, JSON, tokenizer)
         log.warning("stored model %s cannot be loaded (%s: %s); storing it again", folder, type(exc).__name__, exc)
         return None
     if model.fingerprint != fingerprint:
         log.warning("stored model %s no longer hashes to its name (files changed); storing it again", folder)
         return None
     return model
+
+
+def _put_in_place(staging: Path, folder: Path, fingerprint: str, kind: type) -> None:
+    """Move the fsynced `staging` copy to `folder`, unless `folder` already holds an intact copy (another build
+    stored the same model meanwhile); a damaged copy there is swapped out with two renames, so a crash leaves the
+    folder either old or new for at most that instant, and deleted only after the new copy is in place."""
+    fsync_tree(staging)
+    try:
+        staging.rename(folder)
+    except OSError:
+        if _intact(folder, fingerprint, kind) is not None:
+            return
+        damaged = folder.with_name(f"{STAGING_PREFIX}{secrets.token_hex(4)}")
+        folder.rename(damaged)
+        staging.rename(folder)
+        shutil.rmtree(damaged, ignore_errors=True)
+    fsync_dir(folder.parent)

@@ -66,6 +66,7 @@ class BuildOptions:
     query_max_length: int | None = None
     document_max_length: int | None = None
     reranker_path: Path | None = None
+    reranker_name: str | None = None  # what the release records the reranker as; default the folder's name
     precision: Precision = "auto"
     runtime: BuildRuntime = "torch"
     int8_activations: Int8Activations = "auto"
@@ -165,7 +166,7 @@ def load_build_model(releases: ReleaseStore, options: BuildOptions) -> BuildMode
     activations = int8_activations(options.runtime, options.int8_activations) if precision == "int8" else None
     reranker = None
     if options.reranker_path is not None:
-        _, reranker = ModelStore(releases.data_dir).put_reranker(options.reranker_path)
+        _, reranker = ModelStore(releases.data_dir).put_reranker(options.reranker_path, name=options.reranker_name)
     return BuildModel(encoder, ref, reranker, precision, activations)
 
 

@@ -18,8 +18,13 @@ from indexer.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "lockstep:active-release"
 RECONNECT_DELAY_S = 2.0
+
+
+def channel(settings: Settings) -> str:
+    """The pub/sub channel of one deployment: named after its job queue, so two deployments sharing a Redis
+    (`LOCKSTEP_QUEUE` set apart) do not nudge each other."""
+    return f"{settings.queue}:active-release"
 
 
 def announce(settings: Settings, release_id: str) -> bool:
@@ -29,7 +34,7 @@ def announce(settings: Settings, release_id: str) -> bool:
         return False
     try:
         with redis.Redis.from_url(url, socket_timeout=2.0) as client:
-            client.publish(CHANNEL, release_id)
+            client.publish(channel(settings), release_id)
         return True
     except redis.RedisError as exc:
         log.warning("could not announce release %s over Redis (%s); services will see it at their next poll", release_id, exc)
@@ -45,7 +50,7 @@ async def listen(settings: Settings, on_change: Callable[[str], Awaitable[None]]
         client = aioredis.Redis.from_url(url)
         try:
             async with client.pubsub() as pubsub:
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(channel(settings))
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         await on_change(message["data"].decode())

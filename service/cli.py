@@ -97,6 +97,8 @@ def _build(
         manifest = build_release(corpus, ReleaseStore(settings.data_dir), options, activate=activate, show_progress=True)
     finally:
         corpus.close()
+    if activate:
+        announce(settings, manifest.release_id)
     state = "active" if activate else "not active; `lockstep releases activate " + manifest.release_id + "`"
     precision = f"{manifest.precision} on {manifest.runtime}"
     if manifest.int8_agreement is not None:
@@ -210,7 +212,8 @@ def _load_active(settings: Settings):
     if active is None:
         raise NotReady("no release is active; run `lockstep build --activate` first")
     corpus = CorpusStore(settings.corpus_path)
-    live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_policy=settings.rerank_policy())
+    live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_policy=settings.rerank_policy(),
+                            device=resolve_device(settings.device))
     live.catch_up(corpus)
     return live, corpus
 

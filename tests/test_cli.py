@@ -156,8 +156,18 @@ def test_serving_beyond_loopback_needs_a_strong_admin_token(tmp_path, monkeypatc
     assert result.exit_code == 1 and message in result.output
 
 
+def _switches_within_10_s(base: str, release_id: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 10  # loose for a loaded CI machine; the server itself polls only every 600 s
+    while httpx.get(f"{base}/readyz").json()["release"] != release_id:
+        assert time.monotonic() < deadline, f"the server did not switch to {release_id} within 10 s of the CLI's change"
+        time.sleep(0.05)
+
+
 @pytest.mark.integration
 def test_a_cli_activation_is_announced_so_a_slow_polling_server_switches_at_once(tmp_path, tiny_model_dir, other_model_dir):
+    """Guards against a server polling slowly missing an activation made from the CLI, `build --activate` too."""
     import httpx
 
     from indexer.corpus_store import CorpusStore
@@ -177,10 +187,11 @@ def test_a_cli_activation_is_announced_so_a_slow_polling_server_switches_at_once
         result = runner.invoke(app, ["--data-dir", str(data), "releases", "activate", second],
                                env={"LOCKSTEP_BROKER_URL": REDIS_URL})
         assert result.exit_code == 0, result.output
-        deadline = time.monotonic() + 10  # loose for a loaded CI machine; the server itself polls only every 600 s
-        while httpx.get(f"{base}/readyz").json()["release"] != second:
-            assert time.monotonic() < deadline, "the server did not switch within 10 s of the CLI activation"
-            time.sleep(0.05)
+        _switches_within_10_s(base, second)
+        built = runner.invoke(app, ["--data-dir", str(data), "build", "--activate", "--model", str(tiny_model_dir)],
+                              env={"LOCKSTEP_BROKER_URL": REDIS_URL})
+        assert built.exit_code == 0, built.output
+        _switches_within_10_s(base, releases.active())
     finally:
         stop(server)
         corpus.close()

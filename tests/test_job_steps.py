@@ -1,9 +1,11 @@
 """The job steps run in-process, without a broker: retrain -> reembed -> evaluate -> promote and its exits."""
 
 import dataclasses
+import shutil
 import subprocess
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +93,22 @@ def test_a_retrain_job_trains_reembeds_passes_the_gate_and_goes_live(setup):
     assert job.id in manifest.model.name and manifest.doc_count == 80
     assert manifest.model.fingerprint != releases.manifest(live_id).model.fingerprint
     assert job.progress["step"] == "promote" and job.attempts == 1
+
+
+def test_a_job_keeps_the_live_releases_reranker_under_its_name_and_adds_none(setup, tiny_model_dir, tmp_path):
+    """Guards against a job's release recording its reranker under the store's hash folder name, and against a
+    job adding the RERANKER setting's cross-encoder to a deployment whose live release has none."""
+    settings, corpus, releases, store, _, _ = setup
+    with_reranker = settings.model_copy(update={"reranker": tiny_model_dir})
+    assert run_job(with_reranker, store, corpus, "reembed", {}).status == SUCCEEDED
+    assert releases.manifest(releases.active()).reranker is None
+    named = Path(shutil.copytree(tiny_model_dir, tmp_path / "my-reranker"))
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32", reranker_path=named),
+                  activate=True)
+    live = releases.manifest(releases.active()).reranker
+    job = run_job(settings, store, corpus, "reembed", {})
+    assert job.status == SUCCEEDED, job.message
+    assert releases.manifest(job.outputs["release_id"]).reranker == live and live.name == "my-reranker"
 
 
 def test_a_regressing_candidate_is_rejected_and_the_live_release_stays(setup, tmp_path):

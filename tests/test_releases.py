@@ -239,6 +239,47 @@ def test_catch_up_encodes_a_backlog_one_batch_per_hold_of_the_query_lock(corpus,
     assert np.allclose(live.index.reconstruct("n7"), encode([backlog[7].embedding_text()], "document")[0], atol=1e-5)
 
 
+def test_a_device_failure_while_storing_never_replaces_an_intact_stored_model(releases, tiny_model_dir, monkeypatch):
+    """Guards against a passing device error (a GPU out of memory) while checking a stored copy being taken for
+    damage: the intact folder every release of that model uses was deleted and written again."""
+    store = ModelStore(releases.data_dir)
+    _, ref = store.put(tiny_model_dir)
+    folder = releases.data_dir / ref.path
+    inode = (folder / "model.safetensors").stat().st_ino
+    load, failures = BiEncoder.load, []
+
+    def gpu_out_of_memory_once(path, **kwargs):
+        if kwargs.get("device", "cpu") != "cpu" and not failures:
+            failures.append(path)
+            raise RuntimeError("CUDA out of memory")
+        return load(path, **{**kwargs, "device": "cpu"})
+
+    monkeypatch.setattr(BiEncoder, "load", gpu_out_of_memory_once)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        store.put(tiny_model_dir, device="cuda")
+    assert (folder / "model.safetensors").stat().st_ino == inode
+    assert store.put(tiny_model_dir, device="cuda")[1] == ref and (folder / "model.safetensors").stat().st_ino == inode
+
+
+def test_storing_a_model_another_build_stored_meanwhile_reuses_that_copy(releases, tiny_model_dir):
+    """Guards against the second of two concurrent builds of a new model failing on its final rename (the folder
+    appeared after its check), and against a damaged folder in the way surviving the store."""
+    from indexer.model_store import _put_in_place
+
+    store = ModelStore(releases.data_dir)
+    _, ref = store.put(tiny_model_dir)
+    folder = releases.data_dir / ref.path
+    inode = (folder / "model.safetensors").stat().st_ino
+    staging = releases.data_dir / "models" / f"{STAGING_PREFIX}race"
+    shutil.copytree(folder, staging)
+    _put_in_place(staging, folder, ref.fingerprint, BiEncoder)
+    assert (folder / "model.safetensors").stat().st_ino == inode and staging.is_dir()
+    (folder / "tokenizer.json").write_text("{}")
+    _put_in_place(staging, folder, ref.fingerprint, BiEncoder)
+    assert not staging.exists() and store.load(ref).fingerprint == ref.fingerprint
+    assert [p.name for p in (releases.data_dir / "models").iterdir()] == [folder.name]
+
+
 def test_model_store_reuses_a_stored_model(releases, tiny_model_dir):
     store = ModelStore(releases.data_dir)
     encoder, ref = store.put(tiny_model_dir)
