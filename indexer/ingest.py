@@ -11,6 +11,7 @@ read is refused with its path and the reason.
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 from indexer.corpus_store import CorpusStore, Document, WriteResult
@@ -32,6 +33,9 @@ def parse_document(obj: object) -> Document:
     doc_id = str(raw_id)
     if not doc_id.strip() or len(doc_id) > MAX_ID_LENGTH:
         raise InvalidInput(f"document id must be 1..{MAX_ID_LENGTH} characters and not blank")
+    if any(unicodedata.category(char) == "Cc" for char in doc_id):
+        raise InvalidInput(f"document id {doc_id!r} holds a control character (a tab, line break or NUL); "
+                           "ids are printable text")
     title, text = obj.get("title", ""), obj.get("text", "")
     for name, value in (("title", title), ("text", text)):
         if not isinstance(value, str):

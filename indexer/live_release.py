@@ -138,9 +138,18 @@ class LiveRelease:
         batch per hold of the query-encoding lock (`encode_documents`), so a search waits
         for at most one batch. Each change holds a document's latest state, so applying
         them in runs leaves no document half-updated. Writes committed after the call
-        starts may wait for the next one.
+        starts may wait for the next one. A corpus behind the release's own sequence (restored
+        from an older backup) is refused: its next writes would reuse sequence numbers the
+        release counts as applied.
         """
         target, applied = corpus.seq, 0
+        if target < self.manifest.corpus_seq:
+            raise IntegrityError(
+                f"the corpus has seen {target} writes, fewer than the {self.manifest.corpus_seq} release "
+                f"{self.release_id} was built from: corpus.sqlite3 was restored from an older backup than releases/, "
+                "and writes made after it would be skipped. Restore both from the same backup, or build a new "
+                "release from this corpus (`lockstep build --activate`)"
+            )
         while self.applied_seq < target:
             with self._catch_up_lock:
                 changes = corpus.changes_since(self.applied_seq, limit=self.batch_size)

@@ -184,7 +184,14 @@ class VectorIndex:
         if len(vectors) > size:
             rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(vectors), size=size, replace=False))
             vectors = np.ascontiguousarray(vectors[rows])
-        self._index.train(vectors)
+        try:
+            self._index.train(vectors)
+        except RuntimeError as exc:  # PQ codebooks need 2^bits points each, and FAISS says so only as an assertion
+            reason = str(exc).strip().rsplit("failed: ", 1)[-1]
+            raise InvalidInput(
+                f"index type {self.factory!r} could not be trained on {len(vectors)} vectors ({reason}); a PQ "
+                f"codebook needs at least {CODEBOOK_SIZE} of them: use the 'Flat' or 'HNSW32' index for a small corpus"
+            ) from exc
 
     def _drop(self, doc_ids: Sequence[str]) -> None:
         labels = [self._label_of.pop(doc_id) for doc_id in doc_ids if doc_id in self._label_of]

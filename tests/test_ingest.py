@@ -47,6 +47,9 @@ def test_beir_and_plain_jsonl(tmp_path, corpus):
         (json.dumps({"id": "x", "text": "t", "metadata": []}), "\"metadata\" of document 'x' must be a JSON object"),
         (json.dumps({"id": "x", "text": "t", "metadata": 0}), "must be a JSON object, got int"),
         (json.dumps({"id": "x", "text": "t", "metadata": ""}), "must be a JSON object, got str"),
+        pytest.param(json.dumps({"id": "a\u0000", "text": "t"}), "document id 'a\\x00' holds a control character",
+                     id="nul-in-id"),
+        pytest.param(json.dumps({"id": "a\tb", "text": "t"}), "holds a control character (a tab", id="tab-in-id"),
     ],
 )
 def test_malformed_line_names_file_and_line_and_commits_nothing(tmp_path, corpus, bad_line, message):

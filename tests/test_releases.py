@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from indexer import release_builder
-from indexer.corpus_store import Document
+from indexer.corpus_store import CorpusStore, Document
 from indexer.live_release import LiveRelease
 from indexer.manifest import Manifest
 from indexer.model_store import ModelStore
@@ -216,6 +216,19 @@ def test_catch_up_applies_writes_made_after_the_build(corpus, releases, tiny_mod
     expected = live.encoder.encode(["New green apple cherry pie"])[0]
     assert np.allclose(live.index.reconstruct("d6"), expected, atol=1e-5)
     assert live.catch_up(corpus) == 0
+
+
+def test_a_corpus_restored_from_an_older_backup_than_the_release_is_refused(corpus, releases, tiny_model_dir, tmp_path):
+    """Guards against catch-up silently skipping writes: a corpus behind the release's sequence hands out sequence
+    numbers the release already counts as applied."""
+    corpus.upsert(SAMPLE_DOCS)
+    manifest = _build(corpus, releases, tiny_model_dir, activate=True)
+    older = CorpusStore(tmp_path / "older.sqlite3")
+    older.upsert(SAMPLE_DOCS[:3])
+    live = LiveRelease.load(releases, manifest.release_id)
+    with pytest.raises(IntegrityError, match=r"corpus has seen 3 writes, fewer than the 5 release .* same backup"):
+        live.catch_up(older)
+    older.close()
 
 
 def test_catch_up_encodes_a_backlog_one_batch_per_hold_of_the_query_lock(corpus, releases, tiny_model_dir, monkeypatch):

@@ -139,6 +139,12 @@ def test_invalid_factory_and_untrainable_ivf():
         VectorIndex(DIM, "IVF64,Flat").add(["a", "b"], unit(2))
     with pytest.raises(InvalidInput, match="at least 64 vectors"):
         VectorIndex(DIM, "IVF64,Flat").train(unit(2))
+    for factory in ("PQ4", "IVF4,PQ4"):
+        index = VectorIndex(DIM, factory)
+        with pytest.raises(InvalidInput, match=r"could not be trained on 100 vectors \(Number of training points "
+                                               r"\(100\) should be at least .* codebook needs at least 256"):
+            index.add([str(i) for i in range(100)], unit(100))
+        assert index.needs_training and len(index) == 0
 
 
 @pytest.mark.parametrize(
