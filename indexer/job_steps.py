@@ -45,6 +45,7 @@ from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from indexer.vector_index import VectorIndex
 from indexer.training_inputs import load_training_data
+from training.bi_encoder import model_dimension
 from training.errors import InvalidInput, LockstepError
 from training.eval_data import load_qrels, load_queries, split_queries
 from training.examples import load_pairs
@@ -560,7 +561,9 @@ def _parse(key: str, path: str, parse: Callable) -> object:
 def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
     """Refuse a job whose recipe, files or index type are wrong before it is queued, naming what to fix.
 
-    `dim` (the live release's) lets the index type be checked for this model size.
+    `dim` (the live release's, else the size of the model a first build would use) lets
+    the index type be checked for the model size; a re-embed naming its own model is
+    checked against that model's size.
     """
     for key in ("queries", "qrels", "corpus", "pairs", "model", "dev_queries", "dev_qrels"):
         if params.get(key):
@@ -570,6 +573,11 @@ def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
     if params.get("dev_queries"):
         judged_queries(_parse("dev_queries", params["dev_queries"], load_queries),
                        _parse("dev_qrels", params["dev_qrels"], load_qrels))
+    if kind == "reembed" and params.get("model"):
+        model = Path(params["model"])
+        if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+            raise InvalidInput(f"model: {model} is not a model folder (needs config.json and safetensors weights)")
+        dim = model_dimension(model)
     if params.get("index_type") and dim is not None:
         VectorIndex(dim, params["index_type"])
     if kind == "retrain":
@@ -580,7 +588,3 @@ def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
             _parse("pairs", params["pairs"], load_pairs)
         else:
             judged_queries(_parse("queries", params["queries"], load_queries), _parse("qrels", params["qrels"], load_qrels))
-    if kind == "reembed" and params.get("model"):
-        model = Path(params["model"])
-        if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
-            raise InvalidInput(f"model: {model} is not a model folder (needs config.json and safetensors weights)")

@@ -2,9 +2,11 @@
 
 import pytest
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 from indexer.job_store import JobStore
 from indexer.release_builder import BuildOptions, build_release
+from indexer.release_store import ReleaseStore
 from indexer.settings import Settings
 from service.app import create_app
 from tests.conftest import SAMPLE_DOCS
@@ -53,6 +55,26 @@ def test_bad_job_and_admin_requests_say_what_to_fix(data_dir, built, method, pat
         response = client.request(method, path, json=payload, headers=AUTH)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
+
+
+def test_a_jobs_index_type_is_checked_against_the_model_it_will_build_with(data_dir, corpus, tiny_model_dir):
+    """Guards against an index type being checked only while a release is live (and then against the live model's
+    size even for a re-embed naming another model): the job was queued and failed later in the worker."""
+    corpus.upsert(SAMPLE_DOCS)
+    with _client(data_dir, admin_token="secret", model=tiny_model_dir) as client:
+        for index_type, fragment in (("NotAFactory,Whatever", "not a valid FAISS factory string"),
+                                     ("IVF99999999,Flat", "99999999 IVF lists")):
+            response = client.post("/v1/jobs/reembed", json={"index_type": index_type}, headers=AUTH)
+            assert response.status_code == 422 and fragment in response.json()["error"], response.text
+    build_release(corpus, ReleaseStore(data_dir), BuildOptions(model_path=tiny_model_dir), activate=True)
+    wider = data_dir / "wider-model"
+    BertModel(BertConfig.from_pretrained(tiny_model_dir, hidden_size=48)).save_pretrained(wider)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(wider)
+    with _client(data_dir, admin_token="secret") as client:
+        narrow = client.post("/v1/jobs/reembed", json={"index_type": "PQ12"}, headers=AUTH)
+        wide = client.post("/v1/jobs/reembed", json={"index_type": "PQ12", "model": str(wider)}, headers=AUTH)
+    assert narrow.status_code == 422 and "not a valid FAISS factory string" in narrow.json()["error"]
+    assert wide.status_code == 202, "PQ12 splits the wider model's 48 dimensions evenly"
 
 
 def test_an_unreachable_queue_is_a_503_and_the_job_says_so(data_dir, built):

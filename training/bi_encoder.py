@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.errors import InvalidInput
 from training.fingerprint import model_fingerprint
@@ -114,6 +114,15 @@ def _require_safetensors(model_dir: Path) -> None:
             f"{model_dir} has no model.safetensors; Lockstep loads safetensors only "
             "(convert with `model.save_pretrained(path, safe_serialization=True)`)"
         )
+
+
+def model_dimension(model_dir: Path) -> int:
+    """The size of the vectors a model folder encodes to (its config's hidden size), read without the weights."""
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{model_dir}: its config.json cannot be read ({exc}); pass a model folder") from exc
+    return int(config.hidden_size)
 
 
 def _folder_max_length(model_dir: Path, model: PreTrainedModel) -> int:

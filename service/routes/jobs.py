@@ -18,6 +18,7 @@ from service.http_errors import ADMIN_ERROR_RESPONSES
 from service.schemas import (
     JobList, JobOut, RecipeList, RecipeOut, ReembedRequest, RetrainRequest, TrainingReportOut,
 )
+from training.bi_encoder import model_dimension
 from training.recipe import named_recipe, shipped_recipes
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ADMIN_ERROR_RESPONSES)
@@ -36,8 +37,8 @@ def job_out(job: Job) -> JobOut:
 
 async def _submit(state, kind: str, params: dict) -> JobOut:
     live = state.holder.current
-    dim = live.manifest.dim if live else None
     settings = state.settings
+    dim = live.manifest.dim if live else await run_in_threadpool(model_dimension, settings.model_path())
     roots = [settings.data_dir, *settings.training_roots]
     job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, settings.data_dir, kind, params, dim, roots)
     return job_out(job)
