@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from indexer.release_builder import BuildOptions, build_release
 from indexer.settings import Settings
 from service.admin_auth import check_exposure, is_weak_token
 from service.app import create_app
+from service.body_limit import BodySizeLimit
 from service.release_holder import ReleaseHolder
 from tests.conftest import SAMPLE_DOCS
 from tests.processes import start_server, stop
@@ -45,6 +47,27 @@ def test_a_body_over_the_limit_is_refused_with_413_and_nothing_is_written(data_d
         assert response.status_code == 413, response.text
         assert response.json()["error_type"] == "too_large" and "LOCKSTEP_MAX_REQUEST_BYTES" in response.json()["error"]
     assert small.status_code == 200 and missing.status_code == 404
+
+
+def test_a_client_leaving_mid_upload_never_reaches_the_route():
+    """Guards against a body cut short by a disconnect being handed to the route as if whole: a truncated upload
+    that happened to parse would be applied for a client that is gone."""
+    reached = []
+
+    async def route(scope, receive, send):
+        reached.append(await receive())
+
+    messages = iter([{"type": "http.request", "body": b'{"documents": []}', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        raise AssertionError(f"answered a client that left: {message}")
+
+    asyncio.run(BodySizeLimit(route, max_bytes=1024)({"type": "http", "headers": []}, receive, send))
+    assert reached == []
 
 
 def test_the_token_is_checked_before_the_body_is_parsed(data_dir, built):
