@@ -193,6 +193,15 @@ class JobStore:
         )
         return _row_to_job(rows[0]) if rows else None
 
+    def releases_in_flight(self) -> set[str]:
+        """The releases jobs that are still queued or running have built (their candidates awaiting the gate or
+        promotion), which `releases gc` must spare."""
+        rows = self._db.query(
+            "SELECT json_extract(outputs, '$.release_id') AS release_id FROM jobs "
+            "WHERE status IN (?, ?) AND release_id IS NOT NULL", (QUEUED, RUNNING),
+        )
+        return {row["release_id"] for row in rows}
+
     def claim(self, job_id: str, step: str, worker: str, stale_after_s: float) -> Job | None:
         """Take `step` of a job for `worker`; None when it is finished, at another step, or held by a live worker.
 

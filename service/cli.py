@@ -18,6 +18,7 @@ import typer
 
 from indexer.corpus_store import CorpusStore
 from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
+from indexer.job_store import JobStore
 from indexer.release_events import announce
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STALE_SECONDS, ReleaseStore
@@ -197,9 +198,16 @@ def releases_gc(
         help="Seconds a model no release uses (or a build's leftovers) must have gone untouched before removal; "
              "builds in progress touch theirs, so 0 (free the space now) is safe only while no build runs")] = STALE_SECONDS,
 ) -> None:
-    """Delete old releases (never the active one), and models no release uses once untouched for a day."""
+    """Delete old releases (never the active one, or a candidate an unfinished job built), and models no release
+    uses once untouched for a day."""
     settings = _settings(ctx)
-    removed = ReleaseStore(settings.data_dir).gc(keep if keep is not None else settings.keep_releases, unused_for)
+    jobs = JobStore(settings.jobs_path)
+    try:
+        in_flight = jobs.releases_in_flight()
+    finally:
+        jobs.close()
+    removed = ReleaseStore(settings.data_dir).gc(keep if keep is not None else settings.keep_releases, unused_for,
+                                                 spare=in_flight)
     typer.echo(f"removed {len(removed)} release(s): {' '.join(removed) or '-'}")
 
 

@@ -118,6 +118,32 @@ def test_gc_keeps_at_least_one_release(tmp_path):
     assert result.exit_code == 2 and "greater than or equal to 1" in result.output
 
 
+def test_gc_spares_the_candidate_of_an_unfinished_job(tmp_path, tiny_model_dir):
+    """Guards against `releases gc` deleting a job's candidate while it waits for the gate or promotion (a newer
+    build made it look old), so the job then failed."""
+    from indexer.corpus_store import CorpusStore
+    from indexer.job_store import JobStore
+    from indexer.release_builder import BuildOptions, build_release
+    from indexer.release_store import ReleaseStore
+    from tests.conftest import SAMPLE_DOCS
+
+    data = tmp_path / "data"
+    corpus, releases, jobs = CorpusStore(data / "corpus.sqlite3"), ReleaseStore(data), JobStore(data / "jobs.sqlite3")
+    corpus.upsert(SAMPLE_DOCS)
+    options = BuildOptions(model_path=tiny_model_dir)
+    live, candidate, finished, newest = (build_release(corpus, releases, options, activate=not i).release_id
+                                         for i in range(4))
+    running, done = jobs.create("reembed", {}), jobs.create("reembed", {})
+    jobs.record(running.id, outputs={"release_id": candidate})
+    jobs.record(done.id, outputs={"release_id": finished})
+    jobs.finish(done.id, "succeeded", "promoted")
+    result = run(data, "releases", "gc", "--keep", "1")
+    assert result.exit_code == 0, result.output
+    assert [m.release_id for m in releases.list()] == [live, candidate, newest]
+    for store in (corpus, jobs):
+        store.close()
+
+
 def test_train_and_report_commands(tmp_path, tiny_model_dir):
     """Guards against the CLI training path drifting from the library (files in, model and report out)."""
     from tests.training_data import synthetic_task
