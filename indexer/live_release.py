@@ -188,6 +188,12 @@ class LiveRelease:
                                               batch_size=self.batch_size, show_progress=False)
             yield vectors
 
+    @property
+    def batch_dependent(self) -> bool:
+        """True when a text's vector depends on the other texts encoded in the same call: dynamic int8 on ONNX
+        Runtime quantises activations with one range per batch, so callers must not merge strangers' queries."""
+        return self.encoder.runtime == "onnxruntime"
+
     def embed_queries(self, texts: list[str]) -> Encoded:
         """Query embeddings of this release's model (one encoder call at a time per release)."""
         for position, text in enumerate(texts):

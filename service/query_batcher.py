@@ -12,6 +12,10 @@ once, and queries that arrive while the encoder is busy form the next batch. Tex
 are only ever batched with others for the same release, so a query is never encoded
 by another release's model.
 
+A release whose encoder's vectors depend on what shares the call (int8 on ONNX Runtime
+scales its activations per batch: `LiveRelease.batch_dependent`) has each request
+encoded in a call of its own, so its answers never depend on strangers' queries.
+
 If a merged call fails, each of its requests is encoded alone, so a request that
 breaks the encoder fails by itself and not the strangers it was batched with. Every
 request taken from the queue gets an answer or an error, and an error in one batch
@@ -143,6 +147,10 @@ class QueryBatcher:
         """Encode one release's requests in one call; if it fails, encode each alone so only the bad one fails."""
         items = [item for item in items if not item.future.done()]
         if not items:
+            return
+        if len(items) > 1 and items[0].live.batch_dependent:
+            for item in items:
+                await self._encode([item])
             return
         texts = [text for item in items for text in item.texts]
         try:

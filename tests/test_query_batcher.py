@@ -54,6 +54,24 @@ def test_interleaved_releases_get_their_own_models_answers_in_bounded_batches(tw
     assert len(sizes) < len(requests), "concurrent requests were not batched"
 
 
+def test_an_int8_onnx_release_answers_each_request_exactly_as_alone(corpus, releases, tiny_model_dir):
+    """Guards against a query's vector depending on which strangers' queries shared its encoder call: ONNX
+    Runtime's dynamic int8 scales activations per batch, padding included."""
+    corpus.upsert(SAMPLE_DOCS)
+    built = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="int8"))
+    live = LiveRelease.load(releases, built.release_id)
+    assert live.batch_dependent
+    merged = live.embed_queries(QUERIES).vectors
+    alone = [live.embed_queries([text]).vectors for text in QUERIES]
+    assert not all(np.array_equal(merged[i : i + 1], alone[i]) for i in range(len(QUERIES))), "batching changes nothing"
+    sizes: list[int] = []
+    answers = asyncio.run(_ask(QueryBatcher(max_wait_ms=20.0, max_batch=64, on_batch=sizes.append),
+                               [(live, text) for text in QUERIES]))
+    for answer, expected in zip(answers, alone, strict=True):
+        assert np.array_equal(answer.vectors, expected)
+    assert sizes == [1] * len(QUERIES)
+
+
 def test_a_request_that_breaks_the_encoder_fails_alone(two_releases, monkeypatch):
     """Guards against one bad request failing the strangers batched with it, or the other release's requests."""
     first, second = two_releases
