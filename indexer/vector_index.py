@@ -7,7 +7,12 @@ how to fix them. Each document gets an int64 label; re-adding a document replace
 Index kinds that cannot remove vectors (HNSW) hide removed labels from results
 instead, with a FAISS selector that skips them inside the graph search, so a search
 still asks for k results however many are hidden; the next release build compacts
-them away. Kinds that learn from the data
+them away. An index served from a GPU (`to_gpu`) keeps its CPU index as the master:
+writes go to both, removals happen on the master and are hidden on the GPU copy
+(FAISS's GPU indexes cannot remove), a search asks the GPU for k plus the hidden
+count, and once `GPU_RECOPY_HIDDEN` labels are hidden the GPU copy is made again
+from the master, so the fetch never nears FAISS's GPU limit of `GPU_MAX_K` results
+(a search that would pass it reads the master). Kinds that learn from the data
 (IVF lists, PQ and SQ codebooks) are trained once, on a seeded sample of the vectors
 given to `train`: a release build passes all of its vectors, so the centroids see the
 whole corpus; an `add` to an untrained index trains on that add's vectors. Only Flat is
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,8 @@ CODEBOOK_SIZE = 256
 TRAIN_SEED = 13
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
+GPU_MAX_K = 2048  # the most results FAISS's GPU indexes return per query
+GPU_RECOPY_HIDDEN = 1024  # labels hidden on a GPU copy before it is copied again from its CPU master
 # Sizes a factory string sets that allocate with the index, refused above these before FAISS allocates anything.
 # FAISS suggests 4*sqrt(N) to 16*sqrt(N) IVF lists for N vectors (2^20 serves billions), and HNSW links per vector
 # of 16 to 64 (each vector stores twice that many at its bottom level).
@@ -42,6 +49,9 @@ FACTORY_LIMITS = (
     (re.compile(r"IMI2x(\d+)"), 10, "IMI bits per half", "use IVF with fewer lists"),
     (re.compile(r"HNSW(\d+)"), 512, "HNSW links per vector", "use 16 to 64"),
 )
+
+
+DeviceCopy = Callable[[faiss.Index, str], faiss.Index]  # (CPU index, factory) -> its copy on a device, or itself
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,8 @@ class VectorIndex:
         self._hidden: set[int] = set()
         self._skip_hidden: tuple | None = None
         self._lock = threading.Lock()
-        self._on_gpu = False
+        self._master = self._index
+        self._device_copy: DeviceCopy | None = None
         if ef_construction is not None and (hnsw := self._hnsw()) is not None:
             hnsw.hnsw.efConstruction = ef_construction
 
@@ -127,20 +138,22 @@ class VectorIndex:
 
     def _ivf(self) -> faiss.IndexIVF | None:
         try:
-            return faiss.extract_index_ivf(self._index)
+            return faiss.extract_index_ivf(self._master)
         except RuntimeError:
             return None
 
     def _hnsw(self) -> faiss.IndexHNSW | None:
-        inner = faiss.downcast_index(self._index.index) if isinstance(self._index, faiss.IndexIDMap2) else None
+        inner = faiss.downcast_index(self._master.index) if isinstance(self._master, faiss.IndexIDMap2) else None
         return inner if isinstance(inner, faiss.IndexHNSW) else None
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Tune the recall/speed trade-off of HNSW (`ef_search`) or IVF (`nprobe`) indexes."""
-        if ef_search is not None and (hnsw := self._hnsw()) is not None:
-            hnsw.hnsw.efSearch = ef_search
-        if nprobe is not None and (ivf := self._ivf()) is not None:
-            ivf.nprobe = nprobe
+        with self._lock:
+            if ef_search is not None and (hnsw := self._hnsw()) is not None:
+                hnsw.hnsw.efSearch = ef_search
+            if nprobe is not None and (ivf := self._ivf()) is not None:
+                ivf.nprobe = nprobe
+                self._recopy()
 
     def search_params(self) -> dict[str, int]:
         """The search parameters that apply to this index kind and their current values."""
@@ -154,13 +167,13 @@ class VectorIndex:
     @property
     def exact(self) -> bool:
         """True for brute-force (Flat) indexes, whose results need no recall check; lossy PQ/SQ codes are not exact."""
-        inner = faiss.downcast_index(self._index.index) if isinstance(self._index, faiss.IndexIDMap2) else self._index
+        inner = faiss.downcast_index(self._master.index) if isinstance(self._master, faiss.IndexIDMap2) else self._master
         return isinstance(inner, faiss.IndexFlat)
 
     @property
     def needs_training(self) -> bool:
         """True while the index (IVF, PQ, SQ) has yet to learn its centroids or codebooks; see `train`."""
-        return not self._index.is_trained
+        return not self._master.is_trained
 
     def train(self, vectors: np.ndarray) -> None:
         """Train the index on a seeded sample of `vectors`; pass all the vectors to be indexed, so the sample
@@ -171,7 +184,7 @@ class VectorIndex:
             self._train_locked(vectors)
 
     def _train_locked(self, vectors: np.ndarray) -> None:
-        if self._index.is_trained:
+        if self._master.is_trained:
             return
         ivf = self._ivf()
         needed = ivf.nlist if ivf is not None else 1
@@ -185,13 +198,24 @@ class VectorIndex:
             rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(vectors), size=size, replace=False))
             vectors = np.ascontiguousarray(vectors[rows])
         try:
-            self._index.train(vectors)
+            self._master.train(vectors)
         except RuntimeError as exc:  # PQ codebooks need 2^bits points each, and FAISS says so only as an assertion
             reason = str(exc).strip().rsplit("failed: ", 1)[-1]
             raise InvalidInput(
                 f"index type {self.factory!r} could not be trained on {len(vectors)} vectors ({reason}); a PQ "
                 f"codebook needs at least {CODEBOOK_SIZE} of them: use the 'Flat' or 'HNSW32' index for a small corpus"
             ) from exc
+        self._recopy()
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self._index is not self._master
+
+    def _recopy(self) -> None:
+        """Make the GPU copy again from the master (after training, new search parameters, or enough hidden labels);
+        nothing on the CPU."""
+        if self._on_gpu:
+            self._index, self._hidden = self._device_copy(self._master, self.factory), set()
 
     def _drop(self, doc_ids: Sequence[str]) -> None:
         labels = [self._label_of.pop(doc_id) for doc_id in doc_ids if doc_id in self._label_of]
@@ -199,8 +223,15 @@ class VectorIndex:
             return
         for label in labels:
             self._doc_of[label] = None
+        ids = np.asarray(labels, dtype=np.int64)
+        if self._on_gpu:
+            self._master.remove_ids(ids)
+            self._hidden.update(labels)
+            if len(self._hidden) >= GPU_RECOPY_HIDDEN:
+                self._recopy()
+            return
         try:
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+            self._index.remove_ids(ids)
         except RuntimeError:
             self._hidden.update(labels)
             self._skip_hidden = None
@@ -228,6 +259,8 @@ class VectorIndex:
             first = len(self._doc_of)
             labels = np.arange(first, first + len(doc_ids), dtype=np.int64)
             self._index.add_with_ids(vectors, labels)
+            if self._on_gpu:
+                self._master.add_with_ids(vectors, labels)
             self._doc_of.extend(doc_ids)
             self._label_of.update(zip(doc_ids, labels.tolist()))
 
@@ -248,6 +281,8 @@ class VectorIndex:
             hnsw = self._hnsw() if self._hidden and not self._on_gpu else None
             if hnsw is not None:
                 scores, labels = self._index.search(queries, min(k, total), params=self._hidden_skipped(hnsw))
+            elif self._on_gpu and k + len(self._hidden) > GPU_MAX_K:
+                scores, labels = self._master.search(queries, min(k, self._master.ntotal))
             else:
                 scores, labels = self._index.search(queries, min(k + len(self._hidden), total))
             rows = [
@@ -257,19 +292,20 @@ class VectorIndex:
             ]
         return [[Hit(doc_id, score) for doc_id, score in row[:k]] for row in rows]
 
-    def to_gpu(self) -> None:
-        """Search (and apply catch-up writes) on the GPU where FAISS can; `save` still writes a CPU index."""
+    def to_gpu(self, device_copy: DeviceCopy | None = None) -> None:
+        """Search (and apply catch-up writes) on the GPU where FAISS can, keeping the CPU index as the master (see
+        the module doc); `device_copy` makes the GPU copy of an index (default `serving_device.index_to_gpu`,
+        which returns the index itself where it cannot)."""
         from indexer.serving_device import index_to_gpu
 
         with self._lock:
-            moved = index_to_gpu(self._index, self.factory)
-            self._on_gpu = moved is not self._index
-            self._index = moved
+            self._device_copy = device_copy or index_to_gpu
+            self._index = self._device_copy(self._master, self.factory)
 
     def reconstruct(self, doc_id: str) -> np.ndarray:
         """The stored vector of one document (Flat and HNSW indexes)."""
         with self._lock:
-            return self._index.reconstruct(self._label_of[doc_id])
+            return self._master.reconstruct(self._label_of[doc_id])
 
     def stored_vectors(self, doc_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """The stored vectors of those of `doc_ids` still in the index, read under the index lock so that no write
@@ -277,16 +313,16 @@ class VectorIndex:
         return a stored vector (IVF-PQ, say)."""
         with self._lock:
             found = [doc_id for doc_id in doc_ids if doc_id in self._label_of]
-            vectors = [self._index.reconstruct(self._label_of[doc_id]) for doc_id in found]
+            vectors = [self._master.reconstruct(self._label_of[doc_id]) for doc_id in found]
         return found, np.asarray(vectors, dtype=np.float32).reshape(len(found), self.dim)
 
     def save(self, folder: Path) -> list[Path]:
         """Write the index and id map into `folder`; returns the files written."""
         folder = Path(folder)
         with self._lock:
-            on_cpu = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
-            faiss.write_index(on_cpu, str(folder / INDEX_FILE))
-            ids = {"dim": self.dim, "factory": self.factory, "doc_ids": self._doc_of, "hidden": sorted(self._hidden)}
+            faiss.write_index(self._master, str(folder / INDEX_FILE))
+            hidden = [] if self._on_gpu else sorted(self._hidden)  # the master holds no hidden labels
+            ids = {"dim": self.dim, "factory": self.factory, "doc_ids": self._doc_of, "hidden": hidden}
         (folder / IDS_FILE).write_text(json.dumps(ids))
         return [folder / INDEX_FILE, folder / IDS_FILE]
 
@@ -302,7 +338,8 @@ class VectorIndex:
         index._hidden = set(ids["hidden"])
         index._skip_hidden = None
         index._lock = threading.Lock()
-        index._on_gpu = False
+        index._master = index._index
+        index._device_copy = None
         if index._index.d != index.dim:
             raise ValueError(f"{folder}: index dimension {index._index.d} does not match id map dimension {index.dim}")
         return index

@@ -14,13 +14,21 @@ from indexer.embedding_shards import encode_shard, plan_shards, vectors_path
 from indexer.live_release import LiveRelease
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import ReleaseStore
-from indexer.serving_device import resolve_device
+from indexer.serving_device import faiss_has_gpu, resolve_device
 from indexer.vector_index import VectorIndex
 from tests.conftest import SAMPLE_DOCS
+from tests.test_vector_index import gpu_writes_keep_answering_like_the_cpu
 from training import distributed
 from training.errors import InvalidInput
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
+
+
+@pytest.mark.skipif(not faiss_has_gpu(), reason="needs faiss-gpu (the gpu extra) and a GPU; the CPU stand-in runs "
+                                               "the same scenario in tests/test_vector_index.py")
+def test_a_faiss_gpu_index_keeps_answering_after_thousands_of_writes(tmp_path):
+    """Guards against GPU searches failing past FAISS's 2048-result limit as hidden labels pile up."""
+    gpu_writes_keep_answering_like_the_cpu(tmp_path, None)
 
 
 def test_auto_serves_on_the_cpu_without_cuda_and_a_forced_cuda_is_refused_clearly():

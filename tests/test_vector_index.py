@@ -120,6 +120,60 @@ def test_hnsw_skips_hidden_documents_inside_the_search_and_still_fetches_only_k(
     assert [[h.doc_id for h in row] for row in VectorIndex.load(tmp_path).search(queries, 10)] == \
         [[h.doc_id for h in row] for row in found]
 
+class GpuLikeCopy(faiss.IndexIDMap2):
+    """What FAISS's GPU copy of a Flat index does that matters here, for machines without a GPU: it adds and
+    searches like the CPU index, refuses `remove_ids`, and refuses more than `GPU_MAX_K` results per query.
+    `tests/test_serving_device.py` runs the same scenario on a real GPU where one is present."""
+
+    made = 0
+
+    def __init__(self, master: faiss.Index, factory: str) -> None:
+        super().__init__(faiss.IndexFlatIP(master.d))  # faiss keeps the inner index referenced
+        if master.ntotal:
+            self.add_with_ids(master.index.reconstruct_n(0, master.ntotal), faiss.vector_to_array(master.id_map))
+        GpuLikeCopy.made += 1
+
+    def remove_ids(self, ids):
+        raise RuntimeError("remove_ids not implemented for this type of index")
+
+    def search(self, x, k, **kwargs):
+        if k > vector_index.GPU_MAX_K:
+            raise RuntimeError(f"k = {k} is above the {vector_index.GPU_MAX_K} a GPU index returns")
+        return super().search(x, k, **kwargs)
+
+
+def gpu_writes_keep_answering_like_the_cpu(tmp_path, device_copy) -> None:
+    """Replace 2,500 of 3,000 documents on an index served through `device_copy`, checking its answers against a
+    CPU index given the same writes; shared with the GPU test."""
+    cpu, served, queries = VectorIndex(DIM), VectorIndex(DIM), unit(8, seed=1)
+    for index in (cpu, served):
+        index.add([f"d{i}" for i in range(3000)], unit(3000))
+    served.to_gpu(device_copy)
+    for start in range(0, 2500, 250):
+        ids, vectors = [f"d{i}" for i in range(start, start + 250)], unit(250, seed=start + 2)
+        for index in (cpu, served):
+            index.add(ids, vectors)
+            index.remove([f"d{2990 + start // 250}"])
+        for k in (10, 1500):
+            assert _ranked(served.search(queries, k)) == _ranked(cpu.search(queries, k)), (start, k)
+    served.save(tmp_path)
+    assert _ranked(VectorIndex.load(tmp_path).search(queries, 50)) == _ranked(cpu.search(queries, 50))
+    assert len(VectorIndex.load(tmp_path)) == len(cpu) == 2990
+
+
+def _ranked(rows) -> list[list[str]]:
+    return [[hit.doc_id for hit in row] for row in rows]
+
+
+def test_a_gpu_served_index_keeps_answering_after_thousands_of_writes(tmp_path):
+    """Guards against searches failing once about 2,000 documents changed on a GPU-served release: GPU indexes
+    cannot remove vectors, so each write hid one more label and a search asked for k plus all of them, past
+    FAISS's GPU limit of 2048 results."""
+    GpuLikeCopy.made = 0
+    gpu_writes_keep_answering_like_the_cpu(tmp_path, GpuLikeCopy)
+    assert GpuLikeCopy.made == 3, "the copy is made again from the CPU master after each 1024 hidden labels"
+
+
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
 def test_save_and_load_round_trip(tmp_path, factory):
     base = unit(30)
