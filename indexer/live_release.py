@@ -167,9 +167,10 @@ class LiveRelease:
         of other writes: a write calls this for its own documents, so that a search after it finds them without
         the write waiting for the whole backlog. A corpus row holds a document's latest state, so applying it
         ahead of older changes to other documents is safe, and catch-up applying it again in turn is harmless."""
+        unique = list(dict.fromkeys(doc_ids))  # one request may write a document twice; its last state is stored
         with self._catch_up_lock:
-            found = corpus.get_many(list(doc_ids))
-            self._apply([Change(0, doc_id, found.get(doc_id)) for doc_id in doc_ids])
+            found = corpus.get_many(unique)
+            self._apply([Change(0, doc_id, found.get(doc_id)) for doc_id in unique])
 
     def _apply(self, changes: Sequence[Change]) -> None:
         """Encode and add the changed documents, remove the deleted ones; the caller holds the catch-up lock."""

@@ -71,15 +71,18 @@ class CorpusStoreMachine(RuleBasedStateMachine):
     def _apply(self, batch: list[Document]) -> WriteResult:
         """What the model says an upsert of `batch` does, applied to the model."""
         inserted = updated = unchanged = 0
+        changed = []
         for document in batch:
             current = self.live.get(document.id)
             if current is not None and _content(current) == _content(document):
                 unchanged += 1
                 continue
             inserted, updated = (inserted + 1, updated) if current is None else (inserted, updated + 1)
+            changed.append(document.id)
             self.seq += 1
             self.live[document.id], self.last_seq[document.id] = document, self.seq
-        return WriteResult(inserted=inserted, updated=updated, unchanged=unchanged, seq=self.seq)
+        return WriteResult(inserted=inserted, updated=updated, unchanged=unchanged, seq=self.seq,
+                           changed=tuple(changed))
 
     @rule(batch=st.lists(documents, max_size=6))
     def upsert(self, batch):

@@ -100,3 +100,6 @@ def test_a_write_waits_for_one_run_of_a_catch_up_backlog_not_all_of_it(data_dir,
     assert np.allclose(live.index.reconstruct(LATE.id), encode([LATE.embedding_text()], "document")[0], atol=1e-5)
     unchanged, _ = holder.write([LATE])
     assert unchanged.changed == () and live.catch_up(corpus) == 0
+    twice = Document(id="twice", title="", text="first words"), Document(id="twice", title="", text="second words")
+    assert holder.write(list(twice))[0].changed == ("twice", "twice")
+    assert np.allclose(live.index.reconstruct("twice"), encode([twice[1].embedding_text()], "document")[0], atol=1e-5)
