@@ -38,8 +38,10 @@ class BodySizeLimit:
         size = 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left mid-upload: a truncated body must not reach the route as if whole
+            if message["type"] == "http.disconnect":  # a truncated body must not reach the route as if whole
+                await error_response(400, "the client disconnected before sending the whole body; nothing was done",
+                                     "client_closed")(scope, receive, send)
+                return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
