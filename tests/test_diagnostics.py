@@ -9,6 +9,7 @@ from training.dev_eval import DevSet, _dev_negatives_above_positive, evaluate_en
 from training.diagnostics import (
     Thresholds,
     alerts_for,
+    collapse_bounds,
     negatives_above_positive,
     spearman,
 )
@@ -33,8 +34,8 @@ CASES = [
     ("overfit: dev falls as train holds", {"ndcg@10": 0.55 - BASE_OVERFIT_GAP - T.overfit_max_gap - EPS, "ndcg@10_train": 0.55}, {"overfitting"}),
     ("drift ratio just over (up)", {"query_norm_mean": 2.0 * BASE_RATIO * (1 + T.drift_max_norm_ratio_change + EPS)}, {"drift"}),
     ("drift ratio just under (up)", {"query_norm_mean": 2.0 * BASE_RATIO * (1 + T.drift_max_norm_ratio_change - EPS)}, set()),
-    ("drift ratio just over (down)", {"query_norm_mean": 2.0 * BASE_RATIO * (1 - T.drift_max_norm_ratio_change - EPS)}, {"drift"}),
-    ("drift ratio just under (down)", {"query_norm_mean": 2.0 * BASE_RATIO * (1 - T.drift_max_norm_ratio_change + EPS)}, set()),
+    ("drift ratio just over (down)", {"query_norm_mean": 2.0 * BASE_RATIO / (1 + T.drift_max_norm_ratio_change + EPS)}, {"drift"}),
+    ("drift ratio just under (down)", {"query_norm_mean": 2.0 * BASE_RATIO / (1 + T.drift_max_norm_ratio_change - EPS)}, set()),
     ("STS drop just over", {"sts_spearman": 0.80 - T.sts_max_drop - EPS}, {"shortcut"}),
     ("STS drop just under", {"sts_spearman": 0.80 - T.sts_max_drop + EPS}, set()),
     ("false negatives just over", {"negatives_above_positive": T.saturation_max_negatives_above_positive + EPS}, {"false_negatives"}),
@@ -52,6 +53,28 @@ def test_each_alert_fires_just_past_its_threshold_and_not_before(signal, changes
     sign, >= for >) and so fires on healthy runs or stays silent on failing ones."""
     modes = {alert.mode for alert in alerts_for({**BASE, **changes}, BASE, T)}
     assert modes == expected
+
+
+def test_a_drift_that_shrinks_the_norm_ratio_fires_as_readily_as_one_that_grows_it():
+    """Guards against a lopsided drift check: |after - before| / before fired at 1.51 times the ratio but not at
+    half of it, so shrinking drift had to be twice as large to be seen."""
+    for factor in (1.6, 1 / 1.6):
+        assert [a.mode for a in alerts_for({**BASE, "query_norm_mean": 4.0 * factor}, BASE, T)] == ["drift"]
+    for factor in (1.4, 1 / 1.4):
+        assert alerts_for({**BASE, "query_norm_mean": 4.0 * factor}, BASE, T) == []
+
+
+def test_a_high_dimensional_or_anisotropic_base_model_is_not_collapsed_until_it_moves_toward_collapse():
+    """Guards against aborting healthy runs: a 4096-dimensional model's per-dimension std (about 0.009) and an
+    E5-style model's mean cosine (0.85) sit past the absolute bounds before any training."""
+    wide = {**BASE, "mean_dim_std": 0.0088, "mean_pairwise_cosine": 0.30}
+    assert collapse_bounds(T, wide) == pytest.approx((0.0044, 0.9))
+    assert alerts_for(wide, wide, T) == []
+    assert [a.mode for a in alerts_for({**wide, "mean_dim_std": 0.0040}, wide, T)] == ["collapse"]
+    anisotropic = {**BASE, "mean_pairwise_cosine": 0.85}
+    assert alerts_for({**anisotropic, "mean_pairwise_cosine": 0.92}, anisotropic, T) == []
+    assert [a.mode for a in alerts_for({**anisotropic, "mean_pairwise_cosine": 0.93}, anisotropic, T)] == ["collapse"]
+    assert collapse_bounds(T, {}) == (T.collapse_min_dim_std, T.collapse_max_mean_cosine)
 
 
 def test_a_large_train_dev_gap_that_the_base_model_already_had_is_not_overfitting():

@@ -674,3 +674,21 @@ def test_kl_distillation_refuses_bad_settings_and_inputs():
         loss(queries, _random(2, 3, 8), _random(2, 4))
     with pytest.raises(ValueError, match="NaN"):
         loss(queries, _random(2, 3, 8), torch.tensor([[0.0, math.nan, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_every_loss_computes_in_fp32_from_bf16_embeddings():
+    """Guards against a bf16 loss and coarse gradients when a caller hands a loss bf16 embeddings: a bf16 cosine
+    moves in steps of 2^-8, 0.08 in an InfoNCE logit at temperature 0.05."""
+    queries, positives, negatives = _random(6, 16, seed=40), _random(6, 16, seed=41), _random(6, 2, 16, seed=42)
+    teacher = _random(6, 2, seed=43)
+    losses = [
+        lambda q, p, n: InfoNCELoss(temperature=0.05)(q, p, n),
+        lambda q, p, n: TripletLoss(margin=0.3)(q, p, n),
+        lambda q, p, n: MarginMSELoss()(q, p, n, teacher),
+        lambda q, p, n: KLDistillationLoss()(q, torch.cat([p.unsqueeze(1), n], dim=1), teacher[:, :1].repeat(1, 3)),
+    ]
+    for loss in losses:
+        rounded = [x.bfloat16() for x in (queries, positives, negatives)]
+        ours = loss(*rounded).loss
+        exact = loss(*(x.double() for x in rounded)).loss
+        assert ours.dtype == torch.float32 and ours.item() == pytest.approx(exact.item(), rel=1e-5)

@@ -20,6 +20,7 @@ from training.fine_tune import TrainingData, fine_tune
 from training.losses import Candidate, InfoNCELoss, TripletLoss
 from training.metrics_log import MetricsLog, read_log
 from training.recipe import named_recipe, parse_recipe
+from training.schedule import warmup_cosine
 from training.stage import StageConfig
 from training.trainer import StageStep, TrainingAborted, TrainingContext, _for_epoch, _usable, train_stage
 
@@ -81,7 +82,14 @@ def test_evaluations_land_on_every_epoch_end_and_the_schedule_ends_at_the_last_s
     assert result.best_step == result.steps, "the final step was evaluated, so its weights are kept"
     steps = [r for r in records if r["type"] == "step"]
     assert [r["epoch"] for r in steps] == [epoch for epoch, count in enumerate(counts) for _ in range(count)]
-    assert steps[-1]["lr"] == 0.0 and all(r["lr"] > 0 for r in steps[:-1]), "cosine decay reaches 0 exactly at the last step"
+    reference = warmup_cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4), result.steps // 4, result.steps)
+    rates = []
+    for _ in range(result.steps):
+        rates.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert [r["lr"] for r in steps] == pytest.approx(rates), "each step logs the rate it used, not the next one's"
+    assert reference.get_last_lr()[0] == 0.0 and steps[-1]["lr"] > 0, "the schedule reaches 0 just after the last step"
 
 
 def test_a_stage_whose_examples_all_share_one_document_stops_with_what_to_fix(tiny_model_dir, tmp_path):
@@ -118,6 +126,24 @@ def test_a_plateau_stops_early_and_restores_the_best_weights(tiny_model_dir, tmp
     assert not _same(ctx.seen[1], ctx.seen[3]), "the weights moved after the best evaluation"
     assert _same(_state(ctx.encoder), ctx.seen[1]), "the weights of the best evaluation (step 2) are restored"
     assert [r["stopped_early"] for r in read_log(tmp_path) if r["type"] == "stage_end"] == [True]
+
+
+def test_non_finite_gradients_abort_before_updating_and_restore_the_best_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards against an overflow in the backward pass (a finite loss, infinite gradients) being clipped into NaN
+    weights, after which the run ended on a misleading "loss became nan"."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def overflowing_from_the_second_step(parameters, max_norm, **kwargs):
+        calls.append(1)
+        norm = clip(parameters, max_norm, **kwargs)
+        return norm if len(calls) < 2 else norm * float("inf")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing_from_the_second_step)
+    stage = StageConfig(name="s", epochs=2, batch_size=4, learning_rate=1e-3, eval_every=1, warmup_ratio=0.0)
+    ctx = _context(tiny_model_dir, tmp_path, [0.1, 0.2])
+    with pytest.raises(TrainingAborted, match=r"the gradients became inf at step 2 \(the loss was \d+\.\d{4}\), so no update"):
+        train_stage(ctx, _examples(16, 16), stage, {})
+    assert len(ctx.seen) == 1 and _same(_state(ctx.encoder), ctx.seen[0])
 
 
 def test_a_non_finite_loss_aborts_before_updating_and_restores_the_best_weights(tiny_model_dir, tmp_path, monkeypatch):

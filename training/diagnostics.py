@@ -5,7 +5,8 @@
   (per training batch, and on the dev pairs at each evaluation, which is what the alert reads);
 - shortcut learning: the gap between dev nDCG on high- and low-overlap queries widens, or the STS-B probe falls;
 - overfitting: the gap between train-subset and dev nDCG widens against the base model's gap;
-- drift: query and document norms before normalisation move apart.
+- drift: query and document norms before normalisation move apart (the ratio grows or shrinks by the
+  same factor).
 See Wang & Isola (2020), "Understanding Contrastive Representation Learning through
 Alignment and Uniformity", for why collapse shows as lost uniformity.
 """
@@ -22,10 +23,13 @@ import numpy as np
 @dataclass(frozen=True)
 class Thresholds:
     """When a signal counts as firing. The shortcut, STS, overfitting and drift signals compare with the
-    base model's evaluation (a gap that only widens counts, per the contrastive notes); the rest are absolute."""
+    base model's evaluation (a gap that only widens counts, per the contrastive notes). The collapse bounds
+    are absolute, loosened for a base model already past them (`collapse_bounds`); the saturation share is
+    absolute."""
 
     collapse_min_dim_std: float = 0.01
     collapse_max_mean_cosine: float = 0.9
+    collapse_base_fraction: float = 0.5
     collapse_patience: int = 2
     saturation_max_negatives_above_positive: float = 0.05
     shortcut_max_overlap_gap: float = 0.15
@@ -59,11 +63,28 @@ def collapse_stats(unit_vectors: np.ndarray) -> CollapseStats:
     return CollapseStats(float(unit_vectors.std(axis=0).mean()), float(off_diagonal))
 
 
-def is_collapsed(stats: CollapseStats, thresholds: Thresholds) -> bool:
-    return (
-        stats.mean_dim_std < thresholds.collapse_min_dim_std
-        or stats.mean_pairwise_cosine > thresholds.collapse_max_mean_cosine
-    )
+def collapse_bounds(thresholds: Thresholds, baseline: Mapping[str, float]) -> tuple[float, float]:
+    """The (least dim std, greatest mean cosine) before embeddings count as collapsing, for this base model.
+
+    The per-dimension std of unit vectors shrinks with their dimension (it is at most about
+    sqrt((1 - mean cosine) / dim)), and anisotropic models (E5, GTE) start at a mean cosine
+    of 0.7-0.85, so a healthy 1024- or 4096-dimensional base model can sit past the absolute
+    bounds. Each bound is therefore also moved `collapse_base_fraction` of the way from the
+    base model's value toward collapse (std toward 0, cosine toward 1), whichever is further.
+    """
+    fraction = thresholds.collapse_base_fraction
+    min_std, max_cosine = thresholds.collapse_min_dim_std, thresholds.collapse_max_mean_cosine
+    if "mean_dim_std" in baseline:
+        min_std = min(min_std, baseline["mean_dim_std"] * (1 - fraction))
+    if "mean_pairwise_cosine" in baseline:
+        base = baseline["mean_pairwise_cosine"]
+        max_cosine = max(max_cosine, base + (1 - base) * fraction)
+    return min_std, max_cosine
+
+
+def is_collapsed(stats: CollapseStats, thresholds: Thresholds, baseline: Mapping[str, float]) -> bool:
+    min_std, max_cosine = collapse_bounds(thresholds, baseline)
+    return stats.mean_dim_std < min_std or stats.mean_pairwise_cosine > max_cosine
 
 
 def negatives_above_positive(scores: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -151,7 +172,7 @@ def alerts_for(evaluation: Mapping[str, float], baseline: Mapping[str, float], t
         found.append(Alert(mode, message, REMEDIES[mode]))
 
     stats = CollapseStats(evaluation.get("mean_dim_std", 1.0), evaluation.get("mean_pairwise_cosine", 0.0))
-    if is_collapsed(stats, thresholds):
+    if is_collapsed(stats, thresholds, baseline):
         fire("collapse", f"embeddings are collapsing (dim std {stats.mean_dim_std:.4f}, mean cosine {stats.mean_pairwise_cosine:.3f})")
     rate = evaluation.get("negatives_above_positive")
     if rate is not None and rate > thresholds.saturation_max_negatives_above_positive:
@@ -171,7 +192,7 @@ def alerts_for(evaluation: Mapping[str, float], baseline: Mapping[str, float], t
     if baseline.get("query_norm_mean") and baseline.get("doc_norm_mean") and evaluation.get("doc_norm_mean"):
         before = baseline["query_norm_mean"] / baseline["doc_norm_mean"]
         after = evaluation["query_norm_mean"] / evaluation["doc_norm_mean"]
-        if abs(after - before) / before > thresholds.drift_max_norm_ratio_change:
+        if abs(np.log(after / before)) > np.log1p(thresholds.drift_max_norm_ratio_change):  # either way alike
             fire("drift", f"query/document norm ratio moved from {before:.3f} to {after:.3f}")
     return found
 

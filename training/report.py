@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.diagnostics import REMEDIES, Thresholds
+from training.diagnostics import REMEDIES, Thresholds, collapse_bounds
 from training.errors import InvalidInput
 from training.metrics_log import read_log
 
@@ -124,7 +124,7 @@ def _norm_ratio_band(t: Thresholds, base: dict) -> list[tuple[float, str]]:
     if not ratio:
         return []
     change = t.drift_max_norm_ratio_change
-    return [(ratio * (1 + change), "drift threshold (upper)"), (ratio * (1 - change), "drift threshold (lower)")]
+    return [(ratio * (1 + change), "drift threshold (upper)"), (ratio / (1 + change), "drift threshold (lower)")]
 
 
 _PANELS = (
@@ -139,12 +139,12 @@ _PANELS = (
     _PanelSpec(
         "collapse_std", "Collapse", "Per-dimension std of unit embeddings", "collapse",
         (_Line("mean dim std", "eval", _field("mean_dim_std")),),
-        lambda t, base: [(t.collapse_min_dim_std, "collapse threshold")],
+        lambda t, base: [(collapse_bounds(t, base)[0], "collapse threshold")],
     ),
     _PanelSpec(
         "collapse_cosine", "Collapse (cosine)", "Mean pairwise cosine", "collapse",
         (_Line("mean cosine", "eval", _field("mean_pairwise_cosine")),),
-        lambda t, base: [(t.collapse_max_mean_cosine, "collapse threshold")],
+        lambda t, base: [(collapse_bounds(t, base)[1], "collapse threshold")],
     ),
     _PanelSpec(
         "masked", "False negatives", "Masked false negatives per batch", "false_negatives",

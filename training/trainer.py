@@ -288,10 +288,20 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                         f"the best weights were restored. Remedy: {REMEDIES['collapse']}"
                     )
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    model.load_state_dict(best_state)
+                    raise TrainingAborted(
+                        f"stage {stage.name!r}: the gradients became {float(grad_norm)} at step {step} (the loss was "
+                        f"{loss:.4f}), so no update was applied and the best weights were restored. "
+                        f"Remedy: {REMEDIES['collapse']}"
+                    )
+                learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses, read before the schedule moves
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "masked": out.masked, "batch": len(batch)}
+                record = {"loss": loss, "lr": learning_rate, "grad_norm": float(grad_norm), "masked": out.masked,
+                          "batch": len(batch)}
                 if out.scores is not None and stage.loss == "infonce":
                     record["negatives_above_positive"] = negatives_above_positive(
                         out.scores.float().cpu().numpy(), None if mask is None else mask.cpu().numpy()
@@ -310,7 +320,7 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                 for alert in alert_dicts(alerts):
                     ctx.record("alert", stage=stage.name, step=step, **alert)
                 stats = CollapseStats(evaluation.get("mean_dim_std", 1.0), evaluation.get("mean_pairwise_cosine", 0.0))
-                collapsed_evals = collapsed_evals + 1 if is_collapsed(stats, ctx.thresholds) else 0
+                collapsed_evals = collapsed_evals + 1 if is_collapsed(stats, ctx.thresholds, ctx.baseline) else 0
                 if collapsed_evals >= ctx.thresholds.collapse_patience:
                     ctx.encoder.model.load_state_dict(best_state)
                     raise TrainingAborted(

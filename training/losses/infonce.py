@@ -52,6 +52,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from training.losses.fp32 import at_least_fp32
 from training.losses.output import LossOutput
 
 MAX_HARD_NEGATIVES = 20
@@ -107,7 +108,7 @@ class InfoNCELoss(torch.nn.Module):
         """The mean loss over queries; `scores` are the `(B, C)` cosine similarities, detached."""
         candidates = _candidates(queries, positives, negatives)
         batch_size = queries.shape[0]
-        similarities = F.normalize(queries, dim=-1) @ F.normalize(candidates, dim=-1).T
+        similarities = F.normalize(at_least_fp32(queries), dim=-1) @ F.normalize(at_least_fp32(candidates), dim=-1).T
         logits = similarities / self.temperature
         masked = 0
         if candidate_mask is not None:

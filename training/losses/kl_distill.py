@@ -59,6 +59,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from training.losses.fp32 import at_least_fp32
 from training.losses.output import LossOutput
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ class KLDistillationLoss(torch.nn.Module):
             )
         if teacher_scores.isnan().any():
             raise ValueError("teacher_scores contain NaN, which would make the loss and every gradient NaN")
-        similarities = torch.einsum("bd,bnd->bn", F.normalize(queries, dim=-1), F.normalize(candidates, dim=-1))
-        dtype = torch.promote_types(similarities.dtype, torch.float32)
+        similarities = torch.einsum("bd,bnd->bn", F.normalize(at_least_fp32(queries), dim=-1),
+                                    F.normalize(at_least_fp32(candidates), dim=-1))
+        dtype = similarities.dtype
         teacher_scores = teacher_scores.detach().to(dtype)
         teacher_logits = teacher_scores / self.temperature
         if teacher_logits.isposinf().any() or teacher_logits.isneginf().all(dim=1).any():

@@ -39,6 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from training.losses.fp32 import at_least_fp32
 from training.losses.output import LossOutput
 
 
@@ -75,9 +76,9 @@ class MarginMSELoss(torch.nn.Module):
                 f"teacher_margins must have shape (B, H) = {tuple(negatives.shape[:2])}, one margin per negative, "
                 f"got {tuple(teacher_margins.shape)}"
             )
-        queries = F.normalize(queries, dim=-1)
-        positive_scores = (queries * F.normalize(positives, dim=-1)).sum(dim=-1)
-        negative_scores = torch.einsum("bd,bhd->bh", queries, F.normalize(negatives, dim=-1))
+        queries = F.normalize(at_least_fp32(queries), dim=-1)
+        positive_scores = (queries * F.normalize(at_least_fp32(positives), dim=-1)).sum(dim=-1)
+        negative_scores = torch.einsum("bd,bhd->bh", queries, F.normalize(at_least_fp32(negatives), dim=-1))
         student_margins = self.scale * (positive_scores.unsqueeze(1) - negative_scores)
         loss = F.mse_loss(student_margins, teacher_margins.detach().to(student_margins.dtype))
         scores = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1).detach()

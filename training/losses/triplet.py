@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from training.losses.fp32 import at_least_fp32
 from training.losses.output import LossOutput
 
 
@@ -64,9 +65,9 @@ class TripletLoss(torch.nn.Module):
                 f"negatives must have shape (B, d) or (B, H, d) with B = {batch_size}, d = {dim}, H >= 1, "
                 f"got {tuple(negatives.shape)}"
             )
-        anchors = F.normalize(anchors, dim=-1)
-        positive_scores = (anchors * F.normalize(positives, dim=-1)).sum(dim=-1)
-        negative_scores = torch.einsum("bd,bhd->bh", anchors, F.normalize(negatives, dim=-1))
+        anchors = F.normalize(at_least_fp32(anchors), dim=-1)
+        positive_scores = (anchors * F.normalize(at_least_fp32(positives), dim=-1)).sum(dim=-1)
+        negative_scores = torch.einsum("bd,bhd->bh", anchors, F.normalize(at_least_fp32(negatives), dim=-1))
         loss = F.relu(self.margin - (positive_scores.unsqueeze(1) - negative_scores)).mean()
         scores = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1).detach()
         return LossOutput(loss=loss, scores=scores)
