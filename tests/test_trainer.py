@@ -141,7 +141,7 @@ def test_non_finite_gradients_abort_before_updating_and_restore_the_best_weights
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing_from_the_second_step)
     stage = StageConfig(name="s", epochs=2, batch_size=4, learning_rate=1e-3, eval_every=1, warmup_ratio=0.0)
     ctx = _context(tiny_model_dir, tmp_path, [0.1, 0.2])
-    with pytest.raises(TrainingAborted, match=r"the gradients became inf at step 2 \(the loss was \d+\.\d{4}\), so no update"):
+    with pytest.raises(TrainingAborted, match=r"the gradients became inf \(the loss was \d+\.\d{4}\) at step 2, so no update"):
         train_stage(ctx, _examples(16, 16), stage, {})
     assert len(ctx.seen) == 1 and _same(_state(ctx.encoder), ctx.seen[0])
 

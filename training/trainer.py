@@ -280,22 +280,20 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                 out, mask = compute(batch)
                 step += 1
                 loss = float(out.loss.detach())
-                if not np.isfinite(loss):
+
+                def abort_before_update(what: str) -> TrainingAborted:
                     optimizer.zero_grad(set_to_none=True)
                     model.load_state_dict(best_state)
-                    raise TrainingAborted(
-                        f"stage {stage.name!r}: the loss became {loss} at step {step}, so no update was applied and "
-                        f"the best weights were restored. Remedy: {REMEDIES['collapse']}"
+                    return TrainingAborted(
+                        f"stage {stage.name!r}: {what} at step {step}, so no update was applied and the best "
+                        f"weights were restored. Remedy: {REMEDIES['collapse']}"
                     )
+
+                if not np.isfinite(loss):
+                    raise abort_before_update(f"the loss became {loss}")
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
                 if not torch.isfinite(grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    model.load_state_dict(best_state)
-                    raise TrainingAborted(
-                        f"stage {stage.name!r}: the gradients became {float(grad_norm)} at step {step} (the loss was "
-                        f"{loss:.4f}), so no update was applied and the best weights were restored. "
-                        f"Remedy: {REMEDIES['collapse']}"
-                    )
+                    raise abort_before_update(f"the gradients became {float(grad_norm)} (the loss was {loss:.4f})")
                 learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses, read before the schedule moves
                 optimizer.step()
                 scheduler.step()
