@@ -78,6 +78,10 @@ def _row_to_document(row: sqlite3.Row) -> Document:
     return Document(id=row["id"], title=row["title"], text=row["text"], metadata=json.loads(row["metadata"]))
 
 
+def _row_to_change(row: sqlite3.Row) -> Change:
+    return Change(seq=row["seq"], doc_id=row["id"], document=None if row["deleted"] else _row_to_document(row))
+
+
 class CorpusStore:
     """SQLite-backed corpus; safe to share between threads and between processes."""
 
@@ -175,12 +179,19 @@ class CorpusStore:
                 db.execute("COMMIT")
         return seq, [_row_to_document(row) for row in rows]
 
+    def states(self, doc_ids: list[str]) -> list[Change]:
+        """The current state of each of `doc_ids` that was ever written, deletions included, with its sequence."""
+        found: dict[str, Change] = {}
+        with self._reading() as db:
+            for start in range(0, len(doc_ids), 500):
+                chunk = doc_ids[start : start + 500]
+                rows = db.execute(f"SELECT * FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                found.update((row["id"], _row_to_change(row)) for row in rows)
+        return [found[doc_id] for doc_id in doc_ids if doc_id in found]
+
     def changes_since(self, seq: int, limit: int = -1) -> list[Change]:
         """Every document written after `seq`, in sequence order (deletions have no document); the first `limit`
         of them when `limit` is not negative."""
         with self._reading() as db:
             rows = db.execute("SELECT * FROM documents WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
-        return [
-            Change(seq=row["seq"], doc_id=row["id"], document=None if row["deleted"] else _row_to_document(row))
-            for row in rows
-        ]
+        return [_row_to_change(row) for row in rows]

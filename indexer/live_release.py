@@ -86,6 +86,7 @@ class LiveRelease:
         self.reranker = reranker
         self.rerank_policy = rerank_policy
         self.applied_seq = manifest.corpus_seq
+        self._applied_ahead: dict[str, int] = {}  # document -> sequence of the state `apply_documents` applied
         self._catch_up_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._rerank_lock = threading.Lock()
@@ -155,8 +156,9 @@ class LiveRelease:
                 changes = corpus.changes_since(self.applied_seq, limit=self.batch_size)
                 if not changes:
                     break
-                self._apply(changes)
+                self._apply([c for c in changes if self._applied_ahead.get(c.doc_id, -1) < c.seq])
                 self.applied_seq = changes[-1].seq
+                self._applied_ahead = {d: seq for d, seq in self._applied_ahead.items() if seq > self.applied_seq}
             applied += len(changes)
         if applied:
             log.info("release %s caught up %d corpus writes (seq %d)", self.release_id, applied, self.applied_seq)
@@ -166,11 +168,12 @@ class LiveRelease:
         """Bring `doc_ids` in the index to their state in the corpus now (deleted ones removed), ahead of any backlog
         of other writes: a write calls this for its own documents, so that a search after it finds them without
         the write waiting for the whole backlog. A corpus row holds a document's latest state, so applying it
-        ahead of older changes to other documents is safe, and catch-up applying it again in turn is harmless."""
-        unique = list(dict.fromkeys(doc_ids))  # one request may write a document twice; its last state is stored
+        ahead of older changes to other documents is safe; catch-up, reaching it in turn, skips a state applied
+        here already, so a write is encoded once."""
         with self._catch_up_lock:
-            found = corpus.get_many(unique)
-            self._apply([Change(0, doc_id, found.get(doc_id)) for doc_id in unique])
+            states = corpus.states(list(dict.fromkeys(doc_ids)))  # a request may write a document twice
+            self._apply(states)
+            self._applied_ahead.update((c.doc_id, c.seq) for c in states if c.seq > self.applied_seq)
 
     def _apply(self, changes: Sequence[Change]) -> None:
         """Encode and add the changed documents, remove the deleted ones; the caller holds the catch-up lock."""

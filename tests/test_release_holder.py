@@ -96,10 +96,14 @@ def test_a_write_waits_for_one_run_of_a_catch_up_backlog_not_all_of_it(data_dir,
     backlog.join()
     assert len(runs) < 14, f"the write made the backlog run {len(runs)} encodes"
     assert all(f"n{i}" in live.index for i in range(40))
+    encoded = len(runs)
     assert live.catch_up(corpus) == 1 and live.applied_seq == corpus.seq, "the write's own change is caught up in turn"
+    assert len(runs) == encoded, "catch-up encoded again the state the write had already applied"
     assert np.allclose(live.index.reconstruct(LATE.id), encode([LATE.embedding_text()], "document")[0], atol=1e-5)
     unchanged, _ = holder.write([LATE])
     assert unchanged.changed == () and live.catch_up(corpus) == 0
+    holder.delete("n0")
+    assert "n0" not in live.index and live.catch_up(corpus) == 1 and "n0" not in live.index
     twice = Document(id="twice", title="", text="first words"), Document(id="twice", title="", text="second words")
     assert holder.write(list(twice))[0].changed == ("twice", "twice")
     assert np.allclose(live.index.reconstruct("twice"), encode([twice[1].embedding_text()], "document")[0], atol=1e-5)
