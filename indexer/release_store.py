@@ -22,7 +22,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,10 +245,12 @@ class ReleaseStore:
             pointer.history = [r for r in pointer.history if r != release_id]
             self._write_pointer(pointer)
 
-    def gc(self, keep: int, unused_for: float = STALE_SECONDS, spare: Collection[str] = ()) -> list[str]:
-        """Delete all but the newest `keep` releases (never the active one, the rollback target, or one in
-        `spare`: the candidates of unfinished jobs), then what has been left untouched for `unused_for`
-        seconds: staging folders of releases and of models, and model folders no release uses.
+    def gc(
+        self, keep: int, unused_for: float = STALE_SECONDS, spare: Callable[[], Collection[str]] = tuple
+    ) -> list[str]:
+        """Delete all but the newest `keep` releases (never the active one, the rollback target, or one `spare()`
+        names, read under the lock: the candidates of unfinished jobs), then what has been left untouched for
+        `unused_for` seconds: staging folders of releases and of models, and model folders no release uses.
 
         Runs under the lock, so nothing is activated or deleted meanwhile. A build in progress keeps its
         staging and model folders by touching them, so with the default day it is never collected; a
@@ -263,7 +265,7 @@ class ReleaseStore:
             pointer = self.pointer()
             listing = self.scan()
             kept = {m.release_id for m in listing.manifests[-keep:]} | {pointer.active} | set(pointer.history[-1:])
-            kept |= set(spare)
+            kept |= set(spare())
             removed = [m.release_id for m in listing.manifests if m.release_id not in kept]
             for release_id in removed:
                 self._delete_locked(release_id)

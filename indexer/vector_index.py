@@ -282,7 +282,7 @@ class VectorIndex:
             if hnsw is not None:
                 scores, labels = self._index.search(queries, min(k, total), params=self._hidden_skipped(hnsw))
             elif self._on_gpu and k + len(self._hidden) > GPU_MAX_K:
-                scores, labels = self._master.search(queries, min(k, self._master.ntotal))
+                scores, labels = self._master.search(queries, max(1, min(k, self._master.ntotal)))
             else:
                 scores, labels = self._index.search(queries, min(k + len(self._hidden), total))
             rows = [

@@ -203,11 +203,10 @@ def releases_gc(
     settings = _settings(ctx)
     jobs = JobStore(settings.jobs_path)
     try:
-        in_flight = jobs.releases_in_flight()
+        removed = ReleaseStore(settings.data_dir).gc(keep if keep is not None else settings.keep_releases, unused_for,
+                                                     spare=jobs.releases_in_flight)
     finally:
         jobs.close()
-    removed = ReleaseStore(settings.data_dir).gc(keep if keep is not None else settings.keep_releases, unused_for,
-                                                 spare=in_flight)
     typer.echo(f"removed {len(removed)} release(s): {' '.join(removed) or '-'}")
 
 

@@ -80,7 +80,11 @@ class ReleaseHolder:
             if self.current is not None:
                 if self.current.release_id == active:
                     self.last_error = self._refused = None
-                self.current.catch_up(self.corpus)
+                try:
+                    self.current.catch_up(self.corpus)
+                except LockstepError as exc:  # a corpus restored behind the release, say: say so at every poll
+                    self.last_error = f"release {self.current.release_id} cannot apply corpus writes: {exc}"
+                    log.error("%s", self.last_error)
             return swapped
 
     def _swap_in(self, candidate: LiveRelease) -> None:

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
-from transformers import BertConfig, BertModel
+from transformers import AutoModel, BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput
+from training.fingerprint import model_fingerprint
 from training.pooling import Pooling
 
 TEXTS = [
@@ -187,6 +188,9 @@ def test_a_half_precision_checkpoint_encodes_in_fp32(tiny_model_copy):
     BiEncoder.load(tiny_model_copy).model.half().save_pretrained(tiny_model_copy, safe_serialization=True)
     encoder = BiEncoder.load(tiny_model_copy)
     assert {parameter.dtype for parameter in encoder.model.parameters()} == {torch.float32}
+    as_stored = AutoModel.from_pretrained(tiny_model_copy, dtype=torch.float16)
+    assert encoder.fingerprint == model_fingerprint(as_stored, encoder.tokenizer, encoder.settings), \
+        "the fingerprint hashes the weights as stored, so releases built before the fp32 load still match"
     oracle = SentenceTransformer(str(tiny_model_copy), device="cpu", model_kwargs={"dtype": torch.float32})
     assert np.allclose(encoder.encode(TEXTS), oracle.encode(TEXTS, normalize_embeddings=True), atol=1e-5)
 
@@ -204,6 +208,24 @@ def test_a_folder_declaring_no_length_uses_the_position_embeddings_as_sentence_t
     encoder = BiEncoder.load(tiny_model_copy)
     oracle = SentenceTransformer(str(tiny_model_copy), device="cpu")
     assert encoder.settings.document_max_length == oracle.max_seq_length == 640
+
+
+def test_a_roberta_style_model_is_capped_where_its_position_ids_run_out(tiny_model_copy):
+    """Guards against defaulting a RoBERTa-family model to all its position embeddings: its position ids start
+    after the padding index, so the last two would index past the table and long texts crashed the encoder."""
+    config = RobertaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=20, pad_token_id=1)
+    RobertaModel(config).save_pretrained(tiny_model_copy)
+    (tiny_model_copy / "sentence_bert_config.json").write_text(json.dumps({"do_lower_case": False}))
+    tokenizer_file = tiny_model_copy / "tokenizer_config.json"
+    tokenizer_file.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_file.read_text()).items()
+                                          if k != "model_max_length"}))
+    (tiny_model_copy / "lockstep.json").unlink()
+    encoder = BiEncoder.load(tiny_model_copy)
+    assert encoder.settings.document_max_length == 18
+    assert encoder.encode([TEXTS[3]]).shape == (1, 32)
+    with pytest.raises(InvalidInput, match="between 2 and the model's limit 18"):
+        BiEncoder.load(tiny_model_copy, document_max_length=20)
 
 
 def test_a_tokenizer_truncating_from_the_left_sees_the_end_of_a_long_text(tiny_model_copy):

@@ -61,6 +61,9 @@ def test_a_jobs_index_type_is_checked_against_the_model_it_will_build_with(data_
     """Guards against an index type being checked only while a release is live (and then against the live model's
     size even for a re-embed naming another model): the job was queued and failed later in the worker."""
     corpus.upsert(SAMPLE_DOCS)
+    with _client(data_dir, admin_token="secret", model=data_dir / "no-such-model") as client:
+        assert client.post("/v1/jobs/reembed", json={}, headers=AUTH).status_code == 202, \
+            "without an index type the configured model's size is not needed"
     with _client(data_dir, admin_token="secret", model=tiny_model_dir) as client:
         for index_type, fragment in (("NotAFactory,Whatever", "not a valid FAISS factory string"),
                                      ("IVF99999999,Flat", "99999999 IVF lists")):

@@ -107,3 +107,17 @@ def test_a_write_waits_for_one_run_of_a_catch_up_backlog_not_all_of_it(data_dir,
     twice = Document(id="twice", title="", text="first words"), Document(id="twice", title="", text="second words")
     assert holder.write(list(twice))[0].changed == ("twice", "twice")
     assert np.allclose(live.index.reconstruct("twice"), encode([twice[1].embedding_text()], "document")[0], atol=1e-5)
+
+
+def test_a_served_release_that_cannot_catch_up_says_why_at_each_poll(data_dir, corpus, releases, tiny_model_dir, tmp_path):
+    """Guards against the poll raising on the served release's catch-up (a corpus restored behind it): a traceback
+    every poll and nothing in `last_error` to tell the operator."""
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+    holder = ReleaseHolder(releases, corpus)
+    holder.refresh()
+    holder.corpus = CorpusStore(tmp_path / "older.sqlite3")
+    assert holder.refresh() is False
+    assert "cannot apply corpus writes: the corpus has seen 0 writes, fewer than the 5" in holder.last_error
+    assert holder.require() is holder.current
+    holder.corpus.close()

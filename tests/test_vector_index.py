@@ -149,6 +149,7 @@ def gpu_writes_keep_answering_like_the_cpu(tmp_path, device_copy) -> None:
     for index in (cpu, served):
         index.add([f"d{i}" for i in range(3000)], unit(3000))
     served.to_gpu(device_copy)
+    assert served._on_gpu, "the index did not move to the device, so nothing here would be tested"
     for start in range(0, 2500, 250):
         ids, vectors = [f"d{i}" for i in range(start, start + 250)], unit(250, seed=start + 2)
         for index in (cpu, served):

@@ -116,6 +116,10 @@ def _require_safetensors(model_dir: Path) -> None:
         )
 
 
+def _all_fp32(model: torch.nn.Module) -> bool:
+    return all(tensor.dtype == torch.float32 for tensor in model.state_dict().values() if tensor.is_floating_point())
+
+
 def model_dimension(model_dir: Path) -> int:
     """The size of the vectors a model folder encodes to (its config's hidden size), read without the weights."""
     try:
@@ -125,11 +129,27 @@ def model_dimension(model_dir: Path) -> int:
     return int(config.hidden_size)
 
 
+# Models whose position ids start after the padding index, so only max_position_embeddings - pad_token_id - 1
+# tokens fit (RoBERTa's 514 position embeddings hold 512 tokens).
+_POSITIONS_AFTER_PADDING = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "data2vec-text", "xmod",
+    "roberta-prelayernorm", "ibert",
+})
+
+
+def _position_limit(config) -> int | None:
+    """The most tokens the model's position embeddings hold, None if it declares none."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in _POSITIONS_AFTER_PADDING and config.pad_token_id is not None:
+        limit -= config.pad_token_id + 1
+    return limit
+
+
 def _folder_max_length(model_dir: Path, model: PreTrainedModel) -> int:
     """sentence-transformers' `max_seq_length` (v5 and older), else the tokenizer's `model_max_length`
     (where v6 keeps it), else the model's position embeddings (512 if it declares none), as sentence-transformers
     falls back; never beyond the position embeddings."""
-    limit = getattr(model.config, "max_position_embeddings", 512)
+    limit = _position_limit(model.config) or 512
     for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
         path = model_dir / name
         value = json.loads(path.read_text()).get(key) if path.exists() else None
@@ -159,7 +179,7 @@ class BiEncoder:
         settings: EncoderSettings,
         name: str = "model",
     ) -> None:
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = _position_limit(model.config)
         for kind in ("query", "document"):
             length = settings.max_length(kind)
             if length < 2 or (limit is not None and length > limit):
@@ -187,11 +207,7 @@ class BiEncoder:
         model_dir = Path(path)
         _require_safetensors(model_dir)
         check_pipeline(model_dir)
-        # fp32 whatever the checkpoint stores (transformers 5 keeps an fp16 checkpoint in fp16): precision is the
-        # release's choice, and the int8 gate's reference must be fp32.
-        model = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).to(
-            device=device, dtype=torch.float32
-        )
+        model = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         declared = {}
         if (model_dir / LOCKSTEP_CONFIG).exists():
@@ -203,7 +219,15 @@ class BiEncoder:
             document_max_length=document_max_length or declared.get("document_max_length", default_length),
             **read_prompts(model_dir),
         )
-        return cls(model, tokenizer, settings, name=name or declared.get("name", model_dir.name))
+        # Run in fp32 whatever the checkpoint stores (transformers 5 keeps an fp16 checkpoint in fp16): precision
+        # is the release's choice, and the int8 gate's reference must be fp32. The fingerprint still hashes the
+        # weights as stored, so a release built before this cast keeps matching its model.
+        stored = None if _all_fp32(model) else model_fingerprint(model, tokenizer, settings)
+        encoder = cls(model.to(device=device, dtype=torch.float32), tokenizer, settings,
+                      name=name or declared.get("name", model_dir.name))
+        if stored is not None:
+            encoder.fingerprint = stored
+        return encoder
 
     @property
     def dim(self) -> int:

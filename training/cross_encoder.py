@@ -38,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from training.bi_encoder import PROGRESS_BAR_MIN_TEXTS, _require_safetensors
+from training.bi_encoder import PROGRESS_BAR_MIN_TEXTS, _all_fp32, _require_safetensors
 from training.errors import InvalidInput
 from training.fingerprint import compute_fingerprint
 from training.openvino_runtime import CompiledGraph
@@ -92,6 +92,11 @@ def _classifier_config(model_dir: Path) -> PretrainedConfig:
         )
     config.num_labels = 1
     return config
+
+
+def _settings(max_length: int) -> dict[str, object]:
+    """What besides weights and tokenizer the cross-encoder's fingerprint covers."""
+    return {"kind": "cross-encoder", "max_length": max_length}
 
 
 def _default_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
@@ -156,7 +161,11 @@ class CrossEncoder:
             )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         length = _default_max_length(tokenizer, config) if max_length is None else max_length
-        return cls(model.to(device=device, dtype=torch.float32), tokenizer, length)
+        stored = None if _all_fp32(model) else compute_fingerprint(model, tokenizer, _settings(length))
+        reranker = cls(model.to(device=device, dtype=torch.float32), tokenizer, length)
+        if stored is not None:  # the weights as stored, as `BiEncoder.load` hashes a half-precision checkpoint
+            reranker._fingerprint = (reranker._versions(), stored)
+        return reranker
 
     @property
     def max_length(self) -> int:
@@ -178,12 +187,14 @@ class CrossEncoder:
     @property
     def fingerprint(self) -> str:
         """sha256 over weights, tokenizer and max length; recomputed only after the weights change in place."""
-        # Every in-place write to a tensor (optimiser steps, load_state_dict) bumps its version counter.
-        versions = tuple(tensor._version for tensor in self.model.state_dict().values())
+        versions = self._versions()
         if self._fingerprint is None or self._fingerprint[0] != versions:
-            settings = {"kind": "cross-encoder", "max_length": self.max_length}
-            self._fingerprint = (versions, compute_fingerprint(self.model, self.tokenizer, settings))
+            self._fingerprint = (versions, compute_fingerprint(self.model, self.tokenizer, _settings(self.max_length)))
         return self._fingerprint[1]
+
+    def _versions(self) -> tuple[int, ...]:
+        """Every in-place write to a tensor (optimiser steps, load_state_dict) bumps its version counter."""
+        return tuple(tensor._version for tensor in self.model.state_dict().values())
 
     def _tokenize(self, pairs: list[Pair]) -> BatchEncoding:
         queries, documents = zip(*pairs)

@@ -79,7 +79,10 @@ def model_fingerprint(
         "query_max_length": settings.query_max_length,
         "document_max_length": settings.document_max_length,
     }
-    # Only set prompts are hashed, so a model without any keeps the fingerprint it had before prompts were applied.
+    # Only set prompts and a left truncation are hashed, so a model with neither keeps the fingerprint it had before
+    # they were taken into account.
     described.update({name: prompt for name, prompt in (("query_prompt", settings.query_prompt),
                                                          ("document_prompt", settings.document_prompt)) if prompt})
+    if tokenizer.truncation_side != "right":
+        described["truncation_side"] = tokenizer.truncation_side
     return compute_fingerprint(model, tokenizer, described)

@@ -38,7 +38,9 @@ def job_out(job: Job) -> JobOut:
 async def _submit(state, kind: str, params: dict) -> JobOut:
     live = state.holder.current
     settings = state.settings
-    dim = live.manifest.dim if live else await run_in_threadpool(model_dimension, settings.model_path())
+    dim = live.manifest.dim if live else None
+    if dim is None and params.get("index_type") and not params.get("model"):  # checked against the model it names
+        dim = await run_in_threadpool(model_dimension, settings.model_path())
     roots = [settings.data_dir, *settings.training_roots]
     job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, settings.data_dir, kind, params, dim, roots)
     return job_out(job)
