@@ -177,7 +177,14 @@ def _base_model(ctx: JobContext) -> Path:
 
 
 def job_recipe(params: dict) -> Recipe:
-    """The recipe a retrain job asked for: inline TOML, or a shipped recipe by name (default: `default`)."""
+    """The recipe a retrain job asked for: inline TOML, or a shipped recipe by name (default: `default`). One given
+    but blank is refused rather than read as absent, which would run the default recipe unasked."""
+    for key in ("recipe", "recipe_toml"):
+        if params.get(key) is not None and not params[key].strip():
+            raise InvalidInput(f"{key} is blank; name a shipped recipe, give the recipe's TOML, or leave both out "
+                               "for the default recipe")
+    if params.get("recipe") and params.get("recipe_toml"):
+        raise InvalidInput("give recipe (a shipped recipe's name) or recipe_toml (a whole recipe), not both")
     if params.get("recipe_toml"):
         return parse_recipe_text(params["recipe_toml"], "inline recipe")
     return named_recipe(params.get("recipe") or "default")

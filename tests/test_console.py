@@ -189,6 +189,24 @@ def test_a_retrain_started_in_the_ui_shows_progress_and_completes(page, stack):
     _screenshot(page, "job-succeeded")
 
 
+def test_the_recipe_box_shows_only_for_a_custom_recipe_and_the_token_stays_out_of_storage(page, stack):
+    """Guards against the TOML box showing for a named recipe (a CSS rule overrode `hidden`), where whatever was
+    typed in it was silently dropped and the named recipe ran, and against the admin token sitting in
+    sessionStorage, where any script of this origin (the API docs pages load theirs from a CDN) could read it."""
+    _sign_in(page)
+    assert page.evaluate("() => Object.keys(sessionStorage).length") == 0
+    page.get_by_role("tab", name="Jobs").click()
+    page.get_by_text("Start a retrain").click()
+    _expect(page.locator("#recipe option")).to_contain_text(["default", "custom (TOML)"])
+    _expect(page.get_by_label("Recipe (TOML)")).to_be_hidden()
+    page.get_by_label("Recipe", exact=True).select_option("custom")
+    _expect(page.get_by_label("Recipe (TOML)")).to_be_visible()
+    jobs_before = len(stack.api.get("/v1/jobs").json()["jobs"])
+    page.get_by_role("button", name="Start retrain").click()
+    _expect(page.locator("#jobs-status")).to_contain_text("Paste the recipe's TOML")
+    assert len(stack.api.get("/v1/jobs").json()["jobs"]) == jobs_before
+
+
 def _succeeded_retrain(stack) -> str:
     """A retrain job that succeeded on this stack (started through the API when no earlier test left one)."""
     done = [job for job in stack.api.get("/v1/jobs", params={"status": "succeeded"}).json()["jobs"]

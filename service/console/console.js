@@ -1,9 +1,9 @@
 // The Lockstep web console: search, releases, jobs with their training reports, and the drift probe.
-// Plain DOM code over the JSON API; the admin token lives in sessionStorage only.
+// Plain DOM code over the JSON API; the admin token lives in this page's memory only.
 "use strict";
 
 (() => {
-  const TOKEN_KEY = "lockstep.adminToken";
+  const OLD_TOKEN_KEY = "lockstep.adminToken"; // where earlier versions kept it; removed on load
   const TERMINAL = new Set(["succeeded", "rejected", "failed", "cancelled"]);
   const COLORS = ["#1f5fa8", "#c2410c", "#047857", "#6d28d9"];
   const $ = (id) => document.getElementById(id);
@@ -43,6 +43,11 @@
     return `${(value / 3600).toFixed(1)} h`;
   }
 
+  // Writes only a changed text, so a live region polled every few seconds announces changes, not repeats.
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
   function say(id, message, isError = false) {
     const node = $(id);
     node.textContent = message;
@@ -63,7 +68,10 @@
     }
   }
 
-  const token = () => sessionStorage.getItem(TOKEN_KEY);
+  // Not in sessionStorage: any script of this origin can read that, such as the API docs pages' CDN scripts.
+  let adminToken = null;
+  const token = () => adminToken;
+  sessionStorage.removeItem(OLD_TOKEN_KEY);
 
   async function api(method, path, body, admin = false) {
     const headers = { Accept: "application/json" };
@@ -74,6 +82,7 @@
     }
     const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
     const data = await response.json().catch(() => null);
+    if (admin && (response.status === 401 || response.status === 403)) forgetToken();
     if (!response.ok) {
       throw new ApiError(response.status, data && data.error ? data.error : `${response.status} ${response.statusText}`);
     }
@@ -113,7 +122,7 @@
   function showTokenState() {
     const set = Boolean(token());
     $("token-state").textContent = set
-      ? "Admin token set for this browser tab; it is kept in session storage and sent only to this server."
+      ? "Admin token set for this page; it is kept in the page's memory (gone on reload) and sent only to this server."
       : "Releases, jobs and the drift probe need the admin token (LOCKSTEP_ADMIN_TOKEN).";
     $("token-forget").hidden = !set;
   }
@@ -125,7 +134,7 @@
       $("token-state").textContent = "Type the admin token first.";
       return;
     }
-    sessionStorage.setItem(TOKEN_KEY, value);
+    adminToken = value;
     $("token").value = "";
     try {
       await api("GET", "/v1/admin/releases", undefined, true);
@@ -133,25 +142,26 @@
       const current = tabs.find((tab) => tab.getAttribute("aria-selected") === "true");
       if (current && onShow[current.dataset.tab]) onShow[current.dataset.tab]();
     } catch (error) {
-      sessionStorage.removeItem(TOKEN_KEY);
-      showTokenState();
+      forgetToken();
       $("token-state").textContent = `That token was refused: ${error.message}`;
     }
   });
 
-  $("token-forget").addEventListener("click", () => {
-    sessionStorage.removeItem(TOKEN_KEY);
+  function forgetToken() {
+    adminToken = null;
     showTokenState();
-  });
+  }
+
+  $("token-forget").addEventListener("click", forgetToken);
 
   // ---- the live release ----------------------------------------------------------------------
 
   async function showServing() {
     try {
       const health = await api("GET", "/readyz");
-      $("serving").textContent = `Serving release ${health.release}`;
+      setText($("serving"), `Serving release ${health.release}`);
     } catch (error) {
-      $("serving").textContent = `Not serving: ${error.message}`;
+      setText($("serving"), `Not serving: ${error.message}`);
     }
   }
 
@@ -241,7 +251,9 @@
     try {
       const pointer = await api(method, path, undefined, true);
       await loadReleases();
-      say("releases-status", `Release ${pointer.active} is active; this server serves ${pointer.serving}.`);
+      if (pointer.load_error) say("releases-status", `Release ${pointer.active} is active, but this server still ` +
+        `serves ${pointer.serving}: ${pointer.load_error}`, true);
+      else say("releases-status", `Release ${pointer.active} is active; this server serves ${pointer.serving}.`);
       showServing();
     } catch (error) {
       say("releases-status", error.message, true);
@@ -289,10 +301,13 @@
   async function loadJobs() {
     if (!token()) {
       say("jobs-status", "Enter the admin token to see and start jobs.");
+      $("jobs-status").dataset.prompt = "token";
       return;
     }
+    clearTimeout(listTimer);
     try {
       const { jobs } = await api("GET", "/v1/jobs?limit=50", undefined, true);
+      const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.job : null;
       $("job-list").replaceChildren(...jobs.map((job) => {
         const bar = el("progress", { max: 1, "aria-label": `Progress of job ${job.id}` });
         setProgress(bar, job);
@@ -302,11 +317,18 @@
         }, el("span", { class: "mono", text: job.id }), el("span", {}, `${job.kind} `, statusBadge(job.status)),
         el("span", { class: "hint", text: progressText(job) }), bar));
       }));
+      if (focused) {
+        const again = [...document.querySelectorAll(".job-item")].find((item) => item.dataset.job === focused);
+        if (again) again.focus(); // the list was rebuilt under a keyboard user's focus
+      }
+      const status = $("jobs-status");
       if (!jobs.length) say("jobs-status", "No jobs yet.");
-      clearTimeout(listTimer);
+      else if (status.classList.contains("error") || status.dataset.prompt) say("jobs-status", ""); // now stale
+      delete status.dataset.prompt;
       if (jobs.some((job) => !TERMINAL.has(job.status)) && !$("panel-jobs").hidden) listTimer = setTimeout(loadJobs, 3000);
     } catch (error) {
       say("jobs-status", error.message, true);
+      if (token() && !$("panel-jobs").hidden) listTimer = setTimeout(loadJobs, 10000); // a blip must not end updates
     }
   }
 
@@ -328,23 +350,27 @@
 
   async function openJobDetail(jobId) {
     openJob = jobId;
-    clearTimeout(jobTimer);
     for (const item of document.querySelectorAll(".job-item")) {
       item.setAttribute("aria-current", String(item.dataset.job === jobId));
     }
     $("job-detail").hidden = false;
+    $("job-title").replaceChildren(`Job `, el("span", { class: "mono", text: jobId }));
+    for (const id of ["job-summary", "job-progress-text", "job-message", "job-metrics-json"]) $(id).textContent = "";
+    $("job-metrics").replaceChildren();
     $("report-panels").replaceChildren();
     $("report-log").replaceChildren();
     await refreshJob();
   }
 
   async function refreshJob() {
+    clearTimeout(jobTimer); // one poll at a time, however often this is called
     const jobId = openJob;
     let job;
     try {
       job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`, undefined, true);
     } catch (error) {
       say("jobs-status", error.message, true);
+      if (token() && jobId === openJob && !$("panel-jobs").hidden) jobTimer = setTimeout(refreshJob, 5000);
       return;
     }
     if (jobId !== openJob) return;
@@ -353,6 +379,7 @@
       (job.finished ? `, finished ${when(job.finished)}` : "") + `; attempts ${job.attempts}.`;
     setProgress($("job-progress"), job);
     $("job-progress-text").textContent = progressText(job);
+    setText($("job-phase"), `${job.status}${job.progress && job.progress.phase ? `: ${job.progress.phase}` : ""}`);
     $("job-cancel").disabled = TERMINAL.has(job.status) || job.cancel_requested;
     $("job-retry").disabled = !["failed", "cancelled"].includes(job.status);
     $("job-message").textContent = job.message || (job.cancel_requested ? "Cancellation requested." : "");
@@ -372,9 +399,9 @@
   async function jobAction(path, message) {
     try {
       await api("POST", path, undefined, true);
-      say("jobs-status", message);
       await refreshJob();
       await loadJobs();
+      say("jobs-status", message);
     } catch (error) {
       say("jobs-status", error.message, true);
     }
@@ -388,8 +415,8 @@
   async function startJob(kind, body) {
     try {
       const job = await api("POST", `/v1/jobs/${kind}`, body, true);
-      say("jobs-status", `Started ${kind} job ${job.id}.`);
       await loadJobs();
+      say("jobs-status", `Started ${kind} job ${job.id}.`);
       await openJobDetail(job.id);
     } catch (error) {
       say("jobs-status", error.message, true);
@@ -399,8 +426,18 @@
   $("retrain-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const body = {};
-    if ($("recipe").value === "custom") body.recipe_toml = $("recipe-toml").value;
-    else body.recipe = $("recipe").value;
+    if ($("recipe").value === "custom") {
+      if (!$("recipe-toml").value.trim()) {
+        say("jobs-status", "Paste the recipe's TOML, or pick a named recipe.", true);
+        return;
+      }
+      body.recipe_toml = $("recipe-toml").value;
+    } else if ($("recipe").value) {
+      body.recipe = $("recipe").value;
+    } else {
+      say("jobs-status", "The recipes could not be loaded; pick one once they are, or paste a TOML recipe.", true);
+      return;
+    }
     for (const name of ["queries", "qrels", "pairs", "corpus", "dev_queries", "dev_qrels"]) {
       const value = event.target.elements[name].value.trim();
       if (value) body[name] = value;
