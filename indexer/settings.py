@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from training.errors import InvalidInput
 from training.score_fusion import DEFAULT_RERANK_CANDIDATES, DEFAULT_RERANK_WEIGHT, RerankPolicy
@@ -115,6 +115,9 @@ class Settings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             raise _invalid(exc) from None
+        except SettingsError as exc:  # a list setting that is not JSON, before any field validation runs
+            raise InvalidInput(f"invalid settings: {exc}; list settings such as LOCKSTEP_CORS_ORIGINS and "
+                               "LOCKSTEP_TRAINING_ROOTS are JSON lists, e.g. '[\"/srv/data\"]'") from None
 
     def with_values(self, **values: object) -> Settings:
         """These settings with `values` (a command's options; None leaves a setting as it is), validated as the

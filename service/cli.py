@@ -6,13 +6,15 @@ errors print `error: ...` (with file and line for bad input files) and exit 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sqlite3
 import sys
+import unicodedata
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -32,7 +34,8 @@ app.add_typer(releases_app, name="releases")
 
 
 def _fail_cleanly(command):
-    """Turn domain errors and a full disk into a one-line message and exit status 1."""
+    """Turn domain errors, file system errors (a full disk among them) and an unusable database into a one-line
+    message and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -41,11 +44,14 @@ def _fail_cleanly(command):
         except LockstepError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
-        except (OSError, sqlite3.OperationalError) as exc:
-            if not is_storage_full(exc):
-                raise
-            typer.secho(f"error: no space left on the device ({exc}); nothing was published; {STORAGE_FULL_HINT}",
-                        err=True, fg=typer.colors.RED)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            if is_storage_full(exc):
+                message = f"no space left on the device ({exc}); nothing was published; {STORAGE_FULL_HINT}"
+            elif isinstance(exc, OSError):  # a data dir that is a file, unreadable, or read-only, say
+                message = f"{exc.filename or 'file'}: {exc.strerror or exc}; check the path and its permissions"
+            else:
+                message = f"a database in the data dir cannot be used ({exc}); restore it from a backup (docs/deploy.md)"
+            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -75,9 +81,6 @@ def _build(
     index_type: str | None,
     activate: bool,
     reranker: Path | None = None,
-    precision: str | None = None,
-    runtime: str | None = None,
-    int8_activations: str | None = None,
 ) -> None:
     corpus = CorpusStore(settings.corpus_path)
     options = BuildOptions(
@@ -86,9 +89,9 @@ def _build(
         index_type=index_type or settings.index_type,
         batch_size=settings.batch_size,
         reranker_path=reranker or settings.reranker,
-        precision=precision or settings.precision,
-        runtime=runtime or settings.runtime,
-        int8_activations=int8_activations or settings.int8_activations,
+        precision=settings.precision,
+        runtime=settings.runtime,
+        int8_activations=settings.int8_activations,
         ef_search=settings.ef_search,
         nprobe=settings.nprobe,
         ef_construction=settings.ef_construction,
@@ -120,7 +123,11 @@ def ingest(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="BEIR c
     """Add or update documents from a JSONL file, all or nothing."""
     from indexer.ingest import ingest_file
 
-    result = ingest_file(CorpusStore(_settings(ctx).corpus_path), path)
+    store = CorpusStore(_settings(ctx).corpus_path)
+    try:
+        result = ingest_file(store, path)
+    finally:
+        store.close()
     typer.echo(f"{path}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged (seq {result.seq})")
 
 
@@ -140,9 +147,9 @@ def build(
     ef_construction: Annotated[Optional[int], typer.Option(min=4, help="HNSW build breadth (default $LOCKSTEP_EF_CONSTRUCTION or 40)")] = None,
 ) -> None:
     """Re-embed the whole corpus into a new release."""
-    requested = {"ef_search": ef_search, "nprobe": nprobe, "ef_construction": ef_construction}
-    _build(_settings(ctx).with_values(**requested), model, index_type, activate, reranker, precision, runtime,
-           int8_activations)
+    requested = {"ef_search": ef_search, "nprobe": nprobe, "ef_construction": ef_construction, "precision": precision,
+                 "runtime": runtime, "int8_activations": int8_activations}  # checked as their settings, before work
+    _build(_settings(ctx).with_values(**requested), model, index_type, activate, reranker)
 
 
 @releases_app.command("list")
@@ -210,7 +217,9 @@ def releases_gc(
     typer.echo(f"removed {len(removed)} release(s): {' '.join(removed) or '-'}")
 
 
-def _load_active(settings: Settings):
+@contextlib.contextmanager
+def _active_release(settings: Settings):
+    """The active release, caught up with the corpus, and the corpus (closed afterwards)."""
     from indexer.live_release import LiveRelease
     from training.errors import NotReady
 
@@ -219,10 +228,23 @@ def _load_active(settings: Settings):
     if active is None:
         raise NotReady("no release is active; run `lockstep build --activate` first")
     corpus = CorpusStore(settings.corpus_path)
-    live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_policy=settings.rerank_policy(),
-                            device=resolve_device(settings.device))
-    live.catch_up(corpus)
-    return live, corpus
+    try:
+        live = LiveRelease.load(releases, active, batch_size=settings.batch_size, rerank_policy=settings.rerank_policy(),
+                                device=resolve_device(settings.device))
+        pending = corpus.seq - live.applied_seq
+        if pending > 0:
+            typer.echo(f"encoding up to {pending} corpus writes made since release {active} was built "
+                       "(`lockstep build --activate` folds them into a new release)", err=True)
+        live.catch_up(corpus)
+        yield live, corpus
+    finally:
+        corpus.close()
+
+
+def _printable(text: str) -> str:
+    """`text` on one line with control characters shown as `?`: document text is untrusted, and an escape
+    sequence printed raw would reach the operator's terminal."""
+    return "".join("?" if unicodedata.category(char) == "Cc" else char for char in " ".join(text.split()))
 
 
 @app.command()
@@ -237,12 +259,13 @@ def search(
     ] = None,
 ) -> None:
     """Search the active release from the command line (no server needed)."""
-    live, corpus = _load_active(_settings(ctx))
-    outcome = live.search(corpus, text, k, rerank, rerank_weight)
+    with _active_release(_settings(ctx)) as (live, corpus):
+        outcome = live.search(corpus, text, k, rerank, rerank_weight)
     typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
     for rank, hit in enumerate(outcome.hits, start=1):
-        snippet = " ".join(hit.document.text.split())[:100]
-        typer.echo(f"{rank:>3}. {hit.score:.4f}  {hit.document.id}  {hit.document.title[:60]}  {snippet}")
+        document = hit.document
+        typer.echo(f"{rank:>3}. {hit.score:.4f}  {_printable(document.id)}  {_printable(document.title)[:60]}  "
+                   f"{_printable(document.text)[:100]}")
 
 
 @app.command("eval")
@@ -263,8 +286,8 @@ def evaluate(
     if split_fraction is not None:
         _, dev = split_queries(list(judgements), split_fraction, seed)
         judgements = {query_id: judgements[query_id] for query_id in dev}
-    live, _ = _load_active(_settings(ctx))
-    metrics = evaluate_release(live, query_texts, judgements)
+    with _active_release(_settings(ctx)) as (live, _):
+        metrics = evaluate_release(live, query_texts, judgements)
     if as_json:
         typer.echo(json.dumps({key: metrics[key] for key in ("ndcg@10", "recall@100", "mrr@10")}))
         return
@@ -307,9 +330,9 @@ def train(
     from training.report import render_report
 
     settings = _settings(ctx)
+    loaded = load_recipe(recipe)  # a bad recipe is refused before the corpus is read
     data = _training_data(queries, qrels, corpus, pairs)
     run_dir = run_dir or out.with_name(out.name + ".run")
-    loaded = load_recipe(recipe)
     if sts_probe is not None:
         loaded = dataclasses.replace(loaded, run=dataclasses.replace(loaded.run, sts_probe=str(sts_probe)))
     with distributed.process_group():
@@ -338,7 +361,7 @@ def train_reranker(
     corpus: Annotated[Optional[Path], typer.Option(help="Corpus JSONL")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="Pairs/triplets JSONL instead of qrels")] = None,
     init: Annotated[Optional[Path], typer.Option(help="BERT-like folder to start from (default: the packaged MiniLM)")] = None,
-    loss: Annotated[str, typer.Option(help="listwise or bce")] = "listwise",
+    loss: Annotated[Literal["listwise", "bce"], typer.Option(help="listwise or bce")] = "listwise",
     epochs: Annotated[int, typer.Option(min=1)] = 2,
     negatives: Annotated[int, typer.Option(min=1, max=20, help="Mined negatives per query")] = 7,
 ) -> None:
@@ -419,7 +442,9 @@ def _admin_token(settings: Settings) -> Settings:
 
     from pydantic import SecretStr
 
-    if settings.admin_token is not None or settings.host not in ("127.0.0.1", "localhost", "::1"):
+    from service.admin_auth import is_loopback
+
+    if settings.admin_token is not None or not is_loopback(settings.host):
         return settings
     token = secrets.token_urlsafe(24)
     typer.echo(f"admin token for this run (set LOCKSTEP_ADMIN_TOKEN to choose your own): {token}")
@@ -441,21 +466,24 @@ def up(
     from indexer.demo_corpus import stdlib_documents
     from indexer.ingest import ingest_file
 
-    settings = _settings(ctx)
-    settings = settings.with_values(host=host, port=port)
+    from service.admin_auth import check_exposure
+
+    settings = _admin_token(_settings(ctx).with_values(host=host, port=port))
+    check_exposure(settings.host, settings.admin_token)  # before minutes of ingest and build, not after
     store = CorpusStore(settings.corpus_path)
     changed = False
-    if corpus is not None:
-        result = ingest_file(store, corpus)
-        changed = bool(result.inserted or result.updated)
-        typer.echo(f"{corpus}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
-    elif store.count() == 0:
-        result = store.upsert(stdlib_documents())
-        typer.echo(f"empty corpus: ingested {result.inserted} Python standard library docstrings as a demo")
-    store.close()
+    try:
+        if corpus is not None:
+            result = ingest_file(store, corpus)
+            changed = bool(result.inserted or result.updated)
+            typer.echo(f"{corpus}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged")
+        elif store.count() == 0:
+            result = store.upsert(stdlib_documents())
+            typer.echo(f"empty corpus: ingested {result.inserted} Python standard library docstrings as a demo")
+    finally:
+        store.close()
     if ReleaseStore(settings.data_dir).active() is None or changed:
         _build(settings, None, None, activate=True)
-    settings = _admin_token(settings)
     worker_process = subprocess.Popen(_worker_command([]), env=_settings_env(settings))
     typer.echo(f"job worker started (pid {worker_process.pid}); Ctrl-C stops the API and the worker")
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; exiting through

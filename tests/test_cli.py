@@ -96,6 +96,8 @@ def test_errors_are_one_clear_line(tmp_path, args, message):
     [
         ({"LOCKSTEP_LOG_LEVEL": "verbose"}, ["releases", "list"], "log_level (LOCKSTEP_LOG_LEVEL): Input should be 'debug'"),
         ({"LOCKSTEP_BATCH_SIZE": "0"}, ["releases", "list"], "batch_size (LOCKSTEP_BATCH_SIZE): Input should be greater than"),
+        ({"LOCKSTEP_TRAINING_ROOTS": "/srv/data"}, ["releases", "list"],
+         'error parsing value for field "training_roots" from source "EnvSettingsSource"; list settings such as'),
         ({}, ["serve", "--port", "70000"], "port (LOCKSTEP_PORT): Input should be less than or equal to 65535, got 70000"),
         ({}, ["build", "--ef-search", "100000"], "ef_search (LOCKSTEP_EF_SEARCH): Input should be less than or equal to"),
     ],
@@ -180,6 +182,9 @@ def test_serving_beyond_loopback_needs_a_strong_admin_token(tmp_path, monkeypatc
         monkeypatch.delenv("LOCKSTEP_ADMIN_TOKEN", raising=False)
     result = runner.invoke(app, ["--data-dir", str(tmp_path), "serve", "--host", "0.0.0.0"])
     assert result.exit_code == 1 and message in result.output
+    up = runner.invoke(app, ["--data-dir", str(tmp_path / "up"), "up", "--host", "0.0.0.0"])
+    assert up.exit_code == 1 and message in up.output
+    assert not (tmp_path / "up" / "corpus.sqlite3").exists(), "up ingested and built before refusing to serve"
 
 
 def _switches_within_10_s(base: str, release_id: str) -> None:
@@ -221,3 +226,36 @@ def test_a_cli_activation_is_announced_so_a_slow_polling_server_switches_at_once
     finally:
         stop(server)
         corpus.close()
+
+
+def test_file_system_and_database_errors_are_one_clear_line(tmp_path):
+    """Guards against a data dir that is a file, or a damaged database, ending in a traceback."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.sqlite3").write_text("not a database " * 100)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "t"}\n')
+    for result, message in ((run(not_a_dir, "releases", "list"), "Not a directory; check the path and its permissions"),
+                            (run(data, "ingest", str(corpus)), "a database in the data dir cannot be used (file is not")):
+        assert result.exit_code == 1 and "error: " in result.output and message in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_search_prints_untrusted_text_without_control_characters(tmp_path, tiny_model_dir):
+    """Guards against a document's escape sequences reaching the operator's terminal (title changes, hidden text,
+    clipboard writes) and its line breaks splitting a hit over several lines."""
+    from indexer.corpus_store import CorpusStore, Document
+    from indexer.release_builder import BuildOptions, build_release
+    from indexer.release_store import ReleaseStore
+
+    data = tmp_path / "data"
+    corpus = CorpusStore(data / "corpus.sqlite3")
+    corpus.upsert([Document(id="evil", title="\x1b]0;owned\x07Title", text="line one\nline two \x1b[2J")])
+    build_release(corpus, ReleaseStore(data), BuildOptions(model_path=tiny_model_dir), activate=True)
+    corpus.close()
+    result = run(data, "search", "line one", "-k", "1")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "?]0;owned?Title  line one line two ?[2J" in result.output

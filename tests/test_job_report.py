@@ -115,3 +115,21 @@ def test_the_shipped_recipes_are_listed_with_their_stages(client):
     recipes = {r["name"]: r["stages"] for r in client.get("/v1/jobs/recipes", headers=AUTH).json()["recipes"]}
     assert recipes["default"] == ["in-batch", "hard-negatives", "distill"] and recipes["quick"] == ["in-batch"]
     assert recipes["triplets"] == ["in-batch", "given-negatives"]
+
+
+def test_a_log_cut_short_by_a_killed_run_still_reads_and_a_damaged_one_names_its_line(tmp_path):
+    """Guards against a run killed mid-write (a partial last line) breaking `lockstep report` and the job's report
+    route for good with a JSONDecodeError (a 500)."""
+    from training.errors import InvalidInput
+    from training.metrics_log import METRICS_FILE, MetricsLog
+
+    log = MetricsLog(tmp_path)
+    log.write("step", loss=0.5)
+    log.write("step", loss=0.4)
+    with (tmp_path / METRICS_FILE).open("a") as handle:
+        handle.write('{"type": "step", "lo')
+    assert [record["loss"] for record in read_log(tmp_path)] == [0.5, 0.4]
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    (tmp_path / METRICS_FILE).write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(InvalidInput, match=r"metrics\.jsonl:2: not a JSON record"):
+        read_log(tmp_path)

@@ -12,6 +12,8 @@ import math
 import time
 from pathlib import Path
 
+from training.errors import InvalidInput
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -36,7 +38,19 @@ class MetricsLog:
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
+    """The records of a run's log, in order. A last line cut short (the run was killed while writing it) is left
+    out; a damaged line before it is InvalidInput naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"),
+                                                         start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if position == len(lines) - 1:
+                break
+            raise InvalidInput(f"{path}:{number}: not a JSON record ({exc.msg}); the log is damaged") from exc
+    return records
