@@ -465,7 +465,6 @@ def up(
 
     from indexer.demo_corpus import stdlib_documents
     from indexer.ingest import ingest_file
-
     from service.admin_auth import check_exposure
 
     settings = _admin_token(_settings(ctx).with_values(host=host, port=port))
