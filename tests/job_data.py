@@ -17,6 +17,7 @@ precision = "fp32"
 [diagnostics]
 collapse_max_mean_cosine = 0.99
 collapse_min_dim_std = 0.001
+drift_max_norm_ratio_change = 0.001  # so tight that any training fires it: reports have a fired panel to show
 
 [[stage]]
 name = "mnr"

@@ -146,7 +146,9 @@ def evaluate_encoder(
         result["ndcg@10_high_overlap"] = _mean_ndcg(per_query, high)
     if dev.train_qrels:
         result["ndcg@10_train"] = evaluate_run(run, dev.train_qrels)["ndcg@10"]
-    probe = docs.vectors[: min(COLLAPSE_PROBE, len(docs.vectors))]
+    # A seeded sample, not the first documents by id: ids often group by source, and one source can look collapsed.
+    rows = np.random.default_rng(COLLAPSE_PROBE).permutation(len(docs.vectors))[:COLLAPSE_PROBE]
+    probe = docs.vectors[np.sort(rows)]
     if len(probe) >= 2:
         stats = collapse_stats(probe)
         result["mean_dim_std"] = stats.mean_dim_std

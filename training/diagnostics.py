@@ -24,8 +24,8 @@ import numpy as np
 class Thresholds:
     """When a signal counts as firing. The shortcut, STS, overfitting and drift signals compare with the
     base model's evaluation (a gap that only widens counts, per the contrastive notes). The collapse bounds
-    are absolute, loosened for a base model already past them (`collapse_bounds`); the saturation share is
-    absolute."""
+    and the saturation share are absolute, loosened for a base model already near them (`collapse_bounds`,
+    `saturation_bound`)."""
 
     collapse_min_dim_std: float = 0.01
     collapse_max_mean_cosine: float = 0.9
@@ -80,6 +80,13 @@ def collapse_bounds(thresholds: Thresholds, baseline: Mapping[str, float]) -> tu
         base = baseline["mean_pairwise_cosine"]
         max_cosine = max(max_cosine, base + (1 - base) * fraction)
     return min_std, max_cosine
+
+
+def saturation_bound(thresholds: Thresholds, baseline: Mapping[str, float]) -> float:
+    """The share of negatives scored at or above the positive past which false negatives count as saturating: the
+    base model's own share plus the threshold, since a weak base model ranks many true negatives above the
+    positive before any training."""
+    return thresholds.saturation_max_negatives_above_positive + baseline.get("negatives_above_positive", 0.0)
 
 
 def is_collapsed(stats: CollapseStats, thresholds: Thresholds, baseline: Mapping[str, float]) -> bool:
@@ -175,8 +182,9 @@ def alerts_for(evaluation: Mapping[str, float], baseline: Mapping[str, float], t
     if is_collapsed(stats, thresholds, baseline):
         fire("collapse", f"embeddings are collapsing (dim std {stats.mean_dim_std:.4f}, mean cosine {stats.mean_pairwise_cosine:.3f})")
     rate = evaluation.get("negatives_above_positive")
-    if rate is not None and rate > thresholds.saturation_max_negatives_above_positive:
-        fire("false_negatives", f"{rate:.1%} of negatives score at or above the positive")
+    if rate is not None and rate > saturation_bound(thresholds, baseline):
+        fire("false_negatives", f"{rate:.1%} of negatives score at or above the positive "
+                                f"(the base model: {baseline.get('negatives_above_positive', 0.0):.1%})")
     gap, base_gap = _overlap_gap(evaluation), _overlap_gap(baseline)
     if gap is not None and base_gap is not None and gap - base_gap > thresholds.shortcut_max_overlap_gap:
         fire("shortcut", f"the high/low lexical overlap nDCG gap grew from {base_gap:.3f} to {gap:.3f}")

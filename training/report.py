@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.diagnostics import REMEDIES, Thresholds, collapse_bounds
+from training.diagnostics import REMEDIES, Thresholds, collapse_bounds, saturation_bound
 from training.errors import InvalidInput
 from training.metrics_log import read_log
 
@@ -154,7 +154,7 @@ _PANELS = (
         "negatives_above_positive", "False negatives (scores)", "Share of negatives scored >= positive: training batches, dev pairs",
         "false_negatives", (_Line("training batch", "step", _field("negatives_above_positive")),
                             _Line("dev", "eval", _field("negatives_above_positive"))),
-        lambda t, base: [(t.saturation_max_negatives_above_positive, "saturation threshold")],
+        lambda t, base: [(saturation_bound(t, base), "saturation threshold (base share + max)")],
     ),
     _PanelSpec(
         "shortcut", "Shortcut learning", "nDCG@10 by lexical overlap with the positive, and the gap", "shortcut",
