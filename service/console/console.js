@@ -288,6 +288,9 @@
     } else if (p.total) {
       bar.max = p.total;
       bar.value = p.done;
+    } else if (TERMINAL.has(job.status)) {
+      bar.max = 1;
+      bar.value = 0; // ended without a count: not a busy bar forever
     } else {
       bar.removeAttribute("value");
     }
