@@ -122,10 +122,18 @@ class ReleaseHolder:
         return seq, self._apply_to_live([doc_id])
 
     def _apply_to_live(self, doc_ids: Sequence[str]) -> str | None:
-        """Apply the written documents to the live release ahead of any catch-up backlog (`apply_documents`)."""
+        """Apply the written documents to the live release ahead of any catch-up backlog (`apply_documents`); the
+        release, or None when none is live or applying failed. The write is committed by then, so a failure here
+        (the encoder out of memory, say) is logged and left to the next poll's catch-up, not answered as a 500
+        for a write that was stored."""
         with self._swap_lock:
             live = self.current
         if live is None:
             return None
-        live.apply_documents(self.corpus, doc_ids)
+        try:
+            live.apply_documents(self.corpus, doc_ids)
+        except Exception:
+            log.exception("applying %d written documents to release %s failed; they are stored, and catch-up "
+                          "retries them at the next poll", len(doc_ids), live.release_id)
+            return None
         return live.release_id

@@ -115,7 +115,10 @@ class UpsertResponse(BaseModel):
     updated: int
     unchanged: int
     seq: int
-    release: str | None = Field(None, description="The live release the writes were applied to, if any")
+    release: str | None = Field(
+        None, description="The live release the writes were applied to; null when none is live, or when applying "
+                          "failed (stored all the same; the next catch-up applies them)",
+    )
 
 
 class DocumentOut(BaseModel):

@@ -121,3 +121,20 @@ def test_a_served_release_that_cannot_catch_up_says_why_at_each_poll(data_dir, c
     assert "cannot apply corpus writes: the corpus has seen 0 writes, fewer than the 5" in holder.last_error
     assert holder.require() is holder.current
     holder.corpus.close()
+
+
+def test_a_stored_write_whose_encode_fails_is_not_a_failure_and_catch_up_applies_it(data_dir, corpus, releases,
+                                                                                   tiny_model_dir):
+    """Guards against answering a committed write with a 500 because applying it to the live index failed (the
+    encoder out of memory): the client would retry a write that was stored."""
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir), activate=True)
+    holder = ReleaseHolder(releases, corpus)
+    holder.refresh()
+    live, encode = holder.current, holder.current.encoder.encode
+    live.encoder.encode = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+    result, applied_to = holder.write([LATE])
+    assert result.inserted == 1 and applied_to is None and corpus.get(LATE.id).text == LATE.text
+    live.encoder.encode = encode
+    holder.refresh()
+    assert LATE.id in live.index
