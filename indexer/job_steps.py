@@ -176,15 +176,20 @@ def _base_model(ctx: JobContext) -> Path:
     return ctx.settings.data_dir / manifest.model.path if manifest else ctx.settings.model_path()
 
 
-def job_recipe(params: dict) -> Recipe:
-    """The recipe a retrain job asked for: inline TOML, or a shipped recipe by name (default: `default`). One given
-    but blank is refused rather than read as absent, which would run the default recipe unasked."""
+def _check_recipe_choice(params: dict) -> None:
+    """At submission: a recipe given but blank is refused rather than read as absent, which would run the default
+    recipe unasked, and so is giving both a name and TOML. (Stored jobs from before this check keep reading as
+    `job_recipe` reads them.)"""
     for key in ("recipe", "recipe_toml"):
         if params.get(key) is not None and not params[key].strip():
             raise InvalidInput(f"{key} is blank; name a shipped recipe, give the recipe's TOML, or leave both out "
                                "for the default recipe")
     if params.get("recipe") and params.get("recipe_toml"):
         raise InvalidInput("give recipe (a shipped recipe's name) or recipe_toml (a whole recipe), not both")
+
+
+def job_recipe(params: dict) -> Recipe:
+    """The recipe a retrain job asked for: inline TOML, or a shipped recipe by name (default: `default`)."""
     if params.get("recipe_toml"):
         return parse_recipe_text(params["recipe_toml"], "inline recipe")
     return named_recipe(params.get("recipe") or "default")
@@ -588,6 +593,7 @@ def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
     if params.get("index_type") and dim is not None:
         VectorIndex(dim, params["index_type"])
     if kind == "retrain":
+        _check_recipe_choice(params)
         job_recipe(params)
         if not params.get("pairs") and not (params.get("queries") and params.get("qrels")):
             raise InvalidInput("a retrain job needs training data: pairs, or queries and qrels")

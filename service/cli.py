@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -47,10 +47,15 @@ def _fail_cleanly(command):
         except (OSError, sqlite3.DatabaseError) as exc:
             if is_storage_full(exc):
                 message = f"no space left on the device ({exc}); nothing was published; {STORAGE_FULL_HINT}"
-            elif isinstance(exc, OSError):  # a data dir that is a file, unreadable, or read-only, say
+            elif isinstance(exc, OSError):  # a data dir that is a file, or unreadable, say
                 message = f"{exc.filename or 'file'}: {exc.strerror or exc}; check the path and its permissions"
+            elif getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                message = f"a database in the data dir is damaged ({exc}); restore it from a backup (docs/deploy.md)"
+            elif isinstance(exc, sqlite3.OperationalError):  # read-only, or a folder it cannot open files in
+                message = f"a database in the data dir cannot be opened or written ({exc}); check the data dir's " \
+                          "permissions and that it is the user the service runs as"
             else:
-                message = f"a database in the data dir cannot be used ({exc}); restore it from a backup (docs/deploy.md)"
+                raise
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
 
@@ -361,7 +366,7 @@ def train_reranker(
     corpus: Annotated[Optional[Path], typer.Option(help="Corpus JSONL")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="Pairs/triplets JSONL instead of qrels")] = None,
     init: Annotated[Optional[Path], typer.Option(help="BERT-like folder to start from (default: the packaged MiniLM)")] = None,
-    loss: Annotated[Literal["listwise", "bce"], typer.Option(help="listwise or bce")] = "listwise",
+    loss: Annotated[str, typer.Option(help="listwise or bce")] = "listwise",
     epochs: Annotated[int, typer.Option(min=1)] = 2,
     negatives: Annotated[int, typer.Option(min=1, max=20, help="Mined negatives per query")] = 7,
 ) -> None:
@@ -372,6 +377,8 @@ def train_reranker(
     from training.recipe import TeacherConfig
     from training.teacher import train_teacher
 
+    if loss not in ("listwise", "bce"):  # before the corpus is read and negatives mined
+        raise InvalidInput(f"--loss must be listwise or bce, got {loss!r}")
     settings = _settings(ctx)
     data = _training_data(queries, qrels, corpus, pairs)
     encoder = BiEncoder.load(settings.model_path(), device=resolve_device(settings.device))
@@ -483,6 +490,8 @@ def up(
         store.close()
     if ReleaseStore(settings.data_dir).active() is None or changed:
         _build(settings, None, None, activate=True)
+    if settings.admin_token is not None and _settings(ctx).admin_token is None:
+        typer.echo(f"admin token for this run: {settings.admin_token.get_secret_value()}")  # again, after the build
     worker_process = subprocess.Popen(_worker_command([]), env=_settings_env(settings))
     typer.echo(f"job worker started (pid {worker_process.pid}); Ctrl-C stops the API and the worker")
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; exiting through

@@ -238,7 +238,7 @@ def test_file_system_and_database_errors_are_one_clear_line(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "t"}\n')
     for result, message in ((run(not_a_dir, "releases", "list"), "Not a directory; check the path and its permissions"),
-                            (run(data, "ingest", str(corpus)), "a database in the data dir cannot be used (file is not")):
+                            (run(data, "ingest", str(corpus)), "a database in the data dir is damaged (file is not a database)")):
         assert result.exit_code == 1 and "error: " in result.output and message in result.output, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
 

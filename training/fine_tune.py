@@ -33,7 +33,7 @@ from training.examples import (
     known_positives,
     with_given_negatives,
 )
-from training.metrics_log import MetricsLog
+from training.metrics_log import METRICS_FILE, MetricsLog
 from training.mining import MiningConfig, MiningReport, mine_hard_negatives
 from training.precision import resolve_training
 from training.recipe import Recipe, TeacherConfig
@@ -162,6 +162,7 @@ def fine_tune(
     )
     if main:
         (run_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a rerun into the same folder starts its own log
     ctx = TrainingContext(
         encoder=encoder, log=MetricsLog(run_dir) if main else None, dev=dev, known_positives=positives, precision=precision,
         seed=recipe.run.seed, thresholds=thresholds or recipe.diagnostics, eval_batch_size=recipe.run.eval_batch_size,

@@ -48,10 +48,13 @@
     if (node.textContent !== text) node.textContent = text;
   }
 
+  // A message written by a poll is marked (`data-source="poll"`) so the next good poll may clear it; any other
+  // message (an action's error, say) stays until replaced.
   function say(id, message, isError = false) {
     const node = $(id);
     node.textContent = message;
     node.classList.toggle("error", isError);
+    delete node.dataset.source;
   }
 
   function facts(list, pairs) {
@@ -76,13 +79,14 @@
   async function api(method, path, body, admin = false) {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
+    const sent = token();
     if (admin) {
-      if (!token()) throw new ApiError(0, "Enter the admin token at the top of the page first.");
-      headers.Authorization = `Bearer ${token()}`;
+      if (!sent) throw new ApiError(0, "Enter the admin token at the top of the page first.");
+      headers.Authorization = `Bearer ${sent}`;
     }
     const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
     const data = await response.json().catch(() => null);
-    if (admin && (response.status === 401 || response.status === 403)) forgetToken();
+    if (admin && (response.status === 401 || response.status === 403) && token() === sent) forgetToken();
     if (!response.ok) {
       throw new ApiError(response.status, data && data.error ? data.error : `${response.status} ${response.statusText}`);
     }
@@ -304,7 +308,7 @@
   async function loadJobs() {
     if (!token()) {
       say("jobs-status", "Enter the admin token to see and start jobs.");
-      $("jobs-status").dataset.prompt = "token";
+      $("jobs-status").dataset.source = "poll";
       return;
     }
     clearTimeout(listTimer);
@@ -322,15 +326,15 @@
       }));
       if (focused) {
         const again = [...document.querySelectorAll(".job-item")].find((item) => item.dataset.job === focused);
-        if (again) again.focus(); // the list was rebuilt under a keyboard user's focus
+        if (again) again.focus({ preventScroll: true }); // the list was rebuilt under a keyboard user's focus
       }
       const status = $("jobs-status");
       if (!jobs.length) say("jobs-status", "No jobs yet.");
-      else if (status.classList.contains("error") || status.dataset.prompt) say("jobs-status", ""); // now stale
-      delete status.dataset.prompt;
+      else if (status.dataset.source === "poll") say("jobs-status", ""); // the refresh's own error or prompt, now stale
       if (jobs.some((job) => !TERMINAL.has(job.status)) && !$("panel-jobs").hidden) listTimer = setTimeout(loadJobs, 3000);
     } catch (error) {
       say("jobs-status", error.message, true);
+      $("jobs-status").dataset.source = "poll";
       if (token() && !$("panel-jobs").hidden) listTimer = setTimeout(loadJobs, 10000); // a blip must not end updates
     }
   }
@@ -358,7 +362,12 @@
     }
     $("job-detail").hidden = false;
     $("job-title").replaceChildren(`Job `, el("span", { class: "mono", text: jobId }));
-    for (const id of ["job-summary", "job-progress-text", "job-message", "job-metrics-json"]) $(id).textContent = "";
+    for (const id of ["job-summary", "job-progress-text", "job-phase", "job-message", "job-error", "job-metrics-json"]) {
+      $(id).textContent = "";
+    }
+    $("job-error").hidden = true;
+    $("job-cancel").disabled = $("job-retry").disabled = true;
+    say("report-status", "");
     $("job-metrics").replaceChildren();
     $("report-panels").replaceChildren();
     $("report-log").replaceChildren();
@@ -373,6 +382,7 @@
       job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`, undefined, true);
     } catch (error) {
       say("jobs-status", error.message, true);
+      $("jobs-status").dataset.source = "poll";
       if (token() && jobId === openJob && !$("panel-jobs").hidden) jobTimer = setTimeout(refreshJob, 5000);
       return;
     }
@@ -572,14 +582,15 @@
     if (job.id !== openJob) return;
     const running = !TERMINAL.has(job.status);
     const fired = report.panels.filter((p) => p.fired).map((p) => p.title);
-    $("report-status").textContent = report.records === 0
+    say("report-status", report.records === 0
       ? "Training has not logged anything yet."
-      : `${report.records} log records. ${fired.length ? `Alerts: ${fired.join(", ")}.` : "No failure-mode alert fired."}`;
+      : `${report.records} log records. ${fired.length ? `Alerts: ${fired.join(", ")}.` : "No failure-mode alert fired."}`);
     $("report-panels").replaceChildren(...report.panels
       .filter((p) => running || p.series.some((s) => s.points.length))
       .map((p) => panelFigure(p, running)));
     $("report-log").replaceChildren(...report.events.map((e) =>
-      el("li", { class: e.type === "alert" ? "alert" : null, text: `${new Date(e.time * 1000).toLocaleTimeString()} ${e.text}` })));
+      el("li", { class: e.type === "alert" ? "alert" : null,
+        text: `${typeof e.time === "number" ? `${new Date(e.time * 1000).toLocaleTimeString()} ` : ""}${e.text}` })));
   }
 
   // ---- the drift probe -----------------------------------------------------------------------
