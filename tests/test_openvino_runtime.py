@@ -183,7 +183,8 @@ def test_cli_build_takes_the_runtime_and_says_it(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(cli, [*build, "openvino"])
     assert result.exit_code == 0 and re.search(r", fp32 on openvino, model tiny-bert-0", result.output), result.output
     result = CliRunner().invoke(cli, [*build, "tensorrt"])
-    assert result.exit_code != 0 and "runtime must be 'torch' or 'openvino', got 'tensorrt'" in result.output
+    assert result.exit_code == 1 and "runtime (LOCKSTEP_RUNTIME): Input should be 'torch' or 'openvino', got 'tensorrt'" \
+        in result.output, "a bad runtime is refused as its setting, before the model is stored"
 
 
 def test_a_process_without_openvino_refuses_an_openvino_release_and_says_how_to_install_it(
