@@ -47,7 +47,7 @@ from indexer.vector_index import VectorIndex
 from indexer.training_inputs import load_training_data
 from training.bi_encoder import model_dimension
 from training.errors import InvalidInput, LockstepError
-from training.eval_data import load_qrels, load_queries, split_queries
+from training.eval_data import load_qrels, load_queries, split_judged
 from training.examples import load_pairs
 from training.recipe import Recipe, named_recipe, parse_recipe_text
 from training.trainer import TrainingCancelled
@@ -348,7 +348,7 @@ def dev_set_for(ctx: JobContext) -> DevSet | None:
     if ctx.job.kind == "retrain" and params.get("queries") and params.get("qrels"):
         recipe = job_recipe(params)
         qrels = load_qrels(params["qrels"])
-        _, dev_ids = split_queries(list(qrels), recipe.run.dev_fraction, recipe.run.seed)
+        _, dev_ids = split_judged(qrels, recipe.run.dev_fraction, recipe.run.seed)
         return DevSet(load_queries(params["queries"]), {q: qrels[q] for q in dev_ids},
                       f"the recipe's held-out {recipe.run.dev_fraction:g} of the training qrels (seed {recipe.run.seed})")
     return None

@@ -285,11 +285,11 @@ def evaluate(
 ) -> None:
     """nDCG@10, Recall@100 and MRR@10 of the active release (trec_eval definitions)."""
     from indexer.retrieval_eval import evaluate_release
-    from training.eval_data import load_qrels, load_queries, split_queries
+    from training.eval_data import load_qrels, load_queries, split_judged
 
     query_texts, judgements = load_queries(queries), load_qrels(qrels)
     if split_fraction is not None:
-        _, dev = split_queries(list(judgements), split_fraction, seed)
+        _, dev = split_judged(judgements, split_fraction, seed)
         judgements = {query_id: judgements[query_id] for query_id in dev}
     with _active_release(_settings(ctx)) as (live, _):
         metrics = evaluate_release(live, query_texts, judgements)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from training.errors import InvalidInput
-from training.eval_data import load_qrels, load_queries, split_queries
+from training.eval_data import load_qrels, load_queries, split_judged, split_queries
 from training.evaluation import evaluate_run, ranked
 
 
@@ -80,6 +80,15 @@ def test_split_is_seeded_disjoint_and_order_independent():
     assert split_queries(ids, 0.2, seed=8)[1] != dev
     with pytest.raises(InvalidInput, match="between 0 and 1"):
         split_queries(ids, 1.5, seed=7)
+
+
+def test_a_dev_split_leaves_out_queries_judged_only_non_relevant():
+    """Guards against diluting a dev split (and so the gate and early stopping) with queries no model can score on:
+    a query whose judgements are all 0 gets nDCG 0 whatever is retrieved."""
+    qrels = {f"q{i}": {"d": 1} for i in range(40)} | {f"z{i}": {"d": 0, "e": 0} for i in range(40)}
+    train, dev = split_judged(qrels, 0.25, seed=7)
+    assert len(dev) == 10 and not any(q.startswith("z") for q in train + dev)
+    assert (train, dev) == split_queries([f"q{i}" for i in range(40)], 0.25, seed=7)
 
 
 def test_beir_qrels_with_crlf_and_trec_format(tmp_path):

@@ -7,6 +7,7 @@ order, so the same seed always holds out the same queries.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from pathlib import Path
 
 from training.errors import InvalidInput
@@ -54,6 +55,13 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not qrels:
         raise InvalidInput(f"{path}: the file holds no judgements")
     return qrels
+
+
+def split_judged(qrels: Mapping[str, Mapping[str, int]], dev_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """`split_queries` over the queries with at least one relevant document: one judged only non-relevant scores 0
+    on every metric whatever the model does, so in a dev split it would only dilute the gate and early stopping
+    (BEIR and MTEB leave such queries out too)."""
+    return split_queries([q for q, labels in qrels.items() if any(g > 0 for g in labels.values())], dev_fraction, seed)
 
 
 def split_queries(query_ids: list[str], dev_fraction: float, seed: int) -> tuple[list[str], list[str]]:

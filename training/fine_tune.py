@@ -26,7 +26,7 @@ from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.dev_eval import DevSet
 from training.diagnostics import Thresholds, alert_dicts, alerts_for
-from training.eval_data import split_queries
+from training.eval_data import split_judged
 from training.examples import (
     TrainingExample,
     examples_from_qrels,
@@ -147,7 +147,7 @@ def fine_tune(
         run_dir.mkdir(parents=True, exist_ok=True)
     encoder = BiEncoder.load(model_path, device=str(distributed.device(device)))
     precision = resolve_training(recipe.run.precision, encoder.device)
-    train_ids, dev_ids = split_queries(list(data.qrels), recipe.run.dev_fraction, recipe.run.seed)
+    train_ids, dev_ids = split_judged(data.qrels, recipe.run.dev_fraction, recipe.run.seed)
     train_qrels = {q: data.qrels[q] for q in train_ids}
     dev_qrels = {q: data.qrels[q] for q in dev_ids}
     examples = with_given_negatives(examples_from_qrels(data.queries, train_qrels, data.documents), data.negatives, data.documents)
