@@ -246,10 +246,15 @@ def _active_release(settings: Settings):
         corpus.close()
 
 
+# Bidirectional overrides and isolates: printed raw, they reorder what follows them on the line.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _printable(text: str) -> str:
-    """`text` on one line with control characters shown as `?`: document text is untrusted, and an escape
-    sequence printed raw would reach the operator's terminal."""
-    return "".join("?" if unicodedata.category(char) == "Cc" else char for char in " ".join(text.split()))
+    """`text` on one line with control characters and bidirectional overrides shown as `?`: document text is
+    untrusted, and an escape sequence printed raw would reach the operator's terminal."""
+    return "".join("?" if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS else char
+                   for char in " ".join(text.split()))
 
 
 @app.command()

@@ -252,10 +252,10 @@ def test_search_prints_untrusted_text_without_control_characters(tmp_path, tiny_
 
     data = tmp_path / "data"
     corpus = CorpusStore(data / "corpus.sqlite3")
-    corpus.upsert([Document(id="evil", title="\x1b]0;owned\x07Title", text="line one\nline two \x1b[2J")])
+    corpus.upsert([Document(id="evil", title="\x1b]0;owned\x07Title", text="line one\nline two \x1b[2J \u202eolleh")])
     build_release(corpus, ReleaseStore(data), BuildOptions(model_path=tiny_model_dir), activate=True)
     corpus.close()
     result = run(data, "search", "line one", "-k", "1")
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
-    assert "?]0;owned?Title  line one line two ?[2J" in result.output
+    assert "?]0;owned?Title  line one line two ?[2J ?olleh" in result.output

@@ -204,8 +204,9 @@ def test_the_stored_graph_runs_its_float_operations_as_recorded_at_build_time(ti
     path = encoder.quantise_openvino_int8(tmp_path / XML, TEXTS)
     graph = openvino.Core().read_model(str(path))
     assert graph.get_rt_info(FLOAT_HINT_KEY).astype(str) == stored_float_hint()
-    compiled = CompiledGraph.of_file(path, "int8").compiled
-    assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == stored_float_hint()
+    served = CompiledGraph.of_file(path, "int8")
+    assert served.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == stored_float_hint()
+    assert served.source is None, "a served int8 graph keeps no uncompiled copy: nothing quantises it again"
 
 
 @pytest.mark.skipif(" avx512_fp16" in open("/proc/cpuinfo").read(), reason="this CPU runs f16, the hint the test relies on it lacking")

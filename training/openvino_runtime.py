@@ -108,8 +108,9 @@ class CompiledGraph:
     multi-threaded stream leaves partly serial (10% more documents/s on two cores). A
     single row runs on one stream. Runs are serialised (requests are not re-entrant),
     and outputs are copied out before the next run. Threads follow torch's setting
-    (`OMP_NUM_THREADS`), so one knob sizes both runtimes. The uncompiled graph stays as
-    `source` (sharing its weights), so an int8 build quantises it without converting again.
+    (`OMP_NUM_THREADS`), so one knob sizes both runtimes. A float graph's uncompiled form
+    stays as `source` (sharing its weights), so an int8 build quantises it without
+    converting again; a graph read from a file (int8) keeps none, as nothing quantises it again.
     """
 
     def __init__(self, graph, precision: ConcretePrecision, hint: str, activation_group: int = 0) -> None:
@@ -121,6 +122,8 @@ class CompiledGraph:
                   "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": activation_group}
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
+        if precision not in FLOAT_PRECISION:
+            self.source = None  # an int8 graph is never quantised again; drop its uncompiled copy
         compiled_for = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if compiled_for != hint:
             remedy = ("build the release again on a CPU like this one, or serve an fp32 or bf16 release"
