@@ -147,16 +147,18 @@ class CorpusStore:
 
     def get_many(self, doc_ids: list[str]) -> dict[str, Document]:
         """The live documents among `doc_ids`, keyed by id (missing ids are absent)."""
-        found: dict[str, Document] = {}
+        return {row["id"]: _row_to_document(row) for row in self._rows_by_id(doc_ids, live_only=True)}
+
+    def _rows_by_id(self, doc_ids: list[str], live_only: bool) -> list[sqlite3.Row]:
+        """The rows of `doc_ids` (tombstones too unless `live_only`), read 500 ids per statement."""
+        condition = "deleted = 0 AND " if live_only else ""
+        rows: list[sqlite3.Row] = []
         with self._reading() as db:
             for start in range(0, len(doc_ids), 500):
                 chunk = doc_ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = db.execute(
-                    f"SELECT * FROM documents WHERE deleted = 0 AND id IN ({marks})", chunk
-                ).fetchall()
-                found.update((row["id"], _row_to_document(row)) for row in rows)
-        return found
+                rows += db.execute(f"SELECT * FROM documents WHERE {condition}id IN ({marks})", chunk).fetchall()
+        return rows
 
     @property
     def seq(self) -> int:
@@ -181,12 +183,7 @@ class CorpusStore:
 
     def states(self, doc_ids: list[str]) -> list[Change]:
         """The current state of each of `doc_ids` that was ever written, deletions included, with its sequence."""
-        found: dict[str, Change] = {}
-        with self._reading() as db:
-            for start in range(0, len(doc_ids), 500):
-                chunk = doc_ids[start : start + 500]
-                rows = db.execute(f"SELECT * FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-                found.update((row["id"], _row_to_change(row)) for row in rows)
+        found = {row["id"]: _row_to_change(row) for row in self._rows_by_id(doc_ids, live_only=False)}
         return [found[doc_id] for doc_id in doc_ids if doc_id in found]
 
     def changes_since(self, seq: int, limit: int = -1) -> list[Change]:

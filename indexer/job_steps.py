@@ -570,12 +570,12 @@ def _parse(key: str, path: str, parse: Callable) -> object:
         raise InvalidInput(f"{key}: {exc}") from exc
 
 
-def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
+def validate_params(kind: str, params: dict, dim: int | None = None, default_model: Path | None = None) -> None:
     """Refuse a job whose recipe, files or index type are wrong before it is queued, naming what to fix.
 
-    `dim` (the live release's, else the size of the model a first build would use) lets
-    the index type be checked for the model size; a re-embed naming its own model is
-    checked against that model's size.
+    An index type is checked for the size of the model the job will build with: a
+    re-embed's own `model`, else the live release's (`dim`), else `default_model`'s
+    (what a first build would use), read only when an index type is asked for.
     """
     for key in ("queries", "qrels", "corpus", "pairs", "model", "dev_queries", "dev_qrels"):
         if params.get(key):
@@ -590,6 +590,8 @@ def validate_params(kind: str, params: dict, dim: int | None = None) -> None:
         if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
             raise InvalidInput(f"model: {model} is not a model folder (needs config.json and safetensors weights)")
         dim = model_dimension(model)
+    elif dim is None and params.get("index_type") and default_model is not None:
+        dim = model_dimension(default_model)
     if params.get("index_type") and dim is not None:
         VectorIndex(dim, params["index_type"])
     if kind == "retrain":

@@ -80,11 +80,12 @@ def _enqueue_or_fail(store: JobStore, enqueue: Enqueue, job: Job) -> Job:
 
 def submit_job(
     store: JobStore, enqueue: Enqueue, data_dir: Path, kind: str, params: dict, dim: int | None = None,
-    roots: Sequence[Path] | None = None,
+    roots: Sequence[Path] | None = None, default_model: Path | None = None,
 ) -> Job:
     """Validate, record and enqueue a job; raises InvalidInput naming what to fix, NotReady if the queue is down.
 
-    `dim` is the live model's dimension, used to check a requested index type. With
+    `dim` is the live model's dimension and `default_model` the model a first build would
+    use, which check a requested index type (`validate_params`). With
     `roots` (the HTTP API passes the data dir and LOCKSTEP_TRAINING_ROOTS), every
     path the job names must lie inside one of them.
     """
@@ -95,7 +96,7 @@ def submit_job(
     uploads = data_dir / "uploads" / secrets.token_hex(8)
     try:
         params = store_uploads(uploads, {key: value for key, value in params.items() if value is not None})
-        validate_params(kind, params, dim)
+        validate_params(kind, params, dim, default_model)
         job = store.create(kind, params)
     except BaseException:
         shutil.rmtree(uploads, ignore_errors=True)

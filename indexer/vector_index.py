@@ -142,8 +142,12 @@ class VectorIndex:
         except RuntimeError:
             return None
 
+    def _inner(self) -> faiss.Index:
+        """The master's index under its id map (IVF kinds have none)."""
+        return faiss.downcast_index(self._master.index) if isinstance(self._master, faiss.IndexIDMap2) else self._master
+
     def _hnsw(self) -> faiss.IndexHNSW | None:
-        inner = faiss.downcast_index(self._master.index) if isinstance(self._master, faiss.IndexIDMap2) else None
+        inner = self._inner()
         return inner if isinstance(inner, faiss.IndexHNSW) else None
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
@@ -167,8 +171,7 @@ class VectorIndex:
     @property
     def exact(self) -> bool:
         """True for brute-force (Flat) indexes, whose results need no recall check; lossy PQ/SQ codes are not exact."""
-        inner = faiss.downcast_index(self._master.index) if isinstance(self._master, faiss.IndexIDMap2) else self._master
-        return isinstance(inner, faiss.IndexFlat)
+        return isinstance(self._inner(), faiss.IndexFlat)
 
     @property
     def needs_training(self) -> bool:

@@ -18,7 +18,6 @@ from service.http_errors import ADMIN_ERROR_RESPONSES
 from service.schemas import (
     JobList, JobOut, RecipeList, RecipeOut, ReembedRequest, RetrainRequest, TrainingReportOut,
 )
-from training.bi_encoder import model_dimension
 from training.recipe import named_recipe, shipped_recipes
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ADMIN_ERROR_RESPONSES)
@@ -38,11 +37,9 @@ def job_out(job: Job) -> JobOut:
 async def _submit(state, kind: str, params: dict) -> JobOut:
     live = state.holder.current
     settings = state.settings
-    dim = live.manifest.dim if live else None
-    if dim is None and params.get("index_type") and not params.get("model"):  # checked against the model it names
-        dim = await run_in_threadpool(model_dimension, settings.model_path())
     roots = [settings.data_dir, *settings.training_roots]
-    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, settings.data_dir, kind, params, dim, roots)
+    job = await run_in_threadpool(submit_job, state.jobs, state.queue.enqueue, settings.data_dir, kind, params,
+                                  live.manifest.dim if live else None, roots, settings.model_path())
     return job_out(job)
 
 
