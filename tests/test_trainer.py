@@ -165,6 +165,43 @@ def test_a_non_finite_loss_aborts_before_updating_and_restores_the_best_weights(
     assert len(ctx.seen) == 1 and _same(_state(ctx.encoder), ctx.seen[0])
 
 
+def _without_dev(tiny_model_dir, tmp_path, thresholds: Thresholds) -> TrainingContext:
+    return TrainingContext(encoder=BiEncoder.load(tiny_model_dir), log=MetricsLog(tmp_path), precision="fp32", seed=3,
+                           thresholds=thresholds)
+
+
+@pytest.mark.parametrize("mini_batch_size", [0, 2])
+def test_a_collapse_between_evaluations_aborts_on_the_training_batches(tiny_model_dir, tmp_path, mini_batch_size):
+    """Guards against a collapse that only the dev evaluations could see: a run without a dev set (or one that
+    collapses within an epoch) trained a collapsed model to the end. Plain and cached InfoNCE both hand the
+    batch's documents to the check."""
+    start = _state(BiEncoder.load(tiny_model_dir))
+    thresholds = Thresholds(collapse_max_mean_cosine=0.99, collapse_min_dim_std=0.001, collapse_step_patience=3)
+    ctx = _without_dev(tiny_model_dir, tmp_path, thresholds)
+    stage = StageConfig(name="s", epochs=40, batch_size=8, mini_batch_size=mini_batch_size, learning_rate=0.5,
+                        warmup_ratio=0.0)
+    with pytest.raises(TrainingAborted, match=r"representation collapse on 3 training batches in a row \(dim std "
+                                              r"\d\.\d{4}, mean cosine 0\.99\d\) at step \d+, so no update"):
+        train_stage(ctx, _examples(16, 16), stage, {})
+    steps = [r for r in read_log(tmp_path) if r["type"] == "step"]
+    assert steps[0]["batch_mean_cosine"] < 0.99 and steps[-1]["batch_mean_cosine"] > 0.99
+    assert len(steps) < 40 * 2, "the run stopped long before its last step"
+    assert _same(_state(ctx.encoder), start), "without a dev set the best weights are the starting ones"
+
+
+def test_without_a_dev_set_the_batches_are_judged_against_the_first_batch(tiny_model_dir, tmp_path):
+    """Guards against absolute bounds aborting a healthy model that starts past them (an anisotropic model's high
+    mean cosine) when there is no base evaluation to judge it against: bounds that call every batch collapsed
+    abort at once unless they are moved relative to the run's first batch."""
+    thresholds = Thresholds(collapse_max_mean_cosine=0.0, collapse_min_dim_std=1.0, collapse_step_patience=1)
+    ctx = _without_dev(tiny_model_dir, tmp_path, thresholds)
+    stage = StageConfig(name="s", epochs=2, batch_size=4, learning_rate=1e-5, warmup_ratio=0.0)
+    result = train_stage(ctx, _examples(16, 16), stage, {})
+    assert result.steps == 8
+    first = next(r for r in read_log(tmp_path) if r["type"] == "step")
+    assert ctx.first_batch == {"mean_dim_std": first["batch_dim_std"], "mean_pairwise_cosine": first["batch_mean_cosine"]}
+
+
 def test_a_negative_the_teacher_scores_as_positive_is_masked(tiny_model_dir, tmp_path, monkeypatch):
     """Guards against `teacher_mask_threshold` being accepted but never applied, so a hard negative the teacher
     judges relevant (a false negative) is still pushed away from its query."""

@@ -25,12 +25,14 @@ class Thresholds:
     """When a signal counts as firing. The shortcut, STS, overfitting and drift signals compare with the
     base model's evaluation (a gap that only widens counts, per the contrastive notes). The collapse bounds
     and the saturation share are absolute, loosened for a base model already near them (`collapse_bounds`,
-    `saturation_bound`)."""
+    `saturation_bound`). The collapse bounds are checked at each evaluation (`collapse_patience` in a row abort)
+    and on each training batch's documents (`collapse_step_patience` in a row abort)."""
 
     collapse_min_dim_std: float = 0.01
     collapse_max_mean_cosine: float = 0.9
     collapse_base_fraction: float = 0.5
     collapse_patience: int = 2
+    collapse_step_patience: int = 20
     saturation_max_negatives_above_positive: float = 0.05
     shortcut_max_overlap_gap: float = 0.15
     sts_max_drop: float = 0.02

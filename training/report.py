@@ -138,12 +138,13 @@ _PANELS = (
     ),
     _PanelSpec(
         "collapse_std", "Collapse", "Per-dimension std of unit embeddings", "collapse",
-        (_Line("mean dim std", "eval", _field("mean_dim_std")),),
+        (_Line("training batch", "step", _field("batch_dim_std")), _Line("dev probe", "eval", _field("mean_dim_std"))),
         lambda t, base: [(collapse_bounds(t, base)[0], "collapse threshold")],
     ),
     _PanelSpec(
         "collapse_cosine", "Collapse (cosine)", "Mean pairwise cosine", "collapse",
-        (_Line("mean cosine", "eval", _field("mean_pairwise_cosine")),),
+        (_Line("training batch", "step", _field("batch_mean_cosine")),
+         _Line("dev probe", "eval", _field("mean_pairwise_cosine"))),
         lambda t, base: [(collapse_bounds(t, base)[1], "collapse threshold")],
     ),
     _PanelSpec(

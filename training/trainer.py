@@ -9,7 +9,8 @@ ends exactly at the last step and an evaluation lands on the last step of each e
 The dev set is also evaluated every `eval_every` steps; the best weights are kept and
 restored at the end, training stops early after `patience` evaluations without
 improvement, and a run whose embeddings collapse for `collapse_patience` evaluations
-in a row, or whose loss is not finite, is aborted with the best weights restored.
+in a row, or for `collapse_step_patience` training batches in a row (a fast collapse
+between evaluations), or whose loss is not finite, is aborted with the best weights restored.
 Every step and evaluation is appended to the run's metrics log.
 
 Under torchrun (see `training.distributed`) each process embeds its shard of every
@@ -23,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from training.diagnostics import (
     Thresholds,
     alert_dicts,
     alerts_for,
+    collapse_stats,
     is_collapsed,
     negatives_above_positive,
 )
@@ -88,6 +90,12 @@ class TrainingContext:
     progress: Progress | None = None
     should_stop: Callable[[], bool] | None = None
     step_offset: int = 0
+    first_batch: dict = field(default_factory=dict)
+
+    def collapse_baseline(self) -> dict:
+        """What the collapse bounds are relative to: the base model's dev evaluation, or where the run has no dev
+        set, the collapse statistics of its first training batch (taken before any update)."""
+        return self.baseline if "mean_dim_std" in self.baseline else self.first_batch
 
     def evaluate(self) -> dict:
         """Dev metrics and signals, computed on the first process and handed to every process."""
@@ -226,7 +234,15 @@ class StageStep:
                 else:
                     out = self.kl.compute_loss_from_embeddings(q, torch.cat([p.unsqueeze(1), n], dim=1), teacher)
         out.loss.backward()
-        return out, mask
+        return replace(out, documents=p.detach()), mask
+
+
+def _batch_collapse_stats(documents: torch.Tensor | None) -> CollapseStats | None:
+    """Collapse statistics of a training batch's document embeddings, normalised as the loss sees them; None for
+    fewer than two."""
+    if documents is None or len(documents) < 2:
+        return None
+    return collapse_stats(torch.nn.functional.normalize(documents.float(), dim=-1).cpu().numpy())
 
 
 def _snapshot(encoder: BiEncoder) -> dict[str, torch.Tensor]:
@@ -264,7 +280,7 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     scheduler = warmup_cosine(optimizer, int(total * stage.warmup_ratio), total)
     torch.manual_seed(ctx.seed + distributed.rank())
     best, best_step, best_state = dict(start_eval), 0, _snapshot(ctx.encoder)
-    evals_without_gain, collapsed_evals, step, stopped_early = 0, 0, 0, False
+    evals_without_gain, collapsed_evals, collapsed_steps, step, stopped_early = 0, 0, 0, 0, False
     ctx.record("stage_start", stage=stage.name, examples=len(usable), steps=total, config=stage.__dict__)
     bar = tqdm(total=total, desc=f"training {stage.name}", unit="step", disable=not ctx.show_progress)
     started = time.monotonic()
@@ -294,12 +310,26 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise abort_before_update(f"the gradients became {float(grad_norm)} (the loss was {loss:.4f})")
+                batch_stats = _batch_collapse_stats(out.documents)
+                if batch_stats is not None:
+                    if not ctx.first_batch:
+                        ctx.first_batch = {"mean_dim_std": batch_stats.mean_dim_std,
+                                           "mean_pairwise_cosine": batch_stats.mean_pairwise_cosine}
+                    collapsed = is_collapsed(batch_stats, ctx.thresholds, ctx.collapse_baseline())
+                    collapsed_steps = collapsed_steps + 1 if collapsed else 0
+                    if collapsed_steps >= ctx.thresholds.collapse_step_patience:
+                        raise abort_before_update(
+                            f"representation collapse on {collapsed_steps} training batches in a row (dim std "
+                            f"{batch_stats.mean_dim_std:.4f}, mean cosine {batch_stats.mean_pairwise_cosine:.3f})"
+                        )
                 learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses, read before the schedule moves
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 record = {"loss": loss, "lr": learning_rate, "grad_norm": float(grad_norm), "masked": out.masked,
                           "batch": len(batch)}
+                if batch_stats is not None:
+                    record.update(batch_dim_std=batch_stats.mean_dim_std, batch_mean_cosine=batch_stats.mean_pairwise_cosine)
                 if out.scores is not None and stage.loss == "infonce":
                     record["negatives_above_positive"] = negatives_above_positive(
                         out.scores.float().cpu().numpy(), None if mask is None else mask.cpu().numpy()

@@ -165,4 +165,4 @@ class CachedInfoNCELoss:
         output.loss.backward()
 
         self._replay_backward(groups, [leaf.grad for leaf in leaves], [states for _, states in cached])
-        return LossOutput(loss=output.loss.detach(), masked=output.masked, scores=output.scores)
+        return LossOutput(loss=output.loss.detach(), masked=output.masked, scores=output.scores, documents=scored[1].detach())
