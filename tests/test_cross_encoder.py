@@ -270,11 +270,14 @@ def test_bce_loss_labels_each_positive_one_and_each_negative_zero():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("loss", ["bce", "listwise"])
 def test_training_ranks_positives_above_negatives(tiny_model_dir, loss, precision):
-    """Guards against a loss wired to the wrong target, sign or group so that training changes nothing useful."""
+    """Guards against a loss wired to the wrong target, sign or group so that training changes nothing useful.
+
+    At 5e-3 the fresh head fell to a constant score on one seed in ten (bce's loss stuck at 0.636), whichever dropout
+    masks were drawn; 2e-3 converged on every seed tried."""
     model = CrossEncoder.load(tiny_model_dir)
     groups, held_out = _synthetic_groups(), _synthetic_groups(seed=1)
     before = _ranking_accuracy(model, held_out)
-    config = CrossEncoderTrainingConfig(loss=loss, epochs=30, learning_rate=5e-3, batch_size=8, precision=precision)
+    config = CrossEncoderTrainingConfig(loss=loss, epochs=30, learning_rate=2e-3, batch_size=8, precision=precision)
     history = train_cross_encoder(model, groups, config)
     after = _ranking_accuracy(model, held_out)
     assert before < 0.5, "the untrained model should be near chance (1 in 3)"

@@ -16,6 +16,7 @@ from training.diagnostics import Thresholds
 from training.errors import InvalidInput
 from training.eval_data import split_queries
 from training.examples import TrainingExample, with_given_negatives
+from training.fast_dropout import ATTENTION_NAME
 from training.fine_tune import TrainingData, fine_tune
 from training.losses import Candidate, InfoNCELoss, TripletLoss
 from training.metrics_log import MetricsLog, read_log
@@ -163,6 +164,23 @@ def test_a_non_finite_loss_aborts_before_updating_and_restores_the_best_weights(
     with pytest.raises(TrainingAborted, match=r"the loss became nan at step 2, so no update was applied and the best weights were restored"):
         train_stage(ctx, _examples(16, 16), stage, {})
     assert len(ctx.seen) == 1 and _same(_state(ctx.encoder), ctx.seen[0])
+
+
+def test_training_steps_draw_dropout_masks_fast_and_evaluations_run_as_before(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards against the trainer drawing its CPU dropout masks with torch's per-element generator (a third of a
+    step's time on 256-token documents), or leaving the swapped attention behind after the stage."""
+    seen = []
+    original = InfoNCELoss.compute_loss_from_embeddings
+
+    def spy(self, *args, **kwargs):
+        seen.append(ctx.encoder.model.config._attn_implementation)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InfoNCELoss, "compute_loss_from_embeddings", spy)
+    ctx = _context(tiny_model_dir, tmp_path, [0.1, 0.2])
+    train_stage(ctx, _examples(16, 16), StageConfig(name="s", epochs=1, batch_size=4, warmup_ratio=0.0), {})
+    assert seen == [ATTENTION_NAME] * 4
+    assert ctx.encoder.model.config._attn_implementation == "sdpa"
 
 
 def _without_dev(tiny_model_dir, tmp_path, thresholds: Thresholds) -> TrainingContext:

@@ -13,7 +13,8 @@ Two losses, both over the raw logits the reranker returns at inference:
   be comparable across queries (a relevance threshold).
 
 The loss maths takes a padded `(groups, 1 + negatives)` score matrix, so it is tested on
-plain tensors without a model. Training is seeded (shuffling and dropout), clips
+plain tensors without a model. Training is seeded (shuffling and dropout, whose masks
+`training.fast_dropout` draws on the CPU), clips
 gradients, uses AdamW with warmup and cosine decay (`training.schedule`) and leaves the
 model in eval mode. The head (the classifier and the pooler feeding it) trains at
 `head_learning_rate_factor` times the rate: from a bi-encoder checkpoint it starts from
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from training.cross_encoder import CrossEncoder
+from training.fast_dropout import cpu_dropout
 from training.precision import TrainingPrecision, autocast
 from training.schedule import build_optimizer, warmup_cosine
 
@@ -167,7 +169,7 @@ def train_cross_encoder(
     history: list[dict] = []
     bar = tqdm(total=total_steps, desc=f"training reranker ({config.loss})", unit="step", disable=not show_progress)
     rng_devices = [model.device.index or 0] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), bar:
+    with torch.random.fork_rng(devices=rng_devices), bar, cpu_dropout(model.model):
         torch.manual_seed(config.seed)
         shuffler = torch.Generator().manual_seed(config.seed)
         model.model.train()

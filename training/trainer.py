@@ -1,7 +1,7 @@
 """The bi-encoder trainer: one stage of contrastive training with evaluation, early stopping and diagnostics.
 
 AdamW with linear warmup then cosine decay, gradient clipping, bf16 autocast where the
-hardware supports it, seeded batches without duplicates, false negatives masked
+hardware supports it, dropout masks drawn fast on the CPU (`training.fast_dropout`), seeded batches without duplicates, false negatives masked
 inside the loss (with a teacher threshold, also the hard negatives a teacher scores
 close to the positive). The sampler defers clashing examples, so the number of batches
 differs between epochs: every epoch's count is taken before training, so the schedule
@@ -46,6 +46,7 @@ from training.diagnostics import (
 )
 from training.errors import LockstepError
 from training.examples import TrainingExample
+from training.fast_dropout import cpu_dropout
 from training.losses import (
     CachedInfoNCELoss,
     InfoNCELoss,
@@ -285,7 +286,7 @@ def train_stage(ctx: TrainingContext, examples: Sequence[TrainingExample], stage
     bar = tqdm(total=total, desc=f"training {stage.name}", unit="step", disable=not ctx.show_progress)
     started = time.monotonic()
     model.train()
-    with bar, distributed.data_parallel(ctx.encoder) as synced:
+    with bar, cpu_dropout(model), distributed.data_parallel(ctx.encoder) as synced:
         compute = StageStep(ctx, stage, synced)
         for epoch in range(stage.epochs):
             batches = no_duplicate_batches(epochs[epoch], stage.batch_size, ctx.seed, epoch, shards=shards)
