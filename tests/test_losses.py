@@ -9,6 +9,7 @@ for that, so `model=None`.
 import logging
 import math
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from sentence_transformers.sentence_transformer.losses import MarginMSELoss as S
 from sentence_transformers.sentence_transformer.losses import TripletLoss as STTripletLoss
 from sentence_transformers.util import pairwise_cos_sim
 
+from training.fast_dropout import cpu_dropout
 from training.losses import (
     MAX_HARD_NEGATIVES,
     CachedInfoNCELoss,
@@ -438,18 +440,25 @@ def _assert_same_gradients(ours, reference):
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("numpy_masks", [False, True], ids=["torch-masks", "numpy-masks"])
 @pytest.mark.parametrize(
     ("hard_negatives", "symmetric", "mini_batch_size", "masked"),
     [(0, False, 2, False), (2, False, 3, False), (2, True, 2, True), (1, True, 4, False)],
 )
 def test_cached_infonce_equals_full_batch_with_dropout(
-    tiny_encoder, hard_negatives, symmetric, mini_batch_size, masked
+    tiny_encoder, hard_negatives, symmetric, mini_batch_size, masked, numpy_masks
 ):
     """Guards against GradCache gradients that differ from the plain loss's (dropout not replayed, wrong rows).
 
     The model is in train mode, so dropout is on; the reference embeds the same mini-batches in
-    the same order from the same seed, so both see the same dropout masks, and builds one graph.
+    the same order from the same seed, so both see the same dropout masks, and builds one graph. With the
+    masks the trainers draw on the CPU (`training.fast_dropout`) the replay must redraw them too.
     """
+    with cpu_dropout(tiny_encoder.model) if numpy_masks else nullcontext():
+        _check_cached_against_full_batch(tiny_encoder, hard_negatives, symmetric, mini_batch_size, masked)
+
+
+def _check_cached_against_full_batch(tiny_encoder, hard_negatives, symmetric, mini_batch_size, masked):
     tiny_encoder.model.train()
     groups = _groups(tiny_encoder, hard_negatives)
     columns = 5 * (1 + hard_negatives)
