@@ -66,7 +66,7 @@ class LiveRelease:
         reranker: CrossEncoder | None = None,
         rerank_policy: RerankPolicy = RerankPolicy(),
     ) -> None:
-        if encoder.fingerprint != manifest.model.fingerprint:
+        if not encoder.matches(manifest.model.fingerprint):
             raise IntegrityError(
                 f"release {manifest.release_id} was built with model {manifest.model.fingerprint} "
                 f"but was given {encoder.fingerprint}; a release is only served with its own model"

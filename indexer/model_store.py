@@ -22,13 +22,14 @@ from indexer.release_store import STAGING_PREFIX, touch
 from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, NotFound
+from training.fingerprint import fingerprint_hex
 from training.pooling import Pooling
 
 log = logging.getLogger(__name__)
 
 
 def _folder_name(fingerprint: str) -> str:
-    return fingerprint.removeprefix("sha256:")[:32]
+    return fingerprint_hex(fingerprint)[:32]
 
 
 def model_ref(encoder: BiEncoder, path: str) -> ModelRef:
@@ -94,7 +95,7 @@ class ModelStore:
         if not folder.is_dir():
             raise NotFound(f"reranker folder {folder} is missing; rebuild the release with `lockstep build --reranker PATH`")
         reranker = CrossEncoder.load(folder, max_length=ref.max_length, device=device)
-        if reranker.fingerprint != ref.fingerprint:
+        if not reranker.matches(ref.fingerprint):
             raise IntegrityError(
                 f"reranker at {folder} has fingerprint {reranker.fingerprint}, but the release was built with "
                 f"{ref.fingerprint}; rebuild the release or restore the original reranker files"
@@ -130,7 +131,7 @@ class ModelStore:
         if not folder.is_dir():
             raise NotFound(f"model folder {folder} is missing; rebuild the release with `lockstep build`")
         encoder = BiEncoder.load(folder, device=device)
-        if encoder.fingerprint != ref.fingerprint:
+        if not encoder.matches(ref.fingerprint):
             raise IntegrityError(
                 f"model at {folder} has fingerprint {encoder.fingerprint}, but the release was built with "
                 f"{ref.fingerprint}; refusing to serve vectors of one model with another. "
@@ -151,7 +152,7 @@ def _intact(folder: Path, fingerprint: str, kind: type):
     except Exception as exc:  # on the CPU, a folder fails to load in many ways, all of them its files (safetensors, JSON, tokenizer)
         log.warning("stored model %s cannot be loaded (%s: %s); storing it again", folder, type(exc).__name__, exc)
         return None
-    if model.fingerprint != fingerprint:
+    if not model.matches(fingerprint):
         log.warning("stored model %s no longer hashes to its name (files changed); storing it again", folder)
         return None
     return model

@@ -27,6 +27,7 @@ from indexer.release_store import STALE_SECONDS, ReleaseStore
 from indexer.serving_device import resolve_device
 from indexer.settings import Settings
 from training.errors import InvalidInput, LockstepError
+from training.fingerprint import short_fingerprint
 
 app = typer.Typer(help="Lockstep: search whose model and index move in lockstep.", no_args_is_help=True)
 releases_app = typer.Typer(help="List, activate, roll back and clean up releases.", no_args_is_help=True)
@@ -118,7 +119,7 @@ def _build(
         index += f" (recall@{manifest.recall.k} {manifest.recall.recall:.3f} vs exact at {params})"
     typer.echo(
         f"built release {manifest.release_id}: {manifest.doc_count} documents, {index} index, {precision}, "
-        f"model {manifest.model.name} ({manifest.model.fingerprint[:19]}), {state}"
+        f"model {manifest.model.name} ({short_fingerprint(manifest.model.fingerprint)}), {state}"
     )
 
 
@@ -170,7 +171,7 @@ def releases_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--j
         typer.echo("no releases yet; run `lockstep build --activate`")
     for m in manifests:
         mark = "*" if m.release_id == active else " "
-        typer.echo(f"{mark} {m.release_id}  {m.created}  {m.doc_count:>8} docs  {m.index_type:<12} {m.model.name}  {m.model.fingerprint[:19]}")
+        typer.echo(f"{mark} {m.release_id}  {m.created}  {m.doc_count:>8} docs  {m.index_type:<12} {m.model.name}  {short_fingerprint(m.model.fingerprint)}")
 
 
 @releases_app.command("activate")

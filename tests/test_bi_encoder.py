@@ -12,7 +12,7 @@ from transformers import AutoModel, BertConfig, BertModel, RobertaConfig, Robert
 
 from training.bi_encoder import BiEncoder
 from training.errors import InvalidInput
-from training.fingerprint import model_fingerprint
+from training.fingerprint import model_fingerprints
 from training.pooling import Pooling
 
 TEXTS = [
@@ -189,7 +189,7 @@ def test_a_half_precision_checkpoint_encodes_in_fp32(tiny_model_copy):
     encoder = BiEncoder.load(tiny_model_copy)
     assert {parameter.dtype for parameter in encoder.model.parameters()} == {torch.float32}
     as_stored = AutoModel.from_pretrained(tiny_model_copy, dtype=torch.float16)
-    assert encoder.fingerprint == model_fingerprint(as_stored, encoder.tokenizer, encoder.settings), \
+    assert encoder.fingerprints.by_version == model_fingerprints(as_stored, encoder.tokenizer, encoder.settings), \
         "the fingerprint hashes the weights as stored, so releases built before the fp32 load still match"
     oracle = SentenceTransformer(str(tiny_model_copy), device="cpu", model_kwargs={"dtype": torch.float32})
     assert np.allclose(encoder.encode(TEXTS), oracle.encode(TEXTS, normalize_embeddings=True), atol=1e-5)

@@ -27,7 +27,7 @@ from training.cross_encoder_training import (
 from training.default_model import default_model_path
 from training.dev_eval import DevSet
 from training.errors import InvalidInput
-from training.fingerprint import compute_fingerprint
+from training.fingerprint import compute_fingerprints
 from training.evaluation import evaluate_run
 from training.examples import examples_from_qrels, known_positives
 from training.recipe import TeacherConfig
@@ -205,7 +205,7 @@ def test_refuses_a_classifier_folder_without_its_head_and_loads_a_half_precision
     assert {parameter.dtype for parameter in loaded.model.parameters()} == {torch.float32}
     as_stored = BertForSequenceClassification.from_pretrained(tmp_path / "reranker", dtype=torch.float16)
     settings = {"kind": "cross-encoder", "max_length": loaded.max_length}
-    assert loaded.fingerprint == compute_fingerprint(as_stored, loaded.tokenizer, settings)
+    assert loaded.fingerprints.by_version == compute_fingerprints(as_stored, loaded.tokenizer, settings)
     weights = load_file(tmp_path / "reranker" / "model.safetensors")
     headless = {name: tensor for name, tensor in weights.items() if not name.startswith("classifier.")}
     save_file(headless, tmp_path / "reranker" / "model.safetensors", metadata={"format": "pt"})

@@ -14,6 +14,7 @@ from service.app import create_app
 from service.cli import app as cli
 from training.bi_encoder import BiEncoder
 from training.default_model import default_model_path
+from training.fingerprint import short_fingerprint
 from training.precision import cpu_supports_bf16
 from tests.conftest import require_shared
 
@@ -107,3 +108,10 @@ def test_a_folder_saved_by_sentence_transformers_loads_with_the_same_settings(mi
     loaded = BiEncoder.load(tmp_path / "st-saved")
     assert loaded.settings == minilm.settings
     assert loaded.fingerprint == minilm.fingerprint
+
+
+def test_the_packaged_model_keeps_the_version_1_fingerprint_its_releases_recorded(minilm):
+    """Guards against a fingerprint change that strands every MiniLM release built before version 2: this is the
+    version-1 fingerprint `lockstep build` printed for the packaged model before version 2 existed."""
+    assert short_fingerprint(minilm.fingerprints.by_version[1]) == "sha256:593b5341e22c"
+    assert minilm.matches(minilm.fingerprints.by_version[1]) and minilm.fingerprint.startswith("sha256-v2:")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.errors import InvalidInput
-from training.fingerprint import model_fingerprint
+from training.fingerprint import Fingerprints, model_fingerprints
 from training.openvino_runtime import FLOAT_PRECISION, CompiledGraph, OpenVinoForward, convert_transformer
 from training.pooling import Pooling, pool, read_pooling, write_pooling
 from training.precision import ConcretePrecision, autocast, store_linear_weights
@@ -222,11 +222,11 @@ class BiEncoder:
         # Run in fp32 whatever the checkpoint stores (transformers 5 keeps an fp16 checkpoint in fp16): precision
         # is the release's choice, and the int8 gate's reference must be fp32. The fingerprint still hashes the
         # weights as stored, so a release built before this cast keeps matching its model.
-        stored = None if _all_fp32(model) else model_fingerprint(model, tokenizer, settings)
+        stored = None if _all_fp32(model) else Fingerprints(model_fingerprints(model, tokenizer, settings))
         encoder = cls(model.to(device=device, dtype=torch.float32), tokenizer, settings,
                       name=name or declared.get("name", model_dir.name))
         if stored is not None:
-            encoder.fingerprint = stored
+            encoder.fingerprints = stored
         return encoder
 
     @property
@@ -238,9 +238,19 @@ class BiEncoder:
         return next(self.model.parameters()).device
 
     @cached_property
+    def fingerprints(self) -> Fingerprints:
+        """sha256 over weights, tokenizer, pooling and max lengths, in every fingerprint version; computed once per
+        load."""
+        return Fingerprints(model_fingerprints(self.model, self.tokenizer, self.settings))
+
+    @property
     def fingerprint(self) -> str:
-        """sha256 over weights, tokenizer, pooling and max lengths; computed once per load."""
-        return model_fingerprint(self.model, self.tokenizer, self.settings)
+        """The fingerprint a new build records (the current version's)."""
+        return self.fingerprints.current
+
+    def matches(self, fingerprint: str) -> bool:
+        """Whether this model hashes to `fingerprint`, recorded by any fingerprint version."""
+        return self.fingerprints.matches(fingerprint)
 
     def tokenize(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
         """Token ids per text, after the kind's prompt, truncated to the kind's max length, unpadded."""
@@ -323,7 +333,7 @@ class BiEncoder:
         which saves a third of a lone query's encode time and changes no output bit. The
         fingerprint is taken first, from the weights as loaded.
         """
-        _ = self.fingerprint
+        _ = self.fingerprints
         if self.precision == "bf16" and isinstance(self.forward, TorchForward):
             store_linear_weights(self.model, torch.bfloat16)
         self._serving_precision = self.precision

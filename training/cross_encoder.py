@@ -40,7 +40,7 @@ from transformers import (
 
 from training.bi_encoder import PROGRESS_BAR_MIN_TEXTS, _all_fp32, _require_safetensors
 from training.errors import InvalidInput
-from training.fingerprint import compute_fingerprint
+from training.fingerprint import Fingerprints, compute_fingerprints
 from training.openvino_runtime import CompiledGraph
 from training.precision import ConcretePrecision
 from training.token_prefix import CHARS_PER_TOKEN, token_prefixes
@@ -129,7 +129,7 @@ class CrossEncoder:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._max_length = max_length
-        self._fingerprint: tuple[tuple[int, ...], str] | None = None
+        self._fingerprints: tuple[tuple[int, ...], Fingerprints] | None = None
         self._graph: CompiledGraph | None = None
 
     @classmethod
@@ -161,10 +161,10 @@ class CrossEncoder:
             )
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         length = _default_max_length(tokenizer, config) if max_length is None else max_length
-        stored = None if _all_fp32(model) else compute_fingerprint(model, tokenizer, _settings(length))
+        stored = None if _all_fp32(model) else Fingerprints(compute_fingerprints(model, tokenizer, _settings(length)))
         reranker = cls(model.to(device=device, dtype=torch.float32), tokenizer, length)
         if stored is not None:  # the weights as stored, as `BiEncoder.load` hashes a half-precision checkpoint
-            reranker._fingerprint = (reranker._versions(), stored)
+            reranker._fingerprints = (reranker._versions(), stored)
         return reranker
 
     @property
@@ -185,12 +185,23 @@ class CrossEncoder:
         return not name.startswith(prefix) or name.startswith(f"{prefix}pooler.")
 
     @property
-    def fingerprint(self) -> str:
-        """sha256 over weights, tokenizer and max length; recomputed only after the weights change in place."""
+    def fingerprints(self) -> Fingerprints:
+        """sha256 over weights, tokenizer and max length, in every fingerprint version; recomputed only after the
+        weights change in place."""
         versions = self._versions()
-        if self._fingerprint is None or self._fingerprint[0] != versions:
-            self._fingerprint = (versions, compute_fingerprint(self.model, self.tokenizer, _settings(self.max_length)))
-        return self._fingerprint[1]
+        if self._fingerprints is None or self._fingerprints[0] != versions:
+            hashed = compute_fingerprints(self.model, self.tokenizer, _settings(self.max_length))
+            self._fingerprints = (versions, Fingerprints(hashed))
+        return self._fingerprints[1]
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint a new build records (the current version's)."""
+        return self.fingerprints.current
+
+    def matches(self, fingerprint: str) -> bool:
+        """Whether this model hashes to `fingerprint`, recorded by any fingerprint version."""
+        return self.fingerprints.matches(fingerprint)
 
     def _versions(self) -> tuple[int, ...]:
         """Every in-place write to a tensor (optimiser steps, load_state_dict) bumps its version counter."""
