@@ -45,7 +45,9 @@ def masked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return torch.nn.functional.dropout(x, p, True)
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return x * keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    # The scale multiplies the product, not the 0/1 mask, so a bf16 tensor is scaled in fp32 arithmetic as torch's
+    # dropout scales it, not by 1 / (1 - p) rounded to bf16 first.
+    return (x * keep_mask(x.shape, p).to(x.dtype)).mul_(1.0 / (1.0 - p))
 
 
 class CpuDropout(torch.nn.Module):

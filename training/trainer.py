@@ -1,9 +1,9 @@
 """The bi-encoder trainer: one stage of contrastive training with evaluation, early stopping and diagnostics.
 
 AdamW with linear warmup then cosine decay, gradient clipping, bf16 autocast where the
-hardware supports it, dropout masks drawn fast on the CPU (`training.fast_dropout`), seeded batches without duplicates, false negatives masked
-inside the loss (with a teacher threshold, also the hard negatives a teacher scores
-close to the positive). The sampler defers clashing examples, so the number of batches
+hardware supports it, dropout masks drawn fast on the CPU (`training.fast_dropout`),
+seeded batches without duplicates, false negatives masked inside the loss (with a
+teacher threshold, also the hard negatives a teacher scores close to the positive). The sampler defers clashing examples, so the number of batches
 differs between epochs: every epoch's count is taken before training, so the schedule
 ends exactly at the last step and an evaluation lands on the last step of each epoch.
 The dev set is also evaluated every `eval_every` steps; the best weights are kept and
