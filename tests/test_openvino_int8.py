@@ -22,7 +22,7 @@ from service.cli import app as cli
 from training.bi_encoder import BiEncoder, TorchForward
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, InvalidInput
-from training.openvino_int8 import ACTIVATION_GROUP
+from training.openvino_int8 import ACTIVATION_GROUP, store_hint, stored_hint
 from training.openvino_runtime import (
     ACTIVATION_GROUP_KEY, FLOAT_HINT_KEY, CompiledGraph, OpenVinoForward, stored_float_hint,
 )
@@ -282,7 +282,10 @@ def test_dynamic_activations_store_int8_weights_and_agree_with_fp32_in_every_bat
     assert len(weights) >= 12, "every linear layer's weights should be stored in int8"
     assert "FakeQuantize" not in [op.get_type_name() for op in graph.get_ops()], "nothing should be calibrated"
     assert graph.get_rt_info(ACTIVATION_GROUP_KEY).astype(int) == ACTIVATION_GROUP
-    encoder.use_int8(path)
+    # OpenVINO's bf16 kernels for int8-weight layers give this 32-wide model wrong vectors on AMX CPUs (mean cosine
+    # 0.19); a build's gate then stores the graph in f32 (`store_hint`), as here, where the graph itself is tested.
+    encoder.use_int8(store_hint(path, "f32"))
+    assert stored_hint(path) == "f32"
     assert (encoder.precision, encoder.runtime) == ("int8", "openvino")
     assert encoder.forward.graph.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == ACTIVATION_GROUP
     monkeypatch.setattr(TorchForward, "__call__", _refuse)

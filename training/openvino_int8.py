@@ -91,3 +91,22 @@ def _save(graph, path: Path) -> Path:
     graph.set_rt_info(stored_float_hint(), FLOAT_HINT_KEY)
     openvino_module().save_model(graph, str(path), compress_to_fp16=False)
     return Path(path)
+
+
+def stored_hint(path: Path) -> str:
+    """The float precision the OpenVINO IR at `path` runs its unquantised operations in (f32 if it records none)."""
+    graph = openvino_module().Core().read_model(str(path))
+    return graph.get_rt_info(FLOAT_HINT_KEY).astype(str) if graph.has_rt_info(FLOAT_HINT_KEY) else "f32"
+
+
+def store_hint(path: Path, hint: str) -> Path:
+    """Rewrite the IR at `path` to run its unquantised operations in `hint`. The new files replace the old ones by
+    rename, so a graph already compiled from the old ones keeps its (mapped) weights."""
+    ov = openvino_module()
+    graph = ov.Core().read_model(str(path))
+    graph.set_rt_info(hint, FLOAT_HINT_KEY)
+    staged = path.with_name(f".{path.stem}.staged.xml")
+    ov.save_model(graph, str(staged), compress_to_fp16=False)
+    os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(staged, path)
+    return path
