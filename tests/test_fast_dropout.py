@@ -8,6 +8,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from training.bi_encoder import BiEncoder
 from training.fast_dropout import (
     ATTENTION_NAME,
+    NUMPY_MASK_MIN,
     CpuDropout,
     attention,
     cpu_dropout,
@@ -37,7 +38,8 @@ def test_masks_follow_torch_seed_so_a_replayed_random_state_redraws_them():
 
 
 def test_dropout_zeroes_dropped_elements_and_scales_the_rest_as_torch_does():
-    x = torch.randn(200, 300, requires_grad=True)
+    x = torch.randn(300, 300, requires_grad=True)
+    assert x.numel() >= NUMPY_MASK_MIN
     torch.manual_seed(1)
     out = masked_dropout(x, 0.25, True)
     kept = out != 0
@@ -50,6 +52,14 @@ def test_dropout_zeroes_dropped_elements_and_scales_the_rest_as_torch_does():
     assert CpuDropout(0.25).eval()(x) is x
 
 
+def test_small_tensors_keep_torch_dropout_where_seeding_numpy_would_cost_more():
+    x = torch.randn(10, 30)
+    torch.manual_seed(2)
+    ours = masked_dropout(x, 0.1, True)
+    torch.manual_seed(2)
+    assert torch.equal(ours, torch.nn.functional.dropout(x, 0.1, True))
+
+
 def _module(training: bool) -> torch.nn.Module:
     module = torch.nn.Module()
     module.is_causal = False
@@ -57,10 +67,10 @@ def _module(training: bool) -> torch.nn.Module:
 
 
 def test_attention_with_dropout_is_the_eager_formula_with_that_mask():
-    batch, heads, tokens, dim = 2, 3, 5, 4
+    batch, heads, tokens, dim = 2, 4, 128, 4
     q, k, v = (torch.randn(batch, heads, tokens, dim) for _ in range(3))
     attend = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool)
-    attend[1, :, :, 3:] = False
+    attend[1, :, :, 100:] = False
     torch.manual_seed(3)
     out, _ = attention(_module(True), q, k, v, attend, dropout=0.2, scaling=0.5)
     torch.manual_seed(3)
