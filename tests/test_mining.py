@@ -50,7 +50,7 @@ def _oracle(encoder: BiEncoder, documents, examples, known, config: MiningConfig
                 assert ranked[boundary - 1] - ranked[boundary] > SEPARATION or documents[ids[order[boundary - 1]]] == documents[ids[order[boundary]]], \
                     "a near tie at a window edge makes the oracle ambiguous; pick another window"
         positive = float(queries[i] @ positives[i])
-        limit = positive - config.margin
+        limit = positive - config.margin if config.margin is not None else np.inf
         if config.relative_margin is not None:
             limit = min(limit, positive * (1 - config.relative_margin))
         window, kept = set(), set()
@@ -108,3 +108,17 @@ def test_mining_with_fewer_slots_than_survivors_is_seeded_and_counts_the_rest(ti
         report.dropped_known_positive + report.dropped_too_close + report.dropped_by_teacher + report.kept + report.not_needed
     )
     assert report.not_needed == sum(len(kept) for kept in expected.kept) - report.kept > 0
+
+
+def test_mining_without_margins_drops_only_known_positives(tiny_encoder):
+    """Guards against a student filter that still applies when no margin is set (stages with a teacher set none, so
+    the teacher sees the candidates closest to the positive)."""
+    documents, examples, known = _corpus()
+    unfiltered = MiningConfig(count=100, window_start=1, window_end=25, margin=None)
+    mined, report = mine_hard_negatives(tiny_encoder, examples, documents, known, unfiltered)
+    expected = _oracle(tiny_encoder, documents, examples, known, unfiltered)
+    assert [{n.doc_id for n in e.negatives} for e in mined] == expected.kept
+    assert report.dropped_too_close == 0
+    assert report.kept == report.candidates - report.dropped_known_positive
+    _, filtered = mine_hard_negatives(tiny_encoder, examples, documents, known, MiningConfig(count=100, window_start=1, window_end=25, margin=0.0))
+    assert filtered.dropped_too_close > 0, "the same window has candidates a zero margin drops"

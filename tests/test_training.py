@@ -1,6 +1,7 @@
 """Training end to end on a tiny model: stages, gates, early stopping, collapse abort, checkpoints."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from training.fine_tune import TrainingData, fine_tune
 from training.losses import Candidate
 from training.metrics_log import read_log
 from training.recipe import load_recipe, parse_recipe, parse_recipe_text
+from training.stage import DEFAULT_MINE_MARGIN, StageConfig
 from training.trainer import TrainingAborted
 from tests.training_data import synthetic_task
 
@@ -198,12 +200,23 @@ def test_pairs_that_are_not_utf8_or_unreadable_name_the_file(tmp_path, monkeypat
         ({"symmetric": 1}, "symmetric must be true or false, got 1"),
         ({"teacher_mask_threshold": "0.1"}, "teacher_mask_threshold must be a number or unset, got '0.1'"),
         ({"negatives": 3}, "negatives must be one of 'in_batch', 'given', 'mined', 'teacher', got 3"),
+        ({"negatives": "mined", "hard_negatives": 1, "mine_margin": float("nan")}, "mine_margin must be a finite number or unset"),
     ],
 )
 def test_bad_recipes_are_refused_with_the_field(stage, message):
     with pytest.raises(InvalidInput) as raised:
         _recipe({"name": "s", **stage})
     assert message in str(raised.value)
+
+
+def test_the_student_margin_defaults_by_negative_source_and_yields_to_a_set_one():
+    """Guards against a teacher stage whose mining drops the candidates closest to the positive on the student's
+    scores before the teacher judges them, and against a set margin being overridden."""
+    mined = StageConfig(name="m", negatives="mined", hard_negatives=1)
+    teacher = StageConfig(name="t", loss="margin_mse", negatives="teacher", hard_negatives=1)
+    assert (mined.student_margin(), teacher.student_margin()) == (DEFAULT_MINE_MARGIN, None)
+    assert replace(teacher, mine_margin=0.02).student_margin() == 0.02
+    assert replace(mined, mine_margin=0.0).student_margin() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -254,16 +267,20 @@ def test_distillation_stages_train_a_teacher_and_use_its_cached_scores(tiny_mode
         "stage": [
             {"name": "margin", "loss": "margin_mse", "negatives": "teacher", "hard_negatives": 2, "epochs": 1,
              "learning_rate": 1e-4, "batch_size": 8, "mine_window_start": 1, "mine_window_end": 20,
-             "mine_margin": -2.0, "mine_teacher_margin": -100.0},
+             "mine_teacher_margin": -100.0},
             {"name": "kl", "loss": "kl", "negatives": "teacher", "hard_negatives": 2, "epochs": 1,
              "learning_rate": 1e-4, "batch_size": 8, "mine_window_start": 1, "mine_window_end": 20,
-             "mine_margin": -2.0, "mine_teacher_margin": -100.0},
+             "mine_teacher_margin": -100.0},
         ],
     })
     summary = fine_tune(tiny_model_dir, data, recipe, tmp_path / "model", tmp_path / "run", thresholds=TINY)
     assert [s["name"] for s in summary.stages] == ["margin", "kl"]
     assert all(s["examples"] > 0 for s in summary.stages)
     assert (tmp_path / "run" / "teacher" / "model.safetensors").exists()
+    mining = [r for r in read_log(tmp_path / "run") if r["type"] == "mining"]
+    assert [r["stage"] for r in mining] == ["margin", "kl"]
+    assert all(r["dropped_too_close"] == 0 and r["dropped_by_teacher"] == 0 for r in mining), \
+        "with a teacher and no mine_margin set, the student's margin filter is off"
     with TeacherScoreCache(tmp_path / "run" / "teacher_scores.sqlite3") as cache:
         assert len(cache) > 0, "teacher scores were cached on disk"
     for stage in ("margin", "kl"):

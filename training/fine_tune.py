@@ -103,7 +103,7 @@ class _Miner:
             self.encoder, self.examples, self.documents, self.positives,
             MiningConfig(
                 count=stage.hard_negatives, window_start=stage.mine_window_start, window_end=stage.mine_window_end,
-                margin=stage.mine_margin, relative_margin=stage.mine_relative_margin,
+                margin=stage.student_margin(), relative_margin=stage.mine_relative_margin,
                 teacher_margin=stage.mine_teacher_margin, seed=self.seed,
             ),
             teacher=teacher, teacher_cache=cache, precision=self.precision, show_progress=self.show_progress,

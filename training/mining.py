@@ -3,11 +3,11 @@
 For each training query the corpus is searched exactly (FAISS inner product over unit
 vectors); candidates ranked inside `[window_start, window_end)` are kept unless they
 are known positives, score too close to the positive (absolute margin, or relative
-margin as a share of the positive's score), or, with a cross-encoder teacher, are
-scored by the teacher within `teacher_margin` of the positive. The survivors are
-sampled with a seed. Every candidate is counted once, as dropped (by reason), kept, or
-not needed (a survivor beyond `count`), so the counts add up to the candidates looked
-at. Drops are counted by reason because a high rate of
+margin as a share of the positive's score; neither set, no such filter), or, with a
+cross-encoder teacher, are scored by the teacher within `teacher_margin` of the
+positive. The survivors are sampled with a seed. Every candidate is counted once, as
+dropped (by reason), kept, or not needed (a survivor beyond `count`), so the counts add
+up to the candidates looked at. Drops are counted by reason because a high rate of
 too-close candidates is itself a sign of false negatives in the data (Qu et al.,
 2021, "RocketQA"; Moreira et al., 2024, "NV-Retriever: Improving text embedding
 models with effective hard-negative mining").
@@ -35,7 +35,7 @@ class MiningConfig:
     count: int = 3
     window_start: int = 10
     window_end: int = 100
-    margin: float = 0.05
+    margin: float | None = 0.05
     relative_margin: float | None = None
     teacher_margin: float | None = None
     seed: int = 13
@@ -85,6 +85,7 @@ def mine_hard_negatives(
     depth = min(config.window_end, len(doc_ids))
     scores, rows = index.search(query_vectors, depth)
     positive_scores = np.sum(query_vectors * positive_vectors, axis=1)
+    limits = _student_limits(positive_scores, config)
     rng = random.Random(config.seed)
     counts = {"candidates": 0, "known": 0, "close": 0, "teacher": 0, "kept": 0, "not_needed": 0, "short": 0}
     mined: list[TrainingExample] = []
@@ -97,10 +98,7 @@ def mine_hard_negatives(
             if doc_id in positives or documents[doc_id].strip() == example.positive.text.strip():
                 counts["known"] += 1
                 continue
-            limit = positive_scores[i] - config.margin
-            if config.relative_margin is not None:
-                limit = min(limit, positive_scores[i] * (1 - config.relative_margin))
-            if scores[i, rank] > limit:
+            if scores[i, rank] > limits[i]:
                 counts["close"] += 1
                 continue
             survivors.append(Candidate(doc_id, documents[doc_id]))
@@ -125,6 +123,17 @@ def mine_hard_negatives(
         examples_short_of_negatives=counts["short"],
     )
     return mined, report
+
+
+def _student_limits(positive_scores: np.ndarray, config: MiningConfig) -> np.ndarray:
+    """Per example, the score a candidate must not exceed: the positive's score less the margin, or less the
+    relative margin's share of it if that is lower; no limit where neither margin is set."""
+    limits = np.full(len(positive_scores), np.inf, dtype=np.float64)
+    if config.margin is not None:
+        limits = positive_scores - config.margin
+    if config.relative_margin is not None:
+        limits = np.minimum(limits, positive_scores * (1 - config.relative_margin))
+    return limits
 
 
 def score_with_teacher(

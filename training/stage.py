@@ -21,6 +21,7 @@ NEGATIVE_SOURCES = ("in_batch", "given", "mined", "teacher")
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 65536
 MAX_MINE_WINDOW = 10_000
+DEFAULT_MINE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class StageConfig:
     query's softmax, RocketQA's denoising (Qu et al., 2021, arXiv:2010.08191) applied at the
     loss rather than at mining (`mine_teacher_margin`), so the example still trains and the
     document stays a negative for the batch's other queries. None: no teacher masking.
+    `mine_margin`: a mined candidate the current model scores within this margin of its
+    positive is dropped as a likely false negative. Unset, it is `DEFAULT_MINE_MARGIN`
+    for `mined` negatives and no filter for `teacher` ones (`student_margin`).
     `kl_scale` multiplies the student's cosines before KL distillation's temperature (see
     `KLDistillationLoss`); 20 gives cosine students logits as spread as a cross-encoder's.
     """
@@ -62,7 +66,7 @@ class StageConfig:
     patience: int = 0
     mine_window_start: int = 10
     mine_window_end: int = 100
-    mine_margin: float = 0.05
+    mine_margin: float | None = None
     mine_relative_margin: float | None = None
     mine_teacher_margin: float | None = None
 
@@ -102,9 +106,23 @@ class StageConfig:
             raise bad("warmup_ratio", "in [0, 1)")
         if self.mini_batch_size < 0 or self.eval_every < 0 or self.patience < 0 or self.weight_decay < 0:
             raise InvalidInput(f"stage {self.name!r}: mini_batch_size, eval_every, patience and weight_decay must be >= 0")
+        for name in ("mine_margin", "mine_relative_margin", "mine_teacher_margin"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise bad(name, "a finite number or unset")
         if not 0 <= self.mine_window_start < self.mine_window_end <= MAX_MINE_WINDOW:
             raise bad("mine_window_start", f"in [0, mine_window_end={self.mine_window_end}), and mine_window_end at "
                       f"most {MAX_MINE_WINDOW}")
+
+    def student_margin(self) -> float | None:
+        """The margin mining applies with the current model's scores: `mine_margin` if set, else
+        `DEFAULT_MINE_MARGIN` for mined negatives and None for teacher-scored ones. A teacher judges every candidate
+        (`mine_teacher_margin`); the student's filter before it would drop the candidates closest to the positive,
+        the most informative ones to distil, on the student's say alone (the closeness it flags is the proxy for
+        false negatives that a teacher replaces; Qu et al., 2021, "RocketQA")."""
+        if self.mine_margin is not None:
+            return self.mine_margin
+        return None if self.negatives == "teacher" else DEFAULT_MINE_MARGIN
 
     def _check_teacher_mask(self, bad: Callable[[str, str], InvalidInput]) -> None:
         threshold = self.teacher_mask_threshold
