@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from indexer.metadata_filter import Filter, to_sql
 from indexer.sqlite_db import SqliteDb
 from training.errors import NotFound
 
@@ -148,6 +149,12 @@ class CorpusStore:
     def get_many(self, doc_ids: list[str]) -> dict[str, Document]:
         """The live documents among `doc_ids`, keyed by id (missing ids are absent)."""
         return {row["id"]: _row_to_document(row) for row in self._rows_by_id(doc_ids, live_only=True)}
+
+    def matching_ids(self, where: Filter) -> set[str]:
+        """The ids of the live documents whose metadata `where` matches (see `indexer.metadata_filter`)."""
+        sql, params = to_sql(where)
+        with self._reading() as db:
+            return {row[0] for row in db.execute(f"SELECT id FROM documents WHERE deleted = 0 AND {sql}", params)}
 
     def _rows_by_id(self, doc_ids: list[str], live_only: bool) -> list[sqlite3.Row]:
         """The rows of `doc_ids` (tombstones too unless `live_only`), read 500 ids per statement."""

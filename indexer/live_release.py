@@ -23,6 +23,7 @@ import numpy as np
 
 from indexer.corpus_store import Change, CorpusStore, Document
 from indexer.manifest import Manifest, int8_model_files
+from indexer.metadata_filter import Filter
 from indexer.model_store import ModelStore
 from indexer.release_runtime import attach_reranker_runtime, attach_runtime
 from indexer.release_store import ReleaseStore, verify_files
@@ -227,14 +228,21 @@ class LiveRelease:
             )
 
     def search(
-        self, corpus: CorpusStore, query: str, k: int, rerank: bool = False, rerank_weight: float | None = None
+        self,
+        corpus: CorpusStore,
+        query: str,
+        k: int,
+        rerank: bool = False,
+        rerank_weight: float | None = None,
+        where: Filter | None = None,
     ) -> SearchOutcome:
         """Encode one query with this release's model, search this release's index, optionally rerank."""
         self.check_search(query, rerank)
         started = time.perf_counter()
         vector = self.encode_queries([query])
         return self.search_encoded(
-            corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3, rerank_weight=rerank_weight
+            corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3,
+            rerank_weight=rerank_weight, where=where,
         )
 
     def search_encoded(
@@ -246,21 +254,29 @@ class LiveRelease:
         rerank: bool = False,
         encode_ms: float = 0.0,
         rerank_weight: float | None = None,
+        where: Filter | None = None,
     ) -> SearchOutcome:
         """Search with a query vector this release's model produced (e.g. in a batch with other queries).
 
-        Reranking rescores the policy's candidates with the cross-encoder and orders them by the
-        fused score (`training.score_fusion`); `rerank_weight` overrides the policy's weight.
+        With `where`, only documents whose metadata it matches in the corpus now are
+        searched (`indexer.metadata_filter`). Reranking rescores the policy's candidates
+        with the cross-encoder and orders them by the fused score
+        (`training.score_fusion`); `rerank_weight` overrides the policy's weight.
         """
         self.check_search(query, rerank)
         weight = self.rerank_policy.weight if rerank_weight is None else rerank_weight
         clock = [time.perf_counter()]
-        hits = self.index.search(vector, max(k, self.rerank_policy.candidates) if rerank else k)[0]
+        names = ["search", "fetch"]
+        allowed = None
+        if where is not None:
+            allowed = corpus.matching_ids(where)
+            clock.append(time.perf_counter())
+            names.insert(0, "filter")
+        hits = self.index.search(vector, max(k, self.rerank_policy.candidates) if rerank else k, allowed)[0]
         clock.append(time.perf_counter())
         documents = corpus.get_many([hit.doc_id for hit in hits])
         scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
         clock.append(time.perf_counter())
-        names = ["search", "fetch"]
         if rerank:
             scored = self._rerank(query, scored, weight)
             clock.append(time.perf_counter())

@@ -16,7 +16,8 @@ from the master, so the fetch never nears FAISS's GPU limit of `GPU_MAX_K` resul
 (IVF lists, PQ and SQ codebooks) are trained once, on a seeded sample of the vectors
 given to `train`: a release build passes all of its vectors, so the centroids see the
 whole corpus; an `add` to an untrained index trains on that add's vectors. Only Flat is
-exact; every other kind gets its recall measured when a release is built.
+exact; every other kind gets its recall measured when a release is built. A search
+can be limited to a set of documents, a metadata filter's matches (`_search_allowed`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
 GPU_MAX_K = 2048  # the most results FAISS's GPU indexes return per query
 GPU_RECOPY_HIDDEN = 1024  # labels hidden on a GPU copy before it is copied again from its CPU master
+EXACT_FILTER_MAX = 8192  # allowed documents up to which a filtered HNSW search scores them exactly (a few ms at 384-d)
+FILTER_WIDEN_MAX = 16  # the most a filter widens ef_search or nprobe
 # Sizes a factory string sets that allocate with the index, refused above these before FAISS allocates anything.
 # FAISS suggests 4*sqrt(N) to 16*sqrt(N) IVF lists for N vectors (2^20 serves billions), and HNSW links per vector
 # of 16 to 64 (each vector stores twice that many at its bottom level).
@@ -272,11 +275,14 @@ class VectorIndex:
         with self._lock:
             self._drop(doc_ids)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k documents per query by inner product, best first."""
+    def search(self, queries: np.ndarray, k: int, allowed: Collection[str] | None = None) -> list[list[Hit]]:
+        """Top-k documents per query by inner product, best first; only documents in `allowed` if it is given (see
+        `_search_allowed`)."""
         check_vectors(queries, self.dim, "query vectors")
         if k < 1:
             raise ValueError("k must be at least 1")
+        if allowed is not None:
+            return self._search_allowed(queries, k, allowed)
         with self._lock:
             total = self._index.ntotal
             if total == 0:
@@ -294,6 +300,44 @@ class VectorIndex:
                 for row_scores, row_labels in zip(scores, labels)
             ]
         return [[Hit(doc_id, score) for doc_id, score in row[:k]] for row in rows]
+
+    def _search_allowed(self, queries: np.ndarray, k: int, allowed: Collection[str]) -> list[list[Hit]]:
+        """Top-k among the `allowed` documents, on the CPU master (FAISS's GPU indexes take no selectors).
+
+        Flat searches with a selector of their labels and stays exact. An HNSW index
+        scores up to `EXACT_FILTER_MAX` allowed documents exactly from their stored
+        vectors: a graph search that may only return a few nodes walks past most of its
+        candidates and comes back short. Past that, and for IVF (which cannot return
+        stored vectors), the selector search widens `ef_search` or `nprobe` by the share
+        of the index the filter leaves out, up to `FILTER_WIDEN_MAX` times, so about as
+        many allowed candidates are looked at as an unfiltered search looks at in all.
+        """
+        with self._lock:
+            labels = np.fromiter((self._label_of[d] for d in allowed if d in self._label_of), dtype=np.int64)
+            if len(labels) == 0:
+                return [[] for _ in range(len(queries))]
+            labels.sort()
+            hnsw, ivf = self._hnsw(), self._ivf()
+            if hnsw is not None and len(labels) <= EXACT_FILTER_MAX:
+                scores = queries @ self._master.reconstruct_batch(labels).T
+                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+                found = labels[order], np.take_along_axis(scores, order, axis=1)
+            else:
+                widen = min(FILTER_WIDEN_MAX, -(-self._master.ntotal // len(labels)))
+                selector = faiss.IDSelectorBatch(labels)
+                if hnsw is not None:
+                    params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(k, hnsw.hnsw.efSearch) * widen)
+                elif ivf is not None:
+                    params = faiss.SearchParametersIVF(sel=selector, nprobe=min(ivf.nlist, ivf.nprobe * widen))
+                else:
+                    params = faiss.SearchParameters(sel=selector)
+                scores, found_labels = self._master.search(queries, min(k, len(labels)), params=params)
+                found = found_labels, scores
+            return [
+                [Hit(self._doc_of[label], float(score)) for label, score in zip(row_labels, row_scores)
+                 if label >= 0 and self._doc_of[label] is not None]
+                for row_labels, row_scores in zip(*found)
+            ]
 
     def to_gpu(self, device_copy: DeviceCopy | None = None) -> None:
         """Search (and apply catch-up writes) on the GPU where FAISS can, keeping the CPU index as the master (see

@@ -25,6 +25,12 @@ class SearchRequest(BaseModel):
         description="Cross-encoder's weight when its standardised score is fused with the bi-encoder's "
         "(1: rank by the cross-encoder alone); default: the service's LOCKSTEP_RERANK_WEIGHT",
     )
+    filter: dict | None = Field(
+        None,
+        description='Search only documents whose metadata matches, in the MongoDB style: {"lang": "en", "year": '
+        '{"$gte": 2015}}; operators $eq $ne $gt $gte $lt $lte $in $nin $exists, and $and / $or of filters',
+        examples=[{"lang": "en", "year": {"$gte": 2015}}],
+    )
 
 
 class SearchResult(BaseModel):
@@ -32,6 +38,7 @@ class SearchResult(BaseModel):
     score: float
     title: str
     text: str
+    metadata: dict
 
 
 class SearchResponse(BaseModel):

@@ -259,3 +259,23 @@ def test_search_prints_untrusted_text_without_control_characters(tmp_path, tiny_
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "?]0;owned?Title  line one line two ?[2J ?olleh" in result.output
+
+
+def test_search_filters_by_metadata_and_names_a_bad_filter(tmp_path, tiny_model_dir):
+    from indexer.corpus_store import CorpusStore
+    from indexer.release_builder import BuildOptions, build_release
+    from indexer.release_store import ReleaseStore
+    from tests.conftest import SAMPLE_DOCS
+
+    data = tmp_path / "data"
+    corpus = CorpusStore(data / "corpus.sqlite3")
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, ReleaseStore(data), BuildOptions(model_path=tiny_model_dir), activate=True)
+    corpus.close()
+    result = run(data, "search", "apple banana cherry", "-k", "5", "--filter", '{"lang": "py"}')
+    assert result.exit_code == 0, result.output
+    assert [line.split()[2] for line in result.output.splitlines()[1:]] == ["d5"]
+    broken = run(data, "search", "apple", "--filter", '{"lang": ')
+    assert broken.exit_code == 1 and "--filter is not JSON: Expecting value at column 10" in broken.output
+    unknown = run(data, "search", "apple", "--filter", '{"lang": {"$regex": "p"}}')
+    assert unknown.exit_code == 1 and "filter.lang.$regex: unknown operator" in unknown.output

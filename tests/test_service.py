@@ -36,6 +36,7 @@ def test_search_answers_from_the_active_release(client, built):
         "score": pytest.approx(1.0, abs=1e-4),
         "title": "Fruit",
         "text": "apple banana cherry red green",
+        "metadata": {},
     }
     assert len(body["results"]) == 3 and set(body["timings_ms"]) == {"encode", "search", "fetch", "total"}
 
@@ -51,6 +52,9 @@ def test_search_answers_from_the_active_release(client, built):
         ({"query": "x", "unknown": 1}, 422, "unknown: Extra inputs"),
         ({"query": "x", "rerank": True}, 422, "no cross-encoder"),
         ({"query": "x", "rerank": True, "rerank_weight": 1.5}, 422, "rerank_weight: Input should be less than or equal to 1"),
+        ({"query": "x", "filter": "lang=en"}, 422, "filter: Input should be a valid dictionary"),
+        ({"query": "x", "filter": {"year": {"$gt": True}}}, 422, "filter.year.$gt orders numbers or strings"),
+        ({"query": "x", "filter": {}}, 422, "filter must be a non-empty JSON object"),
         ('{"query": "pear \\ud800 tart"}', 422, "query: Input should be a valid string, unable to parse raw data"),
     ],
 )
@@ -117,6 +121,26 @@ def test_document_writes_reach_the_live_index(client, built):
     assert "new" not in {hit["id"] for hit in hits}
     assert client.get("/v1/documents/new").status_code == 404
     assert client.delete("/v1/documents/new").status_code == 404
+
+
+def test_search_filters_by_the_corpus_metadata_as_it_is_now_and_returns_it(client, built):
+    """Guards against filtered searches returning documents outside the filter, reading the metadata the release
+    was built with instead of the latest writes, or dropping the metadata from the results."""
+    docs = [{"id": f"m{i}", "title": "Fruit", "text": "apple banana cherry red green",
+             "metadata": {"year": 2010 + i, "tags": ["odd" if i % 2 else "even", "fruit"]}} for i in range(6)]
+    assert client.put("/v1/documents", json={"documents": docs}).status_code == 200
+    query = {"query": "Fruit apple banana cherry red green", "k": 10}
+    body = client.post("/v1/search", json={**query, "filter": {"year": {"$gte": 2013}}}).json()
+    assert {r["id"] for r in body["results"]} == {"m3", "m4", "m5"}
+    assert {r["id"]: r["metadata"] for r in body["results"]}["m3"] == {"year": 2013, "tags": ["odd", "fruit"]}
+    assert list(body["timings_ms"]) == ["encode", "filter", "search", "fetch", "total"]
+    both = {"$or": [{"tags": "odd", "year": {"$lt": 2012}}, {"lang": "py"}]}
+    assert {r["id"] for r in client.post("/v1/search", json={**query, "filter": both}).json()["results"]} == {"m1", "d5"}
+    docs[3]["metadata"] = {"year": 1999}
+    assert client.put("/v1/documents", json={"documents": [docs[3]]}).status_code == 200
+    body = client.post("/v1/search", json={**query, "k": 2, "filter": {"year": {"$gte": 2013}}}).json()
+    assert sorted(r["id"] for r in body["results"]) == ["m4", "m5"]
+    assert client.post("/v1/search", json={**query, "filter": {"year": 3000}}).json()["results"] == []
 
 
 def test_a_document_id_with_slashes_can_be_read_and_deleted(client, built):

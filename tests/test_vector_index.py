@@ -137,6 +137,8 @@ class GpuLikeCopy(faiss.IndexIDMap2):
         raise RuntimeError("remove_ids not implemented for this type of index")
 
     def search(self, x, k, **kwargs):
+        if kwargs.get("params") is not None:
+            raise RuntimeError("FAISS's GPU indexes take no search parameters with a selector")
         if k > vector_index.GPU_MAX_K:
             raise RuntimeError(f"k = {k} is above the {vector_index.GPU_MAX_K} a GPU index returns")
         return super().search(x, k, **kwargs)
@@ -247,3 +249,51 @@ def test_training_draws_a_seeded_sample_from_all_the_vectors(monkeypatch):
     assert len(seen[0]) == 100 and np.array_equal(seen[0], seen[1])
     rows = [int(np.flatnonzero((base == row).all(axis=1))[0]) for row in seen[0]]
     assert rows == sorted(rows) and rows[-1] > 500, "the sample spans the whole array"
+
+
+@pytest.mark.parametrize(
+    ("factory", "exact_max", "minimum"),
+    [("Flat", None, 1.0), ("HNSW32", None, 1.0), ("HNSW32", 0, 0.9), ("IVF16,Flat", None, 0.9)],
+    ids=["flat", "hnsw-scored-exactly", "hnsw-selector", "ivf-selector"],
+)
+def test_a_filtered_search_returns_only_allowed_documents_ranked_as_exact_search_ranks_them(factory, exact_max, minimum, monkeypatch):
+    """Guards against filtered searches leaking documents outside the filter or removed ones, and against graph or
+    list searches that come back short or miss the best allowed documents when the filter leaves out 90%."""
+    if exact_max is not None:
+        monkeypatch.setattr(vector_index, "EXACT_FILTER_MAX", exact_max)
+    base, queries = unit(2000), unit(20, seed=1)
+    index = VectorIndex(DIM, factory)
+    index.add([f"doc{i}" for i in range(2000)], base)
+    removed = [f"doc{i}" for i in range(0, 2000, 20)]
+    index.remove(removed)
+    allowed = {f"doc{i}" for i in range(0, 2000, 10)} | {"never-added"}
+    live = sorted((int(d[3:]) for d in allowed - set(removed) - {"never-added"}))
+    found = index.search(queries, 10, allowed)
+    assert all(len(row) == 10 and {h.doc_id for h in row} <= allowed - set(removed) for row in found)
+    truth = [[f"doc{live[j]}" for j in row] for row in exact_top(base[live], queries, 10)]
+    share = sum(len(set(t) & {h.doc_id for h in row}) for t, row in zip(truth, found)) / 200
+    assert share >= minimum, share
+    if minimum == 1.0:
+        assert _ranked(found) == truth
+        assert all(h.score == pytest.approx(float(q @ base[int(h.doc_id[3:])]), abs=1e-5) for q, row in zip(queries, found) for h in row)
+
+
+def test_a_filtered_search_with_few_or_no_allowed_documents():
+    index = VectorIndex(DIM, "HNSW32")
+    index.add([f"doc{i}" for i in range(50)], unit(50))
+    queries = unit(2, seed=1)
+    assert index.search(queries, 10, set()) == [[], []]
+    assert index.search(queries, 10, {"unknown"}) == [[], []]
+    assert [len(row) for row in index.search(queries, 10, {"doc3", "doc7", "doc9"})] == [3, 3]
+
+
+def test_a_gpu_served_index_answers_filtered_searches_from_its_master():
+    """Guards against filtered searches sent to a GPU copy, whose FAISS indexes take no selectors."""
+    cpu, served, queries = VectorIndex(DIM), VectorIndex(DIM), unit(4, seed=1)
+    for index in (cpu, served):
+        index.add([f"d{i}" for i in range(500)], unit(500))
+        index.remove(["d10"])
+    served.to_gpu(GpuLikeCopy)
+    allowed = {f"d{i}" for i in range(0, 500, 5)}
+    assert _ranked(served.search(queries, 20, allowed)) == _ranked(cpu.search(queries, 20, allowed))
+    assert "d10" not in {h.doc_id for row in served.search(queries, 100, allowed) for h in row}

@@ -1,0 +1,189 @@
+"""Metadata filters: refused with the bad part named, and matched by SQLite exactly as a plain Python reading of the
+documented semantics matches them, on random documents and random filters."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexer.corpus_store import CorpusStore, Document
+from indexer.metadata_filter import MAX_CONDITIONS, parse_filter
+from training.errors import InvalidInput
+
+FIELDS = ["a", "b", "n.x"]
+scalars = st.one_of(st.booleans(), st.integers(-3, 3), st.sampled_from([1.5, 2.0, -0.5]), st.sampled_from(["", "x", "y", "1", "é"]))
+values = st.one_of(st.none(), scalars, st.lists(scalars, max_size=3), st.lists(st.lists(scalars, max_size=2), max_size=2))
+metadata = st.fixed_dictionaries(
+    {}, optional={"a": values, "b": values, "n": st.one_of(values, st.fixed_dictionaries({}, optional={"x": values}))}
+)
+ordered = st.one_of(st.integers(-3, 3), st.sampled_from([1.5, -0.5]), st.sampled_from(["", "x", "y", "1"]))
+
+
+def _condition() -> st.SearchStrategy[dict]:
+    field = st.sampled_from([*FIELDS, "n"])
+    operand = st.one_of(
+        scalars,
+        st.fixed_dictionaries({"$eq": scalars}), st.fixed_dictionaries({"$ne": scalars}),
+        st.dictionaries(st.sampled_from(["$gt", "$gte", "$lt", "$lte"]), ordered, min_size=1, max_size=2),
+        st.fixed_dictionaries({"$in": st.lists(scalars, min_size=1, max_size=3)}),
+        st.fixed_dictionaries({"$nin": st.lists(scalars, min_size=1, max_size=3)}),
+        st.fixed_dictionaries({"$exists": st.booleans()}),
+    )
+    return st.dictionaries(field, operand, min_size=1, max_size=2)
+
+
+filters = st.recursive(
+    _condition(),
+    lambda inner: st.one_of(
+        st.fixed_dictionaries({"$and": st.lists(inner, min_size=1, max_size=3)}),
+        st.fixed_dictionaries({"$or": st.lists(inner, min_size=1, max_size=3)}),
+    ),
+    max_leaves=5,
+)
+
+MISSING = object()
+ORDER = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
+
+
+def _lookup(meta: dict, field: str) -> object:
+    value: object = meta
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
+def _kind(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "text" if isinstance(value, str) else None
+
+
+def _elements(value: object) -> list:
+    if value is MISSING or value is None or isinstance(value, dict):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _any(value: object, test, operand) -> bool:
+    return any(_kind(e) == _kind(operand) and test(e, operand) for e in _elements(value))
+
+
+def _oracle(meta: dict, raw: dict) -> bool:
+    """The documented semantics, read literally."""
+    results = []
+    for key, operand in raw.items():
+        if key == "$and":
+            results.append(all(_oracle(meta, part) for part in operand))
+        elif key == "$or":
+            results.append(any(_oracle(meta, part) for part in operand))
+        else:
+            value = _lookup(meta, key)
+            for op, arg in (operand.items() if isinstance(operand, dict) else [("$eq", operand)]):
+                if op in ("$eq", "$ne"):
+                    results.append(_any(value, operator.eq, arg) == (op == "$eq"))
+                elif op in ORDER:
+                    results.append(_any(value, ORDER[op], arg))
+                elif op in ("$in", "$nin"):
+                    results.append(any(_any(value, operator.eq, item) for item in arg) == (op == "$in"))
+                else:
+                    results.append((value is not MISSING and value is not None) == arg)
+    return all(results)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = CorpusStore(tmp_path_factory.mktemp("filter") / "corpus.sqlite3")
+    yield store
+    store.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(docs=st.lists(metadata, min_size=1, max_size=12), raw=filters)
+def test_sqlite_matches_what_the_documented_semantics_say(store, docs, raw):
+    """Guards against SQLite's cross-type comparisons (a string greater than every number, true equal to 1), arrays
+    not matched by their elements, $ne / $nin missing documents without the field, objects read as arrays, and
+    $and / $or combining wrongly."""
+    for doc_id in {c.doc_id for c in store.changes_since(0) if c.document is not None}:
+        store.delete(doc_id)
+    store.upsert([Document(id=f"d{i}", title="", text=f"t{i}", metadata=meta) for i, meta in enumerate(docs)])
+    expected = {f"d{i}" for i, meta in enumerate(docs) if _oracle(meta, raw)}
+    assert store.matching_ids(parse_filter(raw)) == expected
+
+
+def test_the_examples_in_the_docs_select_what_they_say(store):
+    for doc_id in {c.doc_id for c in store.changes_since(0) if c.document is not None}:
+        store.delete(doc_id)
+    store.upsert([
+        Document(id="old", title="", text="a", metadata={"lang": "en", "year": 2012, "tags": ["bio"]}),
+        Document(id="new", title="", text="b", metadata={"lang": "de", "year": 2018, "tags": ["med", "bio"],
+                                                          "author": {"name": "Ada"}}),
+        Document(id="text-year", title="", text="c", metadata={"lang": "en", "year": "2019", "source": None}),
+    ])
+    assert store.matching_ids(parse_filter({"lang": "en"})) == {"old", "text-year"}
+    assert store.matching_ids(parse_filter({"year": {"$gte": 2015, "$lt": 2020}})) == {"new"}
+    assert store.matching_ids(parse_filter({"tags": {"$in": ["med"]}})) == {"new"}
+    assert store.matching_ids(parse_filter({"tags": "bio", "lang": {"$ne": "de"}})) == {"old"}
+    assert store.matching_ids(parse_filter({"author.name": "Ada"})) == {"new"}
+    assert store.matching_ids(parse_filter({"source": {"$exists": False}})) == {"old", "new", "text-year"}
+    assert store.matching_ids(parse_filter({"$or": [{"lang": "de"}, {"year": {"$lt": 2013}}]})) == {"old", "new"}
+    store.delete("new")
+    assert store.matching_ids(parse_filter({"lang": "de"})) == set(), "deleted documents never match"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({}, "filter must be a non-empty JSON object"),
+        ([{"a": 1}], "filter must be a non-empty JSON object"),
+        ({"a": None}, "filter.a must be a string, a finite number or a boolean, got None; match a missing field with $exists"),
+        ({"a": [1, 2]}, "filter.a must be a string, a finite number or a boolean, got [1, 2]"),
+        ({"a": float("nan")}, "filter.a must be a string, a finite number or a boolean"),
+        ({"a": {"$lt": 2**64}}, "filter.a.$lt is an integer beyond 64 bits"),
+        ({"a": {}}, "filter.a must hold at least one operator"),
+        ({"a": {"$regex": "x"}}, "filter.a.$regex: unknown operator; use one of $eq"),
+        ({"a": {"$gt": True}}, "filter.a.$gt orders numbers or strings; a boolean has no order"),
+        ({"a": {"$in": []}}, "filter.a.$in must be a list of 1 to 1024 values"),
+        ({"a": {"$in": "x"}}, "filter.a.$in must be a list of 1 to 1024 values"),
+        ({"a": {"$nin": [1, {"b": 2}]}}, "filter.a.$nin[1] must be a string"),
+        ({"a": {"$exists": 1}}, "filter.a.$exists must be true or false, got 1"),
+        ({"$not": {"a": 1}}, "filter.$not: unknown operator at the top of a filter"),
+        ({"$or": []}, "filter.$or must be a non-empty list of non-empty filter objects"),
+        ({"$and": [{"a": 1}, {}]}, "filter.$and must be a non-empty list"),
+        ({"$or": [{"a": {"$gt": []}}]}, "filter.$or[0].a.$gt must be a string"),
+        ({"a..b": 1}, "field 'a..b' must be a dotted path of names"),
+        ({'a"]': 1}, "must be a dotted path of names made of letters, digits, _ or -"),
+        ({"$and": [{"$and": [{"$and": [{"$and": [{"$and": [{"$and": [{"$and": [{"$and": [{"$and": [{"a": 1}]}]}]}]}]}]}]}]}]},
+         "nests $and / $or deeper than 8 levels"),
+        ({f"f{i}": 1 for i in range(MAX_CONDITIONS + 1)}, f"filter has {MAX_CONDITIONS + 1} conditions; at most {MAX_CONDITIONS}"),
+    ],
+)
+def test_bad_filters_are_refused_naming_the_part_to_fix(raw, fragment):
+    with pytest.raises(InvalidInput) as raised:
+        parse_filter(raw)
+    assert fragment in str(raised.value)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["a", "$in", "$or", "$gt", "b.c", ""]) | st.text(max_size=3), children, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=json_values)
+def test_any_json_is_either_refused_with_invalid_input_or_runs(store, raw):
+    """Guards against filters that pass parsing and then fail inside SQLite (an integer past 64 bits, say): a 500
+    where a 422 belongs."""
+    try:
+        parsed = parse_filter(raw)
+    except InvalidInput:
+        return
+    assert isinstance(store.matching_ids(parsed), set)
