@@ -133,6 +133,28 @@ def test_a_search_shows_results_with_the_release_and_timings(page, stack):
     _screenshot(page, "search")
 
 
+def test_a_metadata_filter_reaches_the_search_and_a_bad_one_says_what_to_fix(page, stack):
+    expected = stack.api.post("/v1/search", json={"query": "protein cells", "k": 5}).json()
+    page.get_by_label("Query").fill("protein cells")
+    page.get_by_label("Results (k)").fill("5")
+    search = page.get_by_role("button", name="Search", exact=True)
+    box = page.get_by_label("Metadata filter (JSON, optional)")
+    box.fill('{"lang": {"$exists": false}}')
+    search.click()
+    _expect(page.locator("#results > li")).to_have_count(5)
+    assert page.locator("#results .meta code").all_inner_texts() == [hit["id"] for hit in expected["results"]]
+    box.fill('{"lang": "none-such"}')
+    search.click()
+    _expect(page.locator("#search-status")).to_contain_text("0 results from release")
+    _expect(page.locator("#results > li")).to_have_count(0)
+    box.fill('{"lang": {"$regex": "p"}}')
+    search.click()
+    _expect(page.locator("#search-status")).to_contain_text("filter.lang.$regex: unknown operator")
+    box.fill('{"lang": ')
+    search.click()
+    _expect(page.locator("#search-status")).to_contain_text("The metadata filter is not JSON")
+
+
 def test_a_rollback_through_the_ui_changes_the_active_release(page, stack):
     releases = ReleaseStore(stack.data_dir)
     live, previous = releases.active(), releases.pointer().history[-1]

@@ -178,6 +178,16 @@
   $("search-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = { query: $("query").value, k: Number($("k").value), rerank: $("rerank").checked };
+    const filter = $("filter").value.trim();
+    if (filter) {
+      try {
+        body.filter = JSON.parse(filter);
+      } catch (error) {
+        say("search-status", `The metadata filter is not JSON (${error.message}); write it as {"lang": "en"}`, true);
+        $("results").replaceChildren();
+        return;
+      }
+    }
     say("search-status", "Searching…");
     try {
       const answer = await api("POST", "/v1/search", body);
@@ -188,6 +198,7 @@
       $("results").replaceChildren(...answer.results.map((hit) => el("li", {},
         el("h3", { text: hit.title || hit.id }),
         el("p", { class: "meta" }, `score ${hit.score.toFixed(4)} · document `, el("code", { text: hit.id })),
+        ...(Object.keys(hit.metadata).length ? [el("p", { class: "meta metadata", text: JSON.stringify(hit.metadata) })] : []),
         el("p", { text: snippet(hit.text) }))));
     } catch (error) {
       say("search-status", error.message, true);
