@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from pathlib import Path
 from indexer.metadata_filter import Filter, to_sql
 from indexer.sqlite_db import SqliteDb
 from training.errors import NotFound
+
+FILTER_CACHE_SIZE = 64  # metadata filters whose matching ids are kept until the corpus changes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -91,6 +95,8 @@ class CorpusStore:
         self._store = SqliteDb(self.path, _SCHEMA)
         self._reading = self._store.reading
         self._transaction = self._store.transaction
+        self._filter_cache: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
+        self._filter_lock = threading.Lock()
 
     def close(self) -> None:
         self._store.close()
@@ -150,11 +156,35 @@ class CorpusStore:
         """The live documents among `doc_ids`, keyed by id (missing ids are absent)."""
         return {row["id"]: _row_to_document(row) for row in self._rows_by_id(doc_ids, live_only=True)}
 
-    def matching_ids(self, where: Filter) -> set[str]:
-        """The ids of the live documents whose metadata `where` matches (see `indexer.metadata_filter`)."""
+    def matching_ids(self, where: Filter) -> frozenset[str]:
+        """The ids of the live documents whose metadata `where` matches (see `indexer.metadata_filter`).
+
+        SQLite reads every document's metadata for a filter (about 100-200 ms for 100,000
+        documents, docs/benchmarks.md), so the answers to the last `FILTER_CACHE_SIZE`
+        filters are kept with the change sequence they were read at, and reused until any
+        process writes to the corpus.
+        """
+        key = repr(where)  # keeps types apart, unlike the tree's equality (True == 1)
         sql, params = to_sql(where)
         with self._reading() as db:
-            return {row[0] for row in db.execute(f"SELECT id FROM documents WHERE deleted = 0 AND {sql}", params)}
+            db.execute("BEGIN")
+            try:
+                seq = db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0]
+                with self._filter_lock:
+                    cached = self._filter_cache.get(key)
+                    if cached is not None and cached[0] == seq:
+                        self._filter_cache.move_to_end(key)
+                        return cached[1]
+                rows = db.execute(f"SELECT id FROM documents WHERE deleted = 0 AND {sql}", params)
+                ids = frozenset(row[0] for row in rows)
+            finally:
+                db.execute("COMMIT")
+        with self._filter_lock:
+            self._filter_cache[key] = (seq, ids)
+            self._filter_cache.move_to_end(key)
+            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return ids
 
     def _rows_by_id(self, doc_ids: list[str], live_only: bool) -> list[sqlite3.Row]:
         """The rows of `doc_ids` (tombstones too unless `live_only`), read 500 ids per statement."""

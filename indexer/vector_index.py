@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,8 @@ GPU_MAX_K = 2048  # the most results FAISS's GPU indexes return per query
 GPU_RECOPY_HIDDEN = 1024  # labels hidden on a GPU copy before it is copied again from its CPU master
 EXACT_FILTER_MAX = 8192  # allowed documents up to which a filtered HNSW search scores them exactly (a few ms at 384-d)
 FILTER_WIDEN_MAX = 16  # the most a filter widens ef_search or nprobe
+POSTFILTER_SHARE = 0.5  # a filter leaving in this share of the index or more filters an unfiltered search's results
+LABEL_CACHE_SIZE = 16  # allowed-document sets whose labels a filtered search keeps until the index changes
 # Sizes a factory string sets that allocate with the index, refused above these before FAISS allocates anything.
 # FAISS suggests 4*sqrt(N) to 16*sqrt(N) IVF lists for N vectors (2^20 serves billions), and HNSW links per vector
 # of 16 to 64 (each vector stores twice that many at its bottom level).
@@ -127,6 +131,8 @@ class VectorIndex:
         self._lock = threading.Lock()
         self._master = self._index
         self._device_copy: DeviceCopy | None = None
+        self._version = 0
+        self._allowed_labels: OrderedDict[frozenset[str], tuple[int, np.ndarray]] = OrderedDict()
         if ef_construction is not None and (hnsw := self._hnsw()) is not None:
             hnsw.hnsw.efConstruction = ef_construction
 
@@ -227,6 +233,7 @@ class VectorIndex:
         labels = [self._label_of.pop(doc_id) for doc_id in doc_ids if doc_id in self._label_of]
         if not labels:
             return
+        self._version += 1
         for label in labels:
             self._doc_of[label] = None
         ids = np.asarray(labels, dtype=np.int64)
@@ -269,13 +276,14 @@ class VectorIndex:
                 self._master.add_with_ids(vectors, labels)
             self._doc_of.extend(doc_ids)
             self._label_of.update(zip(doc_ids, labels.tolist()))
+            self._version += 1
 
     def remove(self, doc_ids: Sequence[str]) -> None:
         """Remove documents' vectors; unknown ids are ignored."""
         with self._lock:
             self._drop(doc_ids)
 
-    def search(self, queries: np.ndarray, k: int, allowed: Collection[str] | None = None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, allowed: AbstractSet[str] | None = None) -> list[list[Hit]]:
         """Top-k documents per query by inner product, best first; only documents in `allowed` if it is given (see
         `_search_allowed`)."""
         check_vectors(queries, self.dim, "query vectors")
@@ -301,22 +309,33 @@ class VectorIndex:
             ]
         return [[Hit(doc_id, score) for doc_id, score in row[:k]] for row in rows]
 
-    def _search_allowed(self, queries: np.ndarray, k: int, allowed: Collection[str]) -> list[list[Hit]]:
-        """Top-k among the `allowed` documents, on the CPU master (FAISS's GPU indexes take no selectors).
+    def _search_allowed(self, queries: np.ndarray, k: int, allowed: AbstractSet[str]) -> list[list[Hit]]:
+        """Top-k among the `allowed` documents.
 
-        Flat searches with a selector of their labels and stays exact. An HNSW index
-        scores up to `EXACT_FILTER_MAX` allowed documents exactly from their stored
-        vectors: a graph search that may only return a few nodes walks past most of its
-        candidates and comes back short. Past that, and for IVF (which cannot return
-        stored vectors), the selector search widens `ef_search` or `nprobe` by the share
-        of the index the filter leaves out, up to `FILTER_WIDEN_MAX` times, so about as
-        many allowed candidates are looked at as an unfiltered search looks at in all.
+        A filter that leaves in at least `POSTFILTER_SHARE` of the index is applied to an
+        unfiltered search for enough more results that k allowed ones are among them
+        (exact wherever the index is), falling back to a search that only visits
+        allowed documents when some query gets fewer. That search runs on the CPU
+        master (FAISS's GPU indexes take no selectors): Flat searches with a selector of
+        the allowed labels and stays exact. HNSW scores up to `EXACT_FILTER_MAX` allowed
+        documents exactly from their stored vectors: a graph search that may only return
+        a few nodes walks past most of its candidates and comes back short. Past that,
+        and for IVF (which cannot return stored vectors), the selector search widens
+        `ef_search` or `nprobe` by the share of the index the filter leaves out, up to
+        `FILTER_WIDEN_MAX` times, so about as many allowed candidates are looked at as an
+        unfiltered search looks at in all.
         """
+        size = len(self)
+        if size and len(allowed) >= POSTFILTER_SHARE * size:
+            fetch = min(size, max(k, -(-2 * k * size // len(allowed))))
+            rows = self.search(queries, fetch)
+            kept = [[hit for hit in row if hit.doc_id in allowed][:k] for row in rows]
+            if all(len(row) == k or len(full) < fetch for row, full in zip(kept, rows)):
+                return kept
         with self._lock:
-            labels = np.fromiter((self._label_of[d] for d in allowed if d in self._label_of), dtype=np.int64)
+            labels = self._labels_of(allowed)
             if len(labels) == 0:
                 return [[] for _ in range(len(queries))]
-            labels.sort()
             hnsw, ivf = self._hnsw(), self._ivf()
             if hnsw is not None and len(labels) <= EXACT_FILTER_MAX:
                 scores = queries @ self._master.reconstruct_batch(labels).T
@@ -338,6 +357,23 @@ class VectorIndex:
                  if label >= 0 and self._doc_of[label] is not None]
                 for row_labels, row_scores in zip(*found)
             ]
+
+    def _labels_of(self, allowed: AbstractSet[str]) -> np.ndarray:
+        """The sorted labels of the `allowed` documents in the index (call under the lock). A frozenset's are kept
+        for the next `LABEL_CACHE_SIZE` searches with it until the index changes: the corpus store hands out the
+        same frozenset for a repeated filter, and looking up 100,000 ids takes about 60 ms."""
+        cacheable = isinstance(allowed, frozenset)
+        cached = self._allowed_labels.get(allowed) if cacheable else None
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        labels = np.fromiter((self._label_of[d] for d in allowed if d in self._label_of), dtype=np.int64)
+        labels.sort()
+        if cacheable:
+            self._allowed_labels[allowed] = (self._version, labels)
+            self._allowed_labels.move_to_end(allowed)
+            while len(self._allowed_labels) > LABEL_CACHE_SIZE:
+                self._allowed_labels.popitem(last=False)
+        return labels
 
     def to_gpu(self, device_copy: DeviceCopy | None = None) -> None:
         """Search (and apply catch-up writes) on the GPU where FAISS can, keeping the CPU index as the master (see
@@ -387,6 +423,8 @@ class VectorIndex:
         index._lock = threading.Lock()
         index._master = index._index
         index._device_copy = None
+        index._version = 0
+        index._allowed_labels = OrderedDict()
         if index._index.d != index.dim:
             raise ValueError(f"{folder}: index dimension {index._index.d} does not match id map dimension {index.dim}")
         return index

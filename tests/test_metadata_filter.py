@@ -187,3 +187,24 @@ def test_any_json_is_either_refused_with_invalid_input_or_runs(store, raw):
     except InvalidInput:
         return
     assert isinstance(store.matching_ids(parsed), set)
+
+
+def test_answers_are_reused_until_any_process_writes_and_never_confuse_true_with_1(tmp_path):
+    """Guards against a cached answer outliving a write made through another store (another process), and against
+    filters that compare equal in Python but not in JSON sharing a cache entry."""
+    path = tmp_path / "corpus.sqlite3"
+    reader, writer = CorpusStore(path), CorpusStore(path)
+    try:
+        writer.upsert([Document(id="t", title="", text="a", metadata={"flag": True}),
+                       Document(id="one", title="", text="b", metadata={"flag": 1})])
+        flag_true, flag_one = parse_filter({"flag": True}), parse_filter({"flag": 1})
+        first = reader.matching_ids(flag_true)
+        assert first == {"t"} and reader.matching_ids(flag_true) is first, "read once while nothing changes"
+        assert reader.matching_ids(flag_one) == {"one"}
+        writer.upsert([Document(id="t2", title="", text="c", metadata={"flag": True})])
+        assert reader.matching_ids(flag_true) == {"t", "t2"}
+        writer.delete("t")
+        assert reader.matching_ids(flag_true) == {"t2"}
+    finally:
+        reader.close()
+        writer.close()

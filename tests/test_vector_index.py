@@ -297,3 +297,32 @@ def test_a_gpu_served_index_answers_filtered_searches_from_its_master():
     allowed = {f"d{i}" for i in range(0, 500, 5)}
     assert _ranked(served.search(queries, 20, allowed)) == _ranked(cpu.search(queries, 20, allowed))
     assert "d10" not in {h.doc_id for row in served.search(queries, 100, allowed) for h in row}
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_a_broad_filter_filters_an_unfiltered_search_and_falls_back_when_it_comes_up_short(factory):
+    """Guards against a broad filter returning fewer than k results, or other than the exact best allowed ones,
+    when the documents nearest the query are the ones it leaves out."""
+    base, query = unit(2000), unit(1, seed=1)
+    index = VectorIndex(DIM, factory)
+    index.set_search_params(ef_search=256)
+    index.add([f"doc{i}" for i in range(2000)], base)
+    nearest = exact_top(base, query, 60)[0]
+    for excluded in (nearest[10:20], nearest):  # the unfiltered top 20 still holds 10 allowed ones; then none
+        allowed = frozenset(f"doc{i}" for i in range(2000) if i not in set(excluded))
+        rows = [i for i in range(2000) if i not in set(excluded)]
+        truth = [f"doc{rows[j]}" for j in exact_top(base[rows], query, 10)[0]]
+        assert _ranked(index.search(query, 10, allowed)) == [truth]
+
+
+def test_a_repeated_filter_sees_documents_added_since_its_last_search():
+    """Guards against the labels kept for a repeated filter going stale when the index changes under it."""
+    index = VectorIndex(DIM)
+    index.add([f"doc{i}" for i in range(100)], unit(100))
+    query = unit(1, seed=1)
+    allowed = frozenset({"doc1", "doc2", "late"})
+    assert {h.doc_id for h in index.search(query, 5, allowed)[0]} == {"doc1", "doc2"}
+    index.add(["late"], query)
+    assert [h.doc_id for h in index.search(query, 5, allowed)[0]][0] == "late"
+    index.remove(["doc1"])
+    assert {h.doc_id for h in index.search(query, 5, allowed)[0]} == {"late", "doc2"}
