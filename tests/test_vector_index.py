@@ -267,7 +267,7 @@ def test_a_filtered_search_returns_only_allowed_documents_ranked_as_exact_search
     removed = [f"doc{i}" for i in range(0, 2000, 20)]
     index.remove(removed)
     allowed = {f"doc{i}" for i in range(0, 2000, 10)} | {"never-added"}
-    live = sorted((int(d[3:]) for d in allowed - set(removed) - {"never-added"}))
+    live = sorted(int(d[3:]) for d in allowed - set(removed) - {"never-added"})
     found = index.search(queries, 10, allowed)
     assert all(len(row) == 10 and {h.doc_id for h in row} <= allowed - set(removed) for row in found)
     truth = [[f"doc{live[j]}" for j in row] for row in exact_top(base[live], queries, 10)]
@@ -323,6 +323,6 @@ def test_a_repeated_filter_sees_documents_added_since_its_last_search():
     allowed = frozenset({"doc1", "doc2", "late"})
     assert {h.doc_id for h in index.search(query, 5, allowed)[0]} == {"doc1", "doc2"}
     index.add(["late"], query)
-    assert [h.doc_id for h in index.search(query, 5, allowed)[0]][0] == "late"
+    assert index.search(query, 5, allowed)[0][0].doc_id == "late"
     index.remove(["doc1"])
     assert {h.doc_id for h in index.search(query, 5, allowed)[0]} == {"late", "doc2"}
