@@ -4,7 +4,7 @@ release and served."""
 import json
 import re
 import sys
-from dataclasses import astuple
+from dataclasses import astuple, replace
 
 import numpy as np
 import pytest
@@ -16,12 +16,13 @@ from indexer.embedding_shards import assemble_release, encode_shard, plan_shards
 from indexer.live_release import LiveRelease
 from indexer.manifest import MANIFEST_FILE, OPENVINO_INT8_FILES, Manifest, NormStats
 from indexer.release_builder import BuildOptions, build_release
-from indexer.release_runtime import int8_activations
+from indexer.release_runtime import choose_runtime, int8_activations, quantise_int8
 from indexer.release_store import new_release_id
 from service.cli import app as cli
 from training.bi_encoder import BiEncoder, TorchForward
 from training.cross_encoder import CrossEncoder
 from training.errors import IntegrityError, InvalidInput
+from training.precision import cpu_supports_bf16
 from training.openvino_int8 import ACTIVATION_GROUP, store_hint, stored_hint
 from training.openvino_runtime import (
     ACTIVATION_GROUP_KEY, FLOAT_HINT_KEY, CompiledGraph, OpenVinoForward, stored_float_hint,
@@ -415,3 +416,45 @@ def test_minilm_int8_on_openvino_agrees_with_fp32_on_scifact(corpus, releases):
     assert _cosines(built, fp32.encode([doc.embedding_text() for doc in documents], batch_size=32)).mean() >= GATE
     queries = [json.loads(line)["text"] for line in require_shared("scifact", "queries.jsonl").read_text().splitlines()[:50]]
     assert _cosines(live.encoder.encode(queries, "query"), fp32.encode(queries, "query")).mean() >= GATE
+
+
+def _agreement_per_hint(corpus, model_dir, folder, activations: str) -> dict[str, float]:
+    """Mean cosine with fp32 of the int8 graph (`activations` calibrated or dynamic) run in bf16 and in f32, built
+    and measured on the documents the build's gate uses."""
+    _, documents = corpus.snapshot()
+    options = BuildOptions(model_path=model_dir)
+    measured, calibrated = release_builder.int8_samples(len(documents), options.int8_sample)
+    texts = [documents[row].embedding_text() for row in measured]
+    encoder = BiEncoder.load(model_dir)
+    choose_runtime(encoder, "fp32", "openvino")
+    reference = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
+    path = quantise_int8(encoder, folder, "openvino", activations, [documents[row].embedding_text() for row in calibrated])
+    means = {}
+    for hint in ("bf16", "f32"):
+        encoder.use_int8(store_hint(path, hint))
+        vectors = encoder.encode(texts, "document", batch_size=options.batch_size, show_progress=False)
+        means[hint] = float(np.mean(np.sum(reference * vectors, axis=1)))
+    return means
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="graphs are stored for bf16 only on CPUs with bf16, so there is no retry to make")
+@pytest.mark.parametrize("activations", ["calibrated", "dynamic"])
+def test_a_graph_that_fails_the_gate_in_bf16_but_passes_in_f32_is_kept_in_f32(
+    corpus, releases, tiny_model_dir, tmp_path, caplog, activations
+):
+    """Guards the gate's f32 retry on every bf16 CPU, not only where OpenVINO's bf16 int8 kernels go wrong (AMX):
+    the gate's bound is set between this CPU's bf16 and f32 agreements, so the bf16 graph fails it and the f32 one
+    passes."""
+    corpus.upsert(_corpus_documents(300))
+    means = _agreement_per_hint(corpus, tiny_model_dir, tmp_path, activations)
+    if not means["f32"] > means["bf16"]:
+        pytest.skip(f"on this CPU the bf16 graph agrees as well as the f32 one ({means}); no bound separates them")
+    bound = (means["f32"] + means["bf16"]) / 2
+    with caplog.at_level("WARNING"):
+        options = BuildOptions(model_path=tiny_model_dir, int8_min_cosine=bound, **INT8_OPENVINO, int8_activations=activations)
+        manifest = build_release(corpus, releases, options)
+    assert manifest.int8_agreement.mean_cosine == pytest.approx(means["f32"], abs=1e-6) and manifest.int8_agreement.mean_cosine >= bound
+    assert stored_hint(releases.path(manifest.release_id) / XML) == "f32"
+    assert f"gave mean cosine {means['bf16']:.4f} with fp32 on this CPU" in caplog.text
+    with pytest.raises(InvalidInput, match="int8 quantisation changes this model's document vectors too much"):
+        build_release(corpus, releases, replace(options, int8_min_cosine=means["f32"] + 1e-4))
