@@ -359,9 +359,9 @@ class VectorIndex:
             ]
 
     def _labels_of(self, allowed: AbstractSet[str]) -> np.ndarray:
-        """The sorted labels of the `allowed` documents in the index (call under the lock). A frozenset's are kept
-        for the next `LABEL_CACHE_SIZE` searches with it until the index changes: the corpus store hands out the
-        same frozenset for a repeated filter, and looking up 100,000 ids takes about 60 ms."""
+        """The sorted labels of the `allowed` documents in the index (call under the lock). Those of the last
+        `LABEL_CACHE_SIZE` frozensets are kept until the index changes: the corpus store hands out the same
+        frozenset for a repeated filter, and looking up 100,000 ids takes about 60 ms."""
         cacheable = isinstance(allowed, frozenset)
         cached = self._allowed_labels.get(allowed) if cacheable else None
         if cached is not None and cached[0] == self._version:
