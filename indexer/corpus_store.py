@@ -186,6 +186,18 @@ class CorpusStore:
                 self._filter_cache.popitem(last=False)
         return ids
 
+    def page(self, limit: int, after: str | None = None, where: Filter | None = None) -> list[Document]:
+        """Up to `limit` live documents in id order, those with ids after `after` (the last id of the previous page)
+        and, with `where`, whose metadata it matches. Paging by id stays consistent while documents are written:
+        nothing is skipped or repeated that existed throughout."""
+        sql, params = to_sql(where) if where is not None else ("1", [])
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT * FROM documents WHERE deleted = 0 AND id > ? AND {sql} ORDER BY id LIMIT ?",
+                [after or "", *params, limit],
+            ).fetchall()
+        return [_row_to_document(row) for row in rows]
+
     def _rows_by_id(self, doc_ids: list[str], live_only: bool) -> list[sqlite3.Row]:
         """The rows of `doc_ids` (tombstones too unless `live_only`), read 500 ids per statement."""
         condition = "deleted = 0 AND " if live_only else ""

@@ -18,6 +18,7 @@ and compiled to one SQL condition over the corpus store's metadata column (`to_s
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -64,6 +65,16 @@ def parse_filter(raw: object) -> Filter:
     if count > MAX_CONDITIONS:
         raise InvalidInput(f"filter has {count} conditions; at most {MAX_CONDITIONS} are allowed")
     return parsed
+
+
+def parse_filter_text(text: str, name: str = "filter") -> Filter:
+    """The filter tree of a filter written as JSON text (a CLI option, a query parameter called `name`); InvalidInput
+    saying where the JSON breaks, or what `parse_filter` finds wrong."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{name} is not JSON: {exc.msg} at column {exc.colno}; write it as {{\"lang\": \"en\"}}") from None
+    return parse_filter(raw)
 
 
 def _parse_object(raw: dict, where: str, depth: int) -> Filter:

@@ -21,7 +21,7 @@ import typer
 from indexer.corpus_store import CorpusStore
 from indexer.durable_files import STORAGE_FULL_HINT, is_storage_full
 from indexer.job_store import JobStore
-from indexer.metadata_filter import Filter, parse_filter
+from indexer.metadata_filter import parse_filter_text
 from indexer.release_events import announce
 from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STALE_SECONDS, ReleaseStore
@@ -274,7 +274,7 @@ def search(
     ] = None,
 ) -> None:
     """Search the active release from the command line (no server needed)."""
-    where = _parsed_filter(metadata_filter) if metadata_filter is not None else None
+    where = parse_filter_text(metadata_filter, "--filter") if metadata_filter is not None else None
     with _active_release(_settings(ctx)) as (live, corpus):
         outcome = live.search(corpus, text, k, rerank, rerank_weight, where)
     typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
@@ -282,16 +282,6 @@ def search(
         document = hit.document
         typer.echo(f"{rank:>3}. {hit.score:.4f}  {_printable(document.id)}  {_printable(document.title)[:60]}  "
                    f"{_printable(document.text)[:100]}")
-
-
-def _parsed_filter(text: str) -> Filter:
-    """The `--filter` option's JSON as a filter tree, or InvalidInput saying where the JSON or the filter is wrong."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"--filter is not JSON: {exc.msg} at column {exc.colno}; quote it for the shell, as in "
-                           """--filter '{"lang": "en"}'""") from None
-    return parse_filter(raw)
 
 
 @app.command("eval")

@@ -135,6 +135,13 @@ class DocumentOut(BaseModel):
     metadata: dict
 
 
+class DocumentPage(BaseModel):
+    documents: list[DocumentOut]
+    next_after: str | None = Field(
+        None, description="Pass as `after` for the next page; null when this page is the last",
+    )
+
+
 class DeleteResponse(BaseModel):
     deleted: str
     seq: int

@@ -276,6 +276,6 @@ def test_search_filters_by_metadata_and_names_a_bad_filter(tmp_path, tiny_model_
     assert result.exit_code == 0, result.output
     assert [line.split()[2] for line in result.output.splitlines()[1:]] == ["d5"]
     broken = run(data, "search", "apple", "--filter", '{"lang": ')
-    assert broken.exit_code == 1 and "--filter is not JSON: Expecting value at column 10" in broken.output
+    assert broken.exit_code == 1 and "--filter is not JSON: Expecting value at column 10; write it as" in broken.output
     unknown = run(data, "search", "apple", "--filter", '{"lang": {"$regex": "p"}}')
     assert unknown.exit_code == 1 and "filter.lang.$regex: unknown operator" in unknown.output

@@ -186,7 +186,7 @@ def test_any_json_is_either_refused_with_invalid_input_or_runs(store, raw):
         parsed = parse_filter(raw)
     except InvalidInput:
         return
-    assert isinstance(store.matching_ids(parsed), set)
+    assert isinstance(store.matching_ids(parsed), frozenset)
 
 
 def test_answers_are_reused_until_any_process_writes_and_never_confuse_true_with_1(tmp_path):

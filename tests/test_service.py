@@ -318,3 +318,40 @@ def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_
     batches = float(batched_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0])
     assert batches < len(queries), "concurrent queries were not grouped"
     assert float(single_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0]) == len(queries)
+
+
+def test_the_corpus_can_be_read_a_page_at_a_time_filtered_while_it_is_written(client, built):
+    """Guards against pages that skip or repeat documents when writes land between them, and against a filter that
+    the listing reads differently from search."""
+    docs = [{"id": f"p/{i:02d}", "title": "", "text": f"page document {i}", "metadata": {"even": i % 2 == 0}}
+            for i in range(25)]
+    assert client.put("/v1/documents", json={"documents": docs}).status_code == 200
+    seen, after = [], None
+    while True:
+        params = {"limit": 4, "filter": '{"even": true}', **({"after": after} if after else {})}
+        page = client.get("/v1/documents", params=params).json()
+        seen += [doc["id"] for doc in page["documents"]]
+        if len(seen) == 4:  # a write between pages: one new matching document after the cursor, one before it
+            client.put("/v1/documents", json={"documents": [{"id": "p/99", "title": "", "text": "late", "metadata": {"even": True}},
+                                                            {"id": "a-first", "title": "", "text": "x", "metadata": {"even": True}}]})
+        after = page["next_after"]
+        if after is None:
+            break
+    assert seen == [f"p/{i:02d}" for i in range(0, 25, 2)] + ["p/99"]
+    everything = client.get("/v1/documents", params={"limit": 1000}).json()
+    assert everything["next_after"] is None and len(everything["documents"]) == 5 + 25 + 2
+    assert everything["documents"][0] == {"id": "a-first", "title": "", "text": "x", "metadata": {"even": True}}
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"limit": 0}, "limit: Input should be greater than or equal to 1"),
+        ({"limit": 1001}, "limit: Input should be less than or equal to 1000"),
+        ({"filter": "{lang"}, "filter is not JSON: Expecting property name enclosed in double quotes at column 2"),
+        ({"filter": '{"lang": {"$near": 1}}'}, "filter.lang.$near: unknown operator"),
+    ],
+)
+def test_bad_listing_parameters_are_a_422_that_says_what_to_fix(client, params, fragment):
+    response = client.get("/v1/documents", params=params)
+    assert response.status_code == 422 and fragment in response.json()["error"]
