@@ -4,7 +4,8 @@ Every upsert or delete bumps one monotonically increasing sequence and stamps th
 row with it; deletes leave a tombstone. A release records the sequence it was built
 at, so whoever serves it can replay exactly the writes that came after ("catch up").
 Writes of identical content are no-ops and do not bump the sequence.
-Left out: full-text search and document versions (only the latest content is kept).
+Every write also updates the BM25 index of titles and texts (`indexer.lexical_index`)
+in the same transaction. Left out: document versions (only the latest content is kept).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from indexer import lexical_index
 from indexer.metadata_filter import Filter, to_sql
 from indexer.sqlite_db import SqliteDb
 from training.errors import NotFound
@@ -92,9 +94,14 @@ class CorpusStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._store = SqliteDb(self.path, _SCHEMA)
+        self._store = SqliteDb(self.path, _SCHEMA + lexical_index.SCHEMA)
         self._reading = self._store.reading
         self._transaction = self._store.transaction
+        with self._reading() as db:
+            built = lexical_index.is_built(db)
+        if not built:
+            with self._transaction() as db:
+                lexical_index.ensure_built(db)
         self._filter_cache: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
         self._filter_lock = threading.Lock()
 
@@ -124,6 +131,7 @@ class CorpusStore:
                     "seq=excluded.seq, deleted=0",
                     (doc.id, doc.title, doc.text, json.dumps(doc.metadata, ensure_ascii=False), digest, seq),
                 )
+                lexical_index.put(db, doc.id, doc.title, doc.text)
                 if row is None or row["deleted"]:
                     inserted += 1
                 else:
@@ -143,6 +151,7 @@ class CorpusStore:
                 "UPDATE documents SET title='', text='', metadata='{}', content_hash='', seq=?, deleted=1 WHERE id=?",
                 (seq, doc_id),
             )
+            lexical_index.drop(db, doc_id)
         return seq
 
     def get(self, doc_id: str) -> Document:
@@ -185,6 +194,13 @@ class CorpusStore:
             while len(self._filter_cache) > FILTER_CACHE_SIZE:
                 self._filter_cache.popitem(last=False)
         return ids
+
+    def lexical_search(self, query: str, limit: int, where: Filter | None = None) -> list[tuple[str, float]]:
+        """The `limit` live documents that best match `query`'s words by BM25, best first, as (id, score); only
+        those whose metadata `where` matches, if given (see `indexer.lexical_index`)."""
+        condition, params = to_sql(where, column="d.metadata") if where is not None else ("", [])
+        with self._reading() as db:
+            return lexical_index.search(db, query, limit, condition, params)
 
     def page(self, limit: int, after: str | None = None, where: Filter | None = None) -> list[Document]:
         """Up to `limit` live documents in id order, those with ids after `after` (the last id of the previous page)

@@ -17,11 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
 
 from indexer.corpus_store import Change, CorpusStore, Document
+from indexer.hybrid_search import LEXICAL_CANDIDATES, check_lexical_weight, fuse_runs
 from indexer.manifest import Manifest, int8_model_files
 from indexer.metadata_filter import Filter
 from indexer.model_store import ModelStore
@@ -235,6 +237,7 @@ class LiveRelease:
         rerank: bool = False,
         rerank_weight: float | None = None,
         where: Filter | None = None,
+        lexical_weight: float = 0.0,
     ) -> SearchOutcome:
         """Encode one query with this release's model, search this release's index, optionally rerank."""
         self.check_search(query, rerank)
@@ -242,7 +245,7 @@ class LiveRelease:
         vector = self.encode_queries([query])
         return self.search_encoded(
             corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3,
-            rerank_weight=rerank_weight, where=where,
+            rerank_weight=rerank_weight, where=where, lexical_weight=lexical_weight,
         )
 
     def search_encoded(
@@ -255,16 +258,21 @@ class LiveRelease:
         encode_ms: float = 0.0,
         rerank_weight: float | None = None,
         where: Filter | None = None,
+        lexical_weight: float = 0.0,
     ) -> SearchOutcome:
         """Search with a query vector this release's model produced (e.g. in a batch with other queries).
 
         With `where`, only documents whose metadata it matches in the corpus now are
-        searched (`indexer.metadata_filter`). Reranking rescores the policy's candidates
-        with the cross-encoder and orders them by the fused score
-        (`training.score_fusion`); `rerank_weight` overrides the policy's weight.
+        searched (`indexer.metadata_filter`). A `lexical_weight` above 0 fuses the index's
+        candidates with BM25's over the corpus (`indexer.hybrid_search`; 1: BM25 alone).
+        Reranking rescores the policy's candidates with the cross-encoder and orders them
+        by the fused score (`training.score_fusion`); `rerank_weight` overrides the
+        policy's weight.
         """
         self.check_search(query, rerank)
+        check_lexical_weight(lexical_weight)
         weight = self.rerank_policy.weight if rerank_weight is None else rerank_weight
+        depth = max(k, self.rerank_policy.candidates) if rerank else k
         clock = [time.perf_counter()]
         names = ["search", "fetch"]
         allowed = None
@@ -272,7 +280,10 @@ class LiveRelease:
             allowed = corpus.matching_ids(where)
             clock.append(time.perf_counter())
             names.insert(0, "filter")
-        hits = self.index.search(vector, max(k, self.rerank_policy.candidates) if rerank else k, allowed)[0]
+        if lexical_weight > 0:
+            hits = self.hybrid_hits(corpus, query, vector, depth, lexical_weight, where, allowed)
+        else:
+            hits = self.index.search(vector, depth, allowed)[0]
         clock.append(time.perf_counter())
         documents = corpus.get_many([hit.doc_id for hit in hits])
         scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
@@ -285,6 +296,24 @@ class LiveRelease:
         timings.update({name: (clock[i + 1] - clock[i]) * 1e3 for i, name in enumerate(names)})
         timings["total"] = encode_ms + (clock[-1] - clock[0]) * 1e3
         return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()})
+
+    def hybrid_hits(
+        self,
+        corpus: CorpusStore,
+        query: str,
+        vector: np.ndarray,
+        depth: int,
+        lexical_weight: float,
+        where: Filter | None = None,
+        allowed: AbstractSet[str] | None = None,
+    ) -> list[Hit]:
+        """The top `depth` of this release's index and the corpus's BM25 index fused for one query (`vector`, one
+        row), each contributing at least `LEXICAL_CANDIDATES`; `where` (and its matching ids, `allowed`) limits
+        both."""
+        check_lexical_weight(lexical_weight)
+        pool = max(depth, LEXICAL_CANDIDATES)
+        dense = self.index.search(vector, pool, allowed)[0] if lexical_weight < 1 else []
+        return fuse_runs(dense, corpus.lexical_search(query, pool, where), lexical_weight)[:depth]
 
     def _rerank(self, query: str, hits: list[SearchHit], weight: float) -> list[SearchHit]:
         """Rescore `hits` with the cross-encoder, one rerank at a time per release; its own lock, not the encoder's,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from indexer.corpus_store import CorpusStore
 from indexer.live_release import LiveRelease
 from training.errors import InvalidInput
 from training.evaluation import evaluate_run
@@ -10,13 +11,26 @@ EVAL_DEPTH = 100
 Run = dict[str, dict[str, float]]
 
 
-def rank_queries(live: LiveRelease, queries: dict[str, str], depth: int = EVAL_DEPTH) -> Run:
-    """Each query's top `depth` documents and scores from `live` (query id -> doc id -> score)."""
+def rank_queries(
+    live: LiveRelease,
+    queries: dict[str, str],
+    depth: int = EVAL_DEPTH,
+    corpus: CorpusStore | None = None,
+    lexical_weight: float = 0.0,
+) -> Run:
+    """Each query's top `depth` documents and scores from `live` (query id -> doc id -> score); with a
+    `lexical_weight` above 0, fused with BM25 over `corpus` as hybrid searches are (`LiveRelease.hybrid_hits`)."""
     query_ids = list(queries)
     if not query_ids:
         return {}
     vectors = live.encode_queries([queries[query_id] for query_id in query_ids])
-    results = live.search_vectors(vectors, depth)
+    if lexical_weight > 0:
+        if corpus is None:
+            raise InvalidInput("a hybrid ranking needs the corpus its BM25 index is in")
+        results = [live.hybrid_hits(corpus, queries[query_id], vectors[i : i + 1], depth, lexical_weight)
+                   for i, query_id in enumerate(query_ids)]
+    else:
+        results = live.search_vectors(vectors, depth)
     return {query_id: {hit.doc_id: hit.score for hit in hits} for query_id, hits in zip(query_ids, results)}
 
 
@@ -36,7 +50,13 @@ def evaluate_ranking(run: Run, qrels: dict[str, dict[str, int]]) -> dict[str, fl
 
 
 def evaluate_release(
-    live: LiveRelease, queries: dict[str, str], qrels: dict[str, dict[str, int]]
+    live: LiveRelease,
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    corpus: CorpusStore | None = None,
+    lexical_weight: float = 0.0,
 ) -> dict[str, float]:
-    """nDCG@10, Recall@100 and MRR@10 of `live` over the queries that have judgements."""
-    return evaluate_ranking(rank_queries(live, judged_queries(queries, qrels)), qrels)
+    """nDCG@10, Recall@100 and MRR@10 of `live` over the queries that have judgements (hybrid with BM25 over
+    `corpus` for a `lexical_weight` above 0)."""
+    run = rank_queries(live, judged_queries(queries, qrels), EVAL_DEPTH, corpus, lexical_weight)
+    return evaluate_ranking(run, qrels)

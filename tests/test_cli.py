@@ -279,3 +279,22 @@ def test_search_filters_by_metadata_and_names_a_bad_filter(tmp_path, tiny_model_
     assert broken.exit_code == 1 and "--filter is not JSON: Expecting value at column 10; write it as" in broken.output
     unknown = run(data, "search", "apple", "--filter", '{"lang": {"$regex": "p"}}')
     assert unknown.exit_code == 1 and "filter.lang.$regex: unknown operator" in unknown.output
+
+
+def test_eval_scores_hybrid_search_with_bm25(tmp_path, tiny_model_dir):
+    """Guards against `lockstep eval --lexical-weight` scoring the dense ranking alone: the tiny random model
+    ranks these queries' documents anywhere, BM25 ranks each first."""
+    data = tmp_path / "data"
+    assert run(data, "ingest", str(_corpus_file(tmp_path))).exit_code == 0
+    assert run(data, "build", "--model", str(tiny_model_dir), "--activate").exit_code == 0
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"_id": "q1", "text": "cherry bananas"}\n{"_id": "q2", "text": "foxes jumping"}\n')
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td3\t1\nq2\td1\t1\n")
+    dense = run(data, "eval", "--queries", str(queries), "--qrels", str(qrels), "--json")
+    assert json.loads(dense.output)["mrr@10"] < 1.0, "the dense ranking alone misses one"
+    hybrid = run(data, "eval", "--queries", str(queries), "--qrels", str(qrels), "--lexical-weight", "1", "--json")
+    assert hybrid.exit_code == 0, hybrid.output
+    assert json.loads(hybrid.output) == {"ndcg@10": 1.0, "recall@100": 1.0, "mrr@10": 1.0}
+    table = run(data, "eval", "--queries", str(queries), "--qrels", str(qrels), "--lexical-weight", "0.5")
+    assert "hybrid with BM25 at weight 0.5" in table.output

@@ -143,6 +143,23 @@ def test_search_filters_by_the_corpus_metadata_as_it_is_now_and_returns_it(clien
     assert client.post("/v1/search", json={**query, "filter": {"year": 3000}}).json()["results"] == []
 
 
+def test_hybrid_search_fuses_bm25_over_the_corpus_as_it_is_now(client, built):
+    """Guards against hybrid searches that ignore BM25, miss words written after the release was built, or fuse
+    with a weight outside [0, 1]."""
+    lexical = client.post("/v1/search", json={"query": "cherry bananas", "k": 3, "lexical_weight": 1}).json()
+    assert [hit["id"] for hit in lexical["results"]] == ["d3"], "only d3 holds the words; bananas is stemmed"
+    hybrid = client.post("/v1/search", json={"query": "cherry bananas", "k": 5, "lexical_weight": 0.5}).json()
+    assert hybrid["results"][0]["id"] == "d3" and len(hybrid["results"]) == 5
+    assert list(hybrid["timings_ms"]) == ["encode", "search", "fetch", "total"]
+    doc = {"id": "fresh", "title": "Zyzzyva", "text": "a weevil named zyzzyva", "metadata": {"kind": "insect"}}
+    assert client.put("/v1/documents", json={"documents": [doc]}).status_code == 200
+    found = client.post("/v1/search", json={"query": "zyzzyva", "k": 3, "lexical_weight": 0.5,
+                                            "filter": {"kind": "insect"}}).json()["results"]
+    assert [hit["id"] for hit in found] == ["fresh"]
+    refused = client.post("/v1/search", json={"query": "x", "lexical_weight": 1.5})
+    assert refused.status_code == 422 and "lexical_weight: Input should be less than or equal to 1" in refused.json()["error"]
+
+
 def test_a_document_id_with_slashes_can_be_read_and_deleted(client, built):
     """Guards against ids that PUT accepts (`notes/2024/a.txt`) but GET and DELETE cannot reach."""
     doc = {"id": "notes/2024/a.txt", "title": "Notes", "text": "green apple notes", "metadata": {}}

@@ -24,7 +24,7 @@ async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchR
     async with state.rerank_gate.turn() if body.rerank else contextlib.nullcontext():
         outcome = await run_in_threadpool(
             live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms,
-            body.rerank_weight, where,
+            body.rerank_weight, where, body.lexical_weight,
         )
     return SearchResponse(
         release=outcome.release_id,
