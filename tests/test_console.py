@@ -155,6 +155,19 @@ def test_a_metadata_filter_reaches_the_search_and_a_bad_one_says_what_to_fix(pag
     _expect(page.locator("#search-status")).to_contain_text("The metadata filter is not JSON")
 
 
+def test_the_bm25_weight_makes_a_hybrid_search(page, stack):
+    query = {"query": "protein cells", "k": 5, "lexical_weight": 1}
+    expected = [hit["id"] for hit in stack.api.post("/v1/search", json=query).json()["results"]]
+    dense = [hit["id"] for hit in stack.api.post("/v1/search", json={**query, "lexical_weight": 0}).json()["results"]]
+    assert expected and expected != dense, "BM25 alone orders these documents differently, or the test shows nothing"
+    page.get_by_label("Query").fill("protein cells")
+    page.get_by_label("Results (k)").fill("5")
+    page.get_by_label("BM25 weight").fill("1")
+    page.get_by_role("button", name="Search", exact=True).click()
+    _expect(page.locator("#results > li")).to_have_count(len(expected))
+    assert page.locator("#results .meta code").all_inner_texts() == expected
+
+
 def test_a_rollback_through_the_ui_changes_the_active_release(page, stack):
     releases = ReleaseStore(stack.data_dir)
     live, previous = releases.active(), releases.pointer().history[-1]

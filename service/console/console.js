@@ -177,7 +177,9 @@
 
   $("search-form").addEventListener("submit", async (event) => {
     event.preventDefault();
-    const body = { query: $("query").value, k: Number($("k").value), rerank: $("rerank").checked };
+    const body = {
+      query: $("query").value, k: Number($("k").value), lexical_weight: Number($("lexical").value), rerank: $("rerank").checked,
+    };
     const filter = $("filter").value.trim();
     if (filter) {
       try {
