@@ -31,6 +31,10 @@ class Settings(BaseSettings):
         DEFAULT_RERANK_WEIGHT, ge=0.0, le=1.0,
         description="Cross-encoder's weight when its standardised score is fused with the bi-encoder's (1: rank by it alone)",
     )
+    lexical_weight: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="BM25's weight in hybrid search when a request sends none (0: dense only; 1: BM25 only)",
+    )
     max_waiting_reranks: int = Field(
         32, ge=0, le=10_000,
         description="Reranked searches an API process lets wait while one reranks; past that, `rerank: true` gets 503",

@@ -270,16 +270,18 @@ def search(
         Optional[float], typer.Option(min=0.0, max=1.0, help="Cross-encoder's weight in the fused score (1: it alone)")
     ] = None,
     lexical_weight: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Hybrid search: BM25's weight in the fused score (0: dense only)")
-    ] = 0.0,
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Hybrid search: BM25's weight in the fused score (0: dense only; default $LOCKSTEP_LEXICAL_WEIGHT or 0)")
+    ] = None,
     metadata_filter: Annotated[
         Optional[str], typer.Option("--filter", help='Only documents whose metadata matches, as JSON: \'{"lang": "en"}\'')
     ] = None,
 ) -> None:
     """Search the active release from the command line (no server needed)."""
     where = parse_filter_text(metadata_filter, "--filter") if metadata_filter is not None else None
-    with _active_release(_settings(ctx)) as (live, corpus):
-        outcome = live.search(corpus, text, k, rerank, rerank_weight, where, lexical_weight)
+    settings = _settings(ctx)
+    lexical = settings.lexical_weight if lexical_weight is None else lexical_weight
+    with _active_release(settings) as (live, corpus):
+        outcome = live.search(corpus, text, k, rerank, rerank_weight, where, lexical)
     typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
     for rank, hit in enumerate(outcome.hits, start=1):
         document = hit.document
@@ -297,8 +299,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the dev split")] = 13,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON")] = False,
     lexical_weight: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Score hybrid search: BM25's weight in the fused score (0: dense only)")
-    ] = 0.0,
+        Optional[float], typer.Option(min=0.0, max=1.0, help="Score hybrid search: BM25's weight in the fused score (0: dense only; default $LOCKSTEP_LEXICAL_WEIGHT or 0)")
+    ] = None,
 ) -> None:
     """nDCG@10, Recall@100 and MRR@10 of the active release (trec_eval definitions)."""
     from indexer.retrieval_eval import evaluate_release
@@ -308,12 +310,14 @@ def evaluate(
     if split_fraction is not None:
         _, dev = split_judged(judgements, split_fraction, seed)
         judgements = {query_id: judgements[query_id] for query_id in dev}
-    with _active_release(_settings(ctx)) as (live, corpus):
-        metrics = evaluate_release(live, query_texts, judgements, corpus, lexical_weight)
+    settings = _settings(ctx)
+    lexical = settings.lexical_weight if lexical_weight is None else lexical_weight
+    with _active_release(settings) as (live, corpus):
+        metrics = evaluate_release(live, query_texts, judgements, corpus, lexical)
     if as_json:
         typer.echo(json.dumps({key: metrics[key] for key in ("ndcg@10", "recall@100", "mrr@10")}))
         return
-    hybrid = f", hybrid with BM25 at weight {lexical_weight}" if lexical_weight else ""
+    hybrid = f", hybrid with BM25 at weight {lexical}" if lexical else ""
     typer.echo(f"release {live.release_id}, {metrics['queries']} queries{hybrid}")
     for key in ("ndcg@10", "recall@100", "mrr@10"):
         typer.echo(f"  {key:<11} {metrics[key]:.4f}")

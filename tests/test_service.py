@@ -160,6 +160,14 @@ def test_hybrid_search_fuses_bm25_over_the_corpus_as_it_is_now(client, built):
     assert refused.status_code == 422 and "lexical_weight: Input should be less than or equal to 1" in refused.json()["error"]
 
 
+def test_the_service_default_lexical_weight_applies_unless_a_request_sends_one(data_dir, built):
+    with TestClient(create_app(Settings(data_dir=data_dir, lexical_weight=1.0))) as client:
+        default = client.post("/v1/search", json={"query": "cherry bananas", "k": 3}).json()["results"]
+        dense = client.post("/v1/search", json={"query": "cherry bananas", "k": 3, "lexical_weight": 0}).json()["results"]
+    assert [hit["id"] for hit in default] == ["d3"]
+    assert len(dense) == 3
+
+
 def test_a_document_id_with_slashes_can_be_read_and_deleted(client, built):
     """Guards against ids that PUT accepts (`notes/2024/a.txt`) but GET and DELETE cannot reach."""
     doc = {"id": "notes/2024/a.txt", "title": "Notes", "text": "green apple notes", "metadata": {}}
