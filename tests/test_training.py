@@ -239,6 +239,7 @@ def test_shipped_default_recipe_parses():
     recipe = load_recipe()
     assert [s.name for s in recipe.stages] == ["in-batch", "hard-negatives", "distill"]
     assert recipe.teacher is not None and recipe.stages[-1].loss == "margin_mse"
+    assert [s.student_margin() for s in recipe.stages[1:]] == [0.05, None], "the teacher judges the distilled negatives"
 
 
 def test_report_renders_every_diagnostic(tiny_model_dir, tmp_path):
