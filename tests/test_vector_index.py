@@ -253,8 +253,8 @@ def test_training_draws_a_seeded_sample_from_all_the_vectors(monkeypatch):
 
 @pytest.mark.parametrize(
     ("factory", "exact_max", "minimum"),
-    [("Flat", None, 1.0), ("HNSW32", None, 1.0), ("HNSW32", 0, 0.9), ("IVF16,Flat", None, 0.9)],
-    ids=["flat", "hnsw-scored-exactly", "hnsw-selector", "ivf-selector"],
+    [("Flat", None, 1.0), ("HNSW32", None, 1.0), ("HNSW32,SQ8", None, 0.9), ("HNSW32", 0, 0.9), ("IVF16,Flat", None, 0.9)],
+    ids=["flat", "hnsw-scored-exactly", "hnsw-sq8-scored-from-decoded-vectors", "hnsw-selector", "ivf-selector"],
 )
 def test_a_filtered_search_returns_only_allowed_documents_ranked_as_exact_search_ranks_them(factory, exact_max, minimum, monkeypatch):
     """Guards against filtered searches leaking documents outside the filter or removed ones, and against graph or
