@@ -7,8 +7,8 @@ being missed by a retriever counts against it without ruling it out, and a list 
 single match (whose standardised score is 0) still lifts that match. Interpolating BM25 with a dense
 retriever's scores is what Wang, Zhuang and Zuccon (ICTIR 2021, "BERT-based Dense
 Retrievers Require Interpolation with BM25 for Effective Passage Retrieval") found
-to help; on SciFact the equal blend lifts the base MiniLM's nDCG@10 from 0.660 to 0.736
-(docs/benchmarks.md), where reciprocal-rank fusion reaches 0.710.
+to help; on SciFact the equal blend lifts the base MiniLM's nDCG@10 from 0.660 to 0.738
+(docs/benchmarks.md), where reciprocal-rank fusion reached 0.710.
 """
 
 from __future__ import annotations
