@@ -373,7 +373,7 @@ def evaluate(ctx: JobContext) -> StepOutcome:
     if active and active != release_id:
         live = LiveRelease.load(ctx.releases, active, batch_size=ctx.settings.batch_size, device=device)
         live.catch_up(ctx.corpus)
-    report = judge(candidate, live, dev, ctx.settings.gate_tolerance)
+    report = judge(candidate, live, dev, ctx.settings.gate_tolerance, ctx.corpus, ctx.settings.lexical_weight)
     ctx.progress("evaluate", 2, 2)
     metrics = {"gate": report.as_dict() | {"skipped": False}}
     if not report.passed:

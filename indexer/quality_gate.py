@@ -1,6 +1,7 @@
 """The promotion gate: a candidate release goes live only if it is not worse than the live one on dev queries.
 
-Both releases rank the dev queries against their own index with their own model;
+Both releases rank the dev queries against their own index with their own model (fused
+with BM25 when the service serves hybrid search, `LOCKSTEP_LEXICAL_WEIGHT`);
 the candidate passes when its nDCG@10 is at least the live release's minus a
 tolerance. The gate also records a shadow comparison (how much the two top-10
 lists overlap and how similarly they order the documents they share), because a
@@ -12,8 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
+from indexer.corpus_store import CorpusStore
 from indexer.live_release import LiveRelease
-from indexer.retrieval_eval import Run, evaluate_ranking, judged_queries, rank_queries
+from indexer.retrieval_eval import EVAL_DEPTH, Run, evaluate_ranking, judged_queries, rank_queries
 
 SHADOW_DEPTH = 10
 
@@ -39,6 +41,7 @@ class GateReport:
     dev_source: str
     live_release: str | None
     shadow: dict = field(default_factory=dict)
+    lexical_weight: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,22 +87,32 @@ def _headline(metrics: dict) -> dict:
     }
 
 
-def judge(candidate: LiveRelease, live: LiveRelease | None, dev: DevSet, tolerance: float) -> GateReport:
-    """Evaluate `candidate` (and `live`, if any) on `dev` and decide whether the candidate may go live."""
+def judge(
+    candidate: LiveRelease,
+    live: LiveRelease | None,
+    dev: DevSet,
+    tolerance: float,
+    corpus: CorpusStore | None = None,
+    lexical_weight: float = 0.0,
+) -> GateReport:
+    """Evaluate `candidate` (and `live`, if any) on `dev` and decide whether the candidate may go live. With a
+    `lexical_weight` above 0 both rank as the service's hybrid searches do (BM25 over `corpus`), so a deployment
+    serving hybrid search is gated on what it serves."""
     queries = judged_queries(dev.queries, dev.qrels)
-    candidate_run = rank_queries(candidate, queries)
+    candidate_run = rank_queries(candidate, queries, EVAL_DEPTH, corpus, lexical_weight)
     candidate_metrics = _headline(evaluate_ranking(candidate_run, dev.qrels))
     if live is None or live.release_id == candidate.release_id:
         return GateReport(True, "no other release is live to compare with", candidate_metrics, None, tolerance,
-                          dev.source, None)
-    live_run = rank_queries(live, queries)
+                          dev.source, None, lexical_weight=lexical_weight)
+    live_run = rank_queries(live, queries, EVAL_DEPTH, corpus, lexical_weight)
     live_metrics = _headline(evaluate_ranking(live_run, dev.qrels))
     floor = live_metrics["ndcg@10"] - tolerance
     passed = candidate_metrics["ndcg@10"] >= floor
     comparison = ">=" if passed else "<"
+    ranking = f", both hybrid with BM25 at weight {lexical_weight:g}" if lexical_weight else ""
     reason = (
         f"candidate nDCG@10 {candidate_metrics['ndcg@10']:.4f} {comparison} live {live_metrics['ndcg@10']:.4f} "
-        f"minus tolerance {tolerance:g} on {candidate_metrics['queries']} dev queries ({dev.source})"
+        f"minus tolerance {tolerance:g} on {candidate_metrics['queries']} dev queries ({dev.source}){ranking}"
     )
     return GateReport(passed, reason, candidate_metrics, live_metrics, tolerance, dev.source, live.release_id,
-                      shadow_agreement(live_run, candidate_run))
+                      shadow_agreement(live_run, candidate_run), lexical_weight)

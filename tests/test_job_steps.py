@@ -377,3 +377,25 @@ def test_a_retrain_job_on_uploaded_judgements_goes_live(setup):
     assert job.params["queries"].startswith(str(settings.data_dir / "uploads"))
     assert load_qrels(job.params["qrels"]) == uploaded["qrels"]
     assert releases.active() == job.outputs["release_id"] != live_id
+
+
+def test_the_gate_ranks_as_the_service_serves_when_it_serves_hybrid_search(setup, other_model_dir):
+    """Guards against a deployment serving hybrid search being gated on the dense ranking alone: with BM25 alone
+    (weight 1) two different models rank the dev queries identically, and the report says how it ranked."""
+    from indexer.live_release import LiveRelease
+    from indexer.quality_gate import DevSet, judge
+
+    settings, corpus, releases, store, files, live_id = setup
+    other = build_release(corpus, releases, BuildOptions(model_path=other_model_dir, precision="fp32"))
+    dev = DevSet(load_queries(files["queries"]), load_qrels(files["qrels"]), "test")
+    live, candidate = LiveRelease.load(releases, live_id), LiveRelease.load(releases, other.release_id)
+    dense = judge(candidate, live, dev, 0.0)
+    assert dense.shadow["top10_overlap"] < 1.0 and dense.lexical_weight == 0.0
+    lexical = judge(candidate, live, dev, 0.0, corpus, 1.0)
+    assert lexical.candidate == lexical.live and lexical.shadow["top10_overlap"] == 1.0 and lexical.passed
+    assert lexical.lexical_weight == 1.0 and lexical.reason.endswith("both hybrid with BM25 at weight 1")
+    hybrid = settings.model_copy(update={"lexical_weight": 1.0})
+    job = submit_job(store, lambda *_: None, settings.data_dir, "reembed", {"dev_queries": files["queries"], "dev_qrels": files["qrels"]})
+    assert run_reembed(hybrid, store, corpus, job.id) == Dispatch(step="evaluate")
+    run_step(hybrid, store, corpus, job.id, "evaluate")
+    assert store.get(job.id).metrics["gate"]["lexical_weight"] == 1.0, "the job's gate follows LOCKSTEP_LEXICAL_WEIGHT"
