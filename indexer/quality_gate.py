@@ -15,7 +15,13 @@ from itertools import combinations
 
 from indexer.corpus_store import CorpusStore
 from indexer.live_release import LiveRelease
-from indexer.retrieval_eval import EVAL_DEPTH, Run, evaluate_ranking, judged_queries, rank_queries
+from indexer.retrieval_eval import (
+    EVAL_DEPTH,
+    Run,
+    evaluate_ranking,
+    judged_queries,
+    rank_queries,
+)
 
 SHADOW_DEPTH = 10
 
