@@ -310,7 +310,6 @@ class LiveRelease:
         """The top `depth` of this release's index and the corpus's BM25 index fused for one query (`vector`, one
         row), each contributing at least `LEXICAL_CANDIDATES`; `where` (and its matching ids, `allowed`) limits
         both."""
-        check_lexical_weight(lexical_weight)
         pool = max(depth, LEXICAL_CANDIDATES)
         dense = self.index.search(vector, pool, allowed)[0] if lexical_weight < 1 else []
         return fuse_runs(dense, corpus.lexical_search(query, pool, where), lexical_weight)[:depth]

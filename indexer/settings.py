@@ -141,6 +141,10 @@ class Settings(BaseSettings):
         """The broker URL when it is Redis (used for release notifications), else None."""
         return self.broker_url if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")) else None
 
+    def lexical_weight_for(self, requested: float | None) -> float:
+        """The BM25 weight a search uses: the one it asked for, else `lexical_weight`."""
+        return self.lexical_weight if requested is None else requested
+
     def rerank_policy(self) -> RerankPolicy:
         """How searches with `rerank: true` rerank: candidates rescored and the cross-encoder's weight."""
         return RerankPolicy(self.rerank_candidates, self.rerank_weight)

@@ -279,7 +279,7 @@ def search(
     """Search the active release from the command line (no server needed)."""
     where = parse_filter_text(metadata_filter, "--filter") if metadata_filter is not None else None
     settings = _settings(ctx)
-    lexical = settings.lexical_weight if lexical_weight is None else lexical_weight
+    lexical = settings.lexical_weight_for(lexical_weight)
     with _active_release(settings) as (live, corpus):
         outcome = live.search(corpus, text, k, rerank, rerank_weight, where, lexical)
     typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
@@ -311,7 +311,7 @@ def evaluate(
         _, dev = split_judged(judgements, split_fraction, seed)
         judgements = {query_id: judgements[query_id] for query_id in dev}
     settings = _settings(ctx)
-    lexical = settings.lexical_weight if lexical_weight is None else lexical_weight
+    lexical = settings.lexical_weight_for(lexical_weight)
     with _active_release(settings) as (live, corpus):
         metrics = evaluate_release(live, query_texts, judgements, corpus, lexical)
     if as_json:

@@ -27,6 +27,7 @@ from training.cross_encoder import CrossEncoder
 from training.examples import TrainingExample
 from training.losses import Candidate
 from training.precision import autocast
+from training.stage import DEFAULT_MINE_MARGIN
 from training.teacher_cache import TeacherScoreCache
 
 
@@ -35,7 +36,7 @@ class MiningConfig:
     count: int = 3
     window_start: int = 10
     window_end: int = 100
-    margin: float | None = 0.05
+    margin: float | None = DEFAULT_MINE_MARGIN
     relative_margin: float | None = None
     teacher_margin: float | None = None
     seed: int = 13

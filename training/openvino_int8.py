@@ -32,7 +32,7 @@ import numpy as np
 
 from training.errors import InvalidInput
 from training.openvino_runtime import (
-    ACTIVATION_GROUP_KEY, FLOAT_HINT_KEY, INSTALL_HINT, openvino_module, stored_float_hint,
+    ACTIVATION_GROUP_KEY, FLOAT_HINT_KEY, INSTALL_HINT, openvino_module, recorded_float_hint, stored_float_hint,
 )
 
 ACTIVATION_GROUP = 64  # the largest group that kept MiniLM's SciFact vectors at mean cosine 0.999 (docs/benchmarks.md)
@@ -95,8 +95,7 @@ def _save(graph, path: Path) -> Path:
 
 def stored_hint(path: Path) -> str:
     """The float precision the OpenVINO IR at `path` runs its unquantised operations in (f32 if it records none)."""
-    graph = openvino_module().Core().read_model(str(path))
-    return graph.get_rt_info(FLOAT_HINT_KEY).astype(str) if graph.has_rt_info(FLOAT_HINT_KEY) else "f32"
+    return recorded_float_hint(openvino_module().Core().read_model(str(path)))
 
 
 def store_hint(path: Path, hint: str) -> Path:

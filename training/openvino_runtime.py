@@ -77,6 +77,11 @@ def stored_float_hint() -> str:
     return "bf16" if cpu_supports_bf16() else "f32"
 
 
+def recorded_float_hint(graph) -> str:
+    """The float precision a graph records for its unquantised operations (`FLOAT_HINT_KEY`), f32 if none."""
+    return graph.get_rt_info(FLOAT_HINT_KEY).astype(str) if graph.has_rt_info(FLOAT_HINT_KEY) else "f32"
+
+
 def convert_transformer(model: PreTrainedModel, output: str = OUTPUT_NAME):
     """The transformer as an OpenVINO model whose inputs carry `input_names(model)` and whose output is `output`."""
     if next(model.parameters()).device.type != "cpu":
@@ -157,7 +162,7 @@ class CompiledGraph:
             if not part.is_file():
                 raise IntegrityError(f"the OpenVINO model {path.name} lacks {part}; build the release again")
         graph = ov.Core().read_model(str(path))
-        hint = graph.get_rt_info(FLOAT_HINT_KEY).astype(str) if graph.has_rt_info(FLOAT_HINT_KEY) else "f32"
+        hint = recorded_float_hint(graph)
         group = graph.get_rt_info(ACTIVATION_GROUP_KEY).astype(int) if graph.has_rt_info(ACTIVATION_GROUP_KEY) else 0
         return cls(graph, precision, hint, group)
 

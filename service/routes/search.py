@@ -18,14 +18,13 @@ router = APIRouter(tags=["search"])
 async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchResponse:
     live.check_search(body.query, body.rerank)
     where = parse_filter(body.filter) if body.filter is not None else None
-    lexical_weight = state.settings.lexical_weight if body.lexical_weight is None else body.lexical_weight
     started = time.perf_counter()
     encoded = await state.batcher.embed(live, [body.query])
     encode_ms = (time.perf_counter() - started) * 1e3
     async with state.rerank_gate.turn() if body.rerank else contextlib.nullcontext():
         outcome = await run_in_threadpool(
             live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms,
-            body.rerank_weight, where, lexical_weight,
+            body.rerank_weight, where, state.settings.lexical_weight_for(body.lexical_weight),
         )
     return SearchResponse(
         release=outcome.release_id,
