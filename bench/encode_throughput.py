@@ -17,7 +17,11 @@ The peak is the best of a square 2048 product and the model's own feed-forward s
 (8,192 tokens x 384 x 1,536), since oneDNN reaches AMX's rate only on some shapes,
 measured before and after the encoding.
 
-    python bench/encode_throughput.py --data ../shared/data/scifact [--limit 2000]
+With `--device cuda` both run on the GPU: sentence-transformers in fp32 and under bf16
+and fp16 autocast, Lockstep in fp32, bf16 (where the GPU has it) and fp16 on torch
+(int8 is a CPU path), against the GPU's measured matmul peaks.
+
+    python bench/encode_throughput.py --data ../shared/data/scifact [--limit 2000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -61,31 +65,39 @@ FLOP_PER_TOKEN = 24e6
 MATMUL_SHAPES = ((2048, 2048, 2048), (8192, 384, 1536))
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
-    """Measured GFLOP/s (GOP/s for int8, through oneDNN's int8 kernels) of matrix multiplication in `dtype`:
-    the best over `MATMUL_SHAPES` and `repeats`."""
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 10) -> float:
+    """Measured GFLOP/s (GOP/s for int8, through oneDNN's int8 kernels) of matrix multiplication in `dtype` on
+    `device`: the best over `MATMUL_SHAPES` and `repeats`."""
     best = 0.0
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for m, k, n in MATMUL_SHAPES:
         if dtype == torch.int8:
             a, b = torch.randint(-128, 128, (m, k), dtype=dtype), torch.randint(-128, 128, (k, n), dtype=dtype)
             mm = torch._int_mm
         else:
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
             mm = torch.mm
         mm(a, b)
+        sync()
         for _ in range(repeats):
             started = time.perf_counter()
             mm(a, b)
+            sync()
             best = max(best, 2 * m * k * n / (time.perf_counter() - started) / 1e9)
     return best
 
 
-def matmul_peaks() -> dict[str, float]:
-    """`matmul_peak` of each precision this CPU runs natively: bf16 and int8 only where it has the instructions
-    (without VNNI or AMX, torch's int8 product is a reference loop far below the int8 units' rate)."""
-    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if cpu_supports_bf16() else {}),
-              **({"int8": torch.int8} if cpu_has_int8_dot() else {})}
-    return {name: matmul_peak(dtype) for name, dtype in dtypes.items()}
+def matmul_peaks(device: str) -> dict[str, float]:
+    """`matmul_peak` of each precision `device` runs natively: on a CPU bf16 and int8 only where it has the
+    instructions (without VNNI or AMX, torch's int8 product is a reference loop far below the int8 units' rate);
+    on a GPU fp32, fp16 and bf16 where it has it."""
+    if device == "cuda":
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16,
+                  **({"bf16": torch.bfloat16} if torch.cuda.is_bf16_supported() else {})}
+    else:
+        dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if cpu_supports_bf16() else {}),
+                  **({"int8": torch.int8} if cpu_has_int8_dot() else {})}
+    return {name: matmul_peak(dtype, device) for name, dtype in dtypes.items()}
 
 
 def exact_ndcg(qrels: dict, doc_ids: list[str], vectors: np.ndarray, queries: np.ndarray, query_ids: list[str]) -> float:
@@ -113,7 +125,7 @@ def report_targets(results: dict[str, tuple[float, float, float, float, float]])
                ("int8 vs ST fp32 at nDCG@10 within 0.01", int8_rows, 0, 6.0)]
     for label, rows, column, goal in targets:
         if column == 1 and "sentence-transformers bf16 autocast" not in results:
-            print(f"target {goal}x {label}: not measured, this CPU has no bf16 instructions")
+            print(f"target {goal}x {label}: not measured, this machine has no bf16")
             continue
         if not rows:
             print(f"target {goal}x {label}: no encoder qualifies")
@@ -151,7 +163,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, help="padded tokens per batch at most")
     parser.add_argument("--rounds", type=int, default=8, help="slices of the corpus each encoder takes in turn")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    gpu = args.device == "cuda"
     from sentence_transformers import SentenceTransformer
 
     rows = [json.loads(line) for line in (args.data / "corpus.jsonl").read_text().splitlines()]
@@ -163,32 +177,39 @@ def main() -> None:
     query_texts = [all_queries[q] for q in query_ids]
     query_vectors: dict[str, np.ndarray] = {}
     tokens = int(sum(len(ids) for ids in BiEncoder.load(default_model_path()).tokenize(texts, "document")))
-    theirs = SentenceTransformer(str(default_model_path()), device="cpu")
+    theirs = SentenceTransformer(str(default_model_path()), device=args.device)
     theirs.encode(texts[:64])
 
-    peak = matmul_peaks()
+    peak = matmul_peaks(args.device)
     encoders: dict[str, Callable[[list[str]], np.ndarray]] = {
         "sentence-transformers fp32": lambda chunk: theirs.encode(chunk, normalize_embeddings=True,
                                                                   show_progress_bar=False),
     }
     query_vectors["sentence-transformers fp32"] = theirs.encode(query_texts, normalize_embeddings=True,
                                                                 show_progress_bar=False)
-    if cpu_supports_bf16():
-        def theirs_bf16(chunk: list[str]) -> np.ndarray:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+    has_bf16 = torch.cuda.is_bf16_supported() if gpu else cpu_supports_bf16()
+    for half, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if (half == "bf16" and not has_bf16) or (half == "fp16" and not gpu):
+            continue
+
+        def theirs_half(chunk: list[str], dtype: torch.dtype = dtype) -> np.ndarray:
+            with torch.autocast(args.device, dtype=dtype):
                 return theirs.encode(chunk, normalize_embeddings=True, show_progress_bar=False)
 
-        encoders["sentence-transformers bf16 autocast"] = theirs_bf16
-        query_vectors["sentence-transformers bf16 autocast"] = theirs_bf16(query_texts)
-    precisions = ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
-    configs = [(runtime, precision, "auto") for runtime in RUNTIMES for precision in (*precisions, "int8")
-               if (runtime, precision) != ("openvino", "int8") or OPENVINO_INT8]
-    if "openvino" in RUNTIMES and OPENVINO_INT8:
-        configs.append(("openvino", "int8", "dynamic"))
+        encoders[f"sentence-transformers {half} autocast"] = theirs_half
+        query_vectors[f"sentence-transformers {half} autocast"] = theirs_half(query_texts)
+    precisions = ("fp32", "bf16") if has_bf16 else ("fp32",)
+    if gpu:
+        configs = [("torch", precision, "auto") for precision in (*precisions, "fp16")]
+    else:
+        configs = [(runtime, precision, "auto") for runtime in RUNTIMES for precision in (*precisions, "int8")
+                   if (runtime, precision) != ("openvino", "int8") or OPENVINO_INT8]
+        if "openvino" in RUNTIMES and OPENVINO_INT8:
+            configs.append(("openvino", "int8", "dynamic"))
     calibration = [texts[row] for row in int8_samples(len(texts), 0)[1]]
     with tempfile.TemporaryDirectory() as scratch:
         for runtime, precision, activations in configs:
-            encoder = BiEncoder.load(default_model_path())
+            encoder = BiEncoder.load(default_model_path(), device=args.device)
             choose_runtime(encoder, precision, runtime)
             name = f"lockstep {precision} ({encoder.runtime})"
             if precision == "int8":
@@ -202,7 +223,7 @@ def main() -> None:
             query_vectors[name] = encoder.encode(query_texts, "query", show_progress=False)
         runs = interleaved(encoders, texts, args.rounds)
 
-    after = matmul_peaks()
+    after = matmul_peaks(args.device)
     peak = {name: max(before, after[name]) for name, before in peak.items()}
     reference, base_time = runs["sentence-transformers fp32"]
     bf16_time = runs.get("sentence-transformers bf16 autocast", (None, float("nan")))[1]
@@ -212,7 +233,7 @@ def main() -> None:
 
     print(f"{len(texts)} documents, {tokens} tokens, {torch.get_num_threads()} threads; "
           f"matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
-          + ("" if "int8" in peak else "; int8 peak n/a: no VNNI or AMX int8 instructions"))
+          + ("" if "int8" in peak or gpu else "; int8 peak n/a: no VNNI or AMX int8 instructions"))
     whole = len(texts) == len(rows)
     print(f"batch {args.batch_size} texts / {args.max_batch_tokens} padded tokens for Lockstep, 32 texts for sentence-transformers"
           + ("" if whole else "; nDCG@10 needs the whole corpus (no --limit)"))
@@ -222,7 +243,7 @@ def main() -> None:
     for name, (vectors, seconds) in runs.items():
         cosines = np.sum(vectors * reference, axis=1)
         cosine, mean_cosine = float(cosines.min()), float(cosines.mean())
-        peak_name = next((p for p in ("bf16", "int8") if p in name), "fp32")
+        peak_name = next((p for p in ("bf16", "fp16", "int8") if p in name), "fp32")
         share = tokens * FLOP_PER_TOKEN / seconds / 1e9 / peak[peak_name] if peak_name in peak else float("nan")
         ndcg = exact_ndcg(judged, doc_ids, vectors, query_vectors[name], query_ids) if whole else float("nan")
         results[name] = (base_time / seconds, bf16_time / seconds, cosine, mean_cosine, ndcg)
@@ -232,7 +253,8 @@ def main() -> None:
     report_targets(results)
     print("reproduce: python bench/encode_throughput.py --data ../shared/data/scifact"
           + (f" --limit {args.limit}" if args.limit else "") + f" --batch-size {args.batch_size}"
-          + f" --max-batch-tokens {args.max_batch_tokens} --rounds {args.rounds}")
+          + f" --max-batch-tokens {args.max_batch_tokens} --rounds {args.rounds}"
+          + (" --device cuda" if gpu else ""))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Queries must be encoded exactly as the corpus was, so every process that encodes for a
 release (the server, a drift probe, a shard worker) attaches the runtime through here:
-torch (fp32 or bf16 autocast), openvino (fp32 or bf16 compiled for the CPU, or int8
+torch (fp32, or bf16 or fp16 autocast), openvino (fp32 or bf16 compiled for the CPU, or int8
 with calibrated or dynamic activations, stored in the release) or onnxruntime (int8,
 dynamically quantised and stored in the release). A release's reranker follows it onto
 openvino.
@@ -35,6 +35,8 @@ def choose_runtime(encoder: BiEncoder, precision: ConcretePrecision, runtime: Bu
         raise InvalidInput(f"runtime must be 'torch' or 'openvino', got {runtime!r}")
     if precision == "int8":
         return
+    if precision == "fp16" and runtime == "openvino":
+        raise InvalidInput("fp16 is for GPUs, on the torch runtime; on openvino use precision bf16 or fp32")
     encoder.precision = precision
     if runtime == "openvino":
         encoder.use_openvino()
@@ -102,6 +104,6 @@ def attach_runtime(encoder: BiEncoder, folder: Path, precision: str, runtime: st
     elif runtime != "torch":
         raise InvalidInput(f"release in {folder} names runtime {runtime!r}, which this version cannot run; upgrade lockstep")
     elif emulated(precision, encoder.device):
-        log.warning("the release in %s was built in bf16, which this CPU (no AMX or AVX512-BF16) runs emulated, "
-                    "several times slower than fp32; serve it from CPUs with bf16, or build one in fp32 for "
-                    "machines like this", folder)
+        log.warning("the release in %s was built in %s, which this CPU runs emulated, far slower than fp32; serve it "
+                    "from %s, or build one in fp32 for machines like this", folder, precision,
+                    "GPUs" if precision == "fp16" else "CPUs with bf16 instructions or GPUs")

@@ -40,10 +40,10 @@ class Settings(BaseSettings):
         description="Reranked searches an API process lets wait while one reranks; past that, `rerank: true` gets 503",
     )
     index_type: str = Field("Flat", description="FAISS factory string for new builds: Flat, HNSW32, IVF256,Flat ...")
-    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto",
-        description="Encoding precision of new builds: auto (bf16 where the CPU or GPU supports it, else fp32), "
-        "fp32, bf16, or int8 (quantised model, kept only if it agrees with fp32)",
+        description="Encoding precision of new builds: auto (bf16 where the CPU or GPU supports it, fp16 on a GPU "
+        "without bf16, else fp32), fp32, bf16, fp16 (GPUs), or int8 (quantised model, kept only if it agrees with fp32)",
     )
     runtime: Literal["torch", "openvino"] = Field(
         "torch",

@@ -146,7 +146,7 @@ def build(
     index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string: Flat, HNSW32, IVF256,Flat ...")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new release active when it is built")] = False,
     reranker: Annotated[Optional[Path], typer.Option(help="Cross-encoder the release reranks with (`rerank: true`)")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported), fp32, bf16 or int8 (gated on agreement with fp32)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where supported, fp16 on a GPU without bf16), fp32, bf16, fp16 (GPUs) or int8 (gated on agreement with fp32)")] = None,
     runtime: Annotated[Optional[str], typer.Option(help="What runs the encoder: torch (int8 on ONNX Runtime) or openvino (default $LOCKSTEP_RUNTIME or torch)")] = None,
     int8_activations: Annotated[Optional[str], typer.Option(help="int8 only: calibrated (openvino, fastest), dynamic (closest to fp32) or auto (default $LOCKSTEP_INT8_ACTIVATIONS or auto)")] = None,
     ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW search breadth (default $LOCKSTEP_EF_SEARCH or 64)")] = None,

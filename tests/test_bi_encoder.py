@@ -264,25 +264,27 @@ def test_copied_folder_keeps_name(tiny_model_dir, tmp_path):
     assert BiEncoder.load(copy).name == "tiny-bert-0"
 
 
-def test_bf16_encoding_agrees_with_fp32(tiny_encoder):
-    """Guards against a precision path that changes the vectors beyond rounding."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_encoding_agrees_with_fp32(tiny_encoder, precision):
+    """Guards against a precision path that changes the vectors beyond rounding, or leaves them in fp32."""
     reference = tiny_encoder.encode(TEXTS)
-    tiny_encoder.precision = "bf16"
+    tiny_encoder.precision = precision
     lowered = tiny_encoder.encode(TEXTS)
     assert lowered.dtype == np.float32 and np.allclose(np.linalg.norm(lowered, axis=1), 1.0, atol=1e-5)
-    assert (reference * lowered).sum(axis=1).min() >= 0.99
+    assert (reference * lowered).sum(axis=1).min() >= 0.99 and not np.array_equal(lowered, reference)
 
 
-def test_serving_in_bf16_stores_linear_weights_once_and_changes_no_output(tiny_model_dir):
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_serving_in_16_bits_stores_linear_weights_once_and_changes_no_output(tiny_model_dir, precision, dtype):
     """Guards against a serving shortcut that moves the vectors or the fingerprint by a single bit."""
     reference = BiEncoder.load(tiny_model_dir)
-    reference.precision = "bf16"
+    reference.precision = precision
     expected = reference.encode(TEXTS, "query")
     served = BiEncoder.load(tiny_model_dir)
-    served.precision = "bf16"
+    served.precision = precision
     served.prepare_for_serving()
     linear = [m for m in served.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert linear and all(m.weight.dtype == dtype for m in linear)
     assert np.array_equal(served.encode(TEXTS, "query"), expected)
     assert np.array_equal(served.encode(TEXTS[:1], "query"), reference.encode(TEXTS[:1], "query"))
     assert served.fingerprint == reference.fingerprint

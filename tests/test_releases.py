@@ -351,7 +351,7 @@ def test_release_records_and_serves_its_precision(corpus, releases, tiny_model_d
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
     assert LiveRelease.load(releases, bf16.release_id).encoder.precision == "bf16"
     with pytest.raises(InvalidInput, match="precision must be"):
-        build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp16"))
+        build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="half"))
 
 
 def test_approximate_indexes_record_search_params_and_recall_against_exact(corpus, releases, tiny_model_dir):

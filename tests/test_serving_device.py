@@ -110,6 +110,35 @@ def test_a_release_built_on_the_gpu_matches_the_cpu_build(corpus, releases, tiny
 
 
 @needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_half_precision_release_on_the_gpu_ranks_like_fp32_on_the_cpu(corpus, releases, tiny_model_dir, precision):
+    """Guards the GPU's 16-bit encoders against drifting from fp32 beyond rounding, and their releases against
+    serving queries in another precision than the corpus."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    corpus.upsert(SAMPLE_DOCS)
+    on_cpu = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"))
+    on_gpu = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision=precision, device="cuda"))
+    assert on_gpu.precision == precision
+    cpu_index = VectorIndex.load(releases.path(on_cpu.release_id))
+    gpu_index = VectorIndex.load(releases.path(on_gpu.release_id))
+    ids = cpu_index.doc_ids()
+    cosines = np.sum(np.stack([gpu_index.reconstruct(i) for i in ids]) * np.stack([cpu_index.reconstruct(i) for i in ids]), axis=1)
+    assert cosines.min() >= 0.99
+    served = LiveRelease.load(releases, on_gpu.release_id, device="cuda")
+    assert served.encoder.precision == precision and served.search(corpus, "protein cells", 3).hits
+
+
+@needs_cuda
+def test_auto_encodes_in_a_16_bit_format_on_the_gpu_and_trains_in_one_it_has():
+    from training.precision import resolve, resolve_training
+
+    cuda = torch.device("cuda")
+    assert resolve("auto", cuda) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert resolve_training("auto", cuda) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+@needs_cuda
 def test_a_shard_encoded_on_the_gpu_matches_the_cpu(corpus, releases, tiny_model_dir, tmp_path):
     corpus.upsert(SAMPLE_DOCS)
     options = BuildOptions(model_path=tiny_model_dir, precision="fp32")

@@ -7,7 +7,7 @@ do not pay for long ones, and caps each batch's padded tokens as well as its tex
 batch of long documents stays small enough for its activations to stay in cache, one of
 short queries fills up to `batch_size`. `save` writes sentence-transformers' layout, so
 `SentenceTransformer(path)` loads what we write. `fingerprint` names the exact model.
-`precision` selects fp32 or bf16 autocast for encoding (see `training.precision`), or
+`precision` selects fp32, or bf16 or fp16 autocast, for encoding (see `training.precision`), or
 int8, where `forward` runs a quantised model instead of the torch module: dynamically
 quantised on ONNX Runtime (`training.int8`) or statically quantised on OpenVINO
 (`training.openvino_int8`); `use_openvino` runs fp32 or bf16 through a graph OpenVINO
@@ -34,7 +34,7 @@ from training.errors import InvalidInput
 from training.fingerprint import Fingerprints, model_fingerprints
 from training.openvino_runtime import FLOAT_PRECISION, CompiledGraph, OpenVinoForward, convert_transformer
 from training.pooling import Pooling, pool, read_pooling, write_pooling
-from training.precision import ConcretePrecision, autocast, store_linear_weights
+from training.precision import AUTOCAST_DTYPE, ConcretePrecision, autocast, store_linear_weights
 from training.st_pipeline import check_pipeline, read_prompts
 from training.token_prefix import token_prefixes
 from training.transformer_graph import feeds, input_names
@@ -329,13 +329,13 @@ class BiEncoder:
     def prepare_for_serving(self) -> None:
         """Fix this encoder to its current precision for many small encode calls, as a release serves queries.
 
-        Under bf16 the linear weights are stored in bf16 once (`precision.store_linear_weights`),
-        which saves a third of a lone query's encode time and changes no output bit. The
-        fingerprint is taken first, from the weights as loaded.
+        Under bf16 or fp16 the linear weights are stored in that format once
+        (`precision.store_linear_weights`), which saves a third of a lone query's encode time
+        and changes no output bit. The fingerprint is taken first, from the weights as loaded.
         """
         _ = self.fingerprints
-        if self.precision == "bf16" and isinstance(self.forward, TorchForward):
-            store_linear_weights(self.model, torch.bfloat16)
+        if self.precision in AUTOCAST_DTYPE and isinstance(self.forward, TorchForward):
+            store_linear_weights(self.model, AUTOCAST_DTYPE[self.precision])
         self._serving_precision = self.precision
 
     def _check_forward(self) -> None:
