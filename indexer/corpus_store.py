@@ -5,7 +5,7 @@ row with it; deletes leave a tombstone. A release records the sequence it was bu
 at, so whoever serves it can replay exactly the writes that came after ("catch up").
 Writes of identical content are no-ops and do not bump the sequence.
 Every write also updates the BM25 index of titles and texts (`indexer.lexical_index`)
-in the same transaction. Left out: document versions (only the latest content is kept).
+and the indexes on metadata fields (`indexer.field_index`) in the same transaction. Left out: document versions (only the latest content is kept).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer import lexical_index
-from indexer.metadata_filter import Filter, to_sql
+from indexer import field_index, lexical_index
+from indexer.metadata_filter import Filter, check_field, to_sql
 from indexer.sqlite_db import SqliteDb
 from training.errors import NotFound
 
@@ -94,7 +94,7 @@ class CorpusStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._store = SqliteDb(self.path, _SCHEMA + lexical_index.SCHEMA)
+        self._store = SqliteDb(self.path, _SCHEMA + lexical_index.SCHEMA + field_index.SCHEMA)
         self._reading = self._store.reading
         self._transaction = self._store.transaction
         with self._reading() as db:
@@ -132,6 +132,7 @@ class CorpusStore:
                     (doc.id, doc.title, doc.text, json.dumps(doc.metadata, ensure_ascii=False), digest, seq),
                 )
                 lexical_index.put(db, doc.id, doc.title, doc.text)
+                field_index.put(db, doc.id)
                 if row is None or row["deleted"]:
                     inserted += 1
                 else:
@@ -152,6 +153,7 @@ class CorpusStore:
                 (seq, doc_id),
             )
             lexical_index.drop(db, doc_id)
+            field_index.drop(db, doc_id)
         return seq
 
     def get(self, doc_id: str) -> Document:
@@ -168,13 +170,12 @@ class CorpusStore:
     def matching_ids(self, where: Filter) -> frozenset[str]:
         """The ids of the live documents whose metadata `where` matches (see `indexer.metadata_filter`).
 
-        SQLite reads every document's metadata for a filter (about 100-200 ms for 100,000
-        documents, docs/benchmarks.md), so the answers to the last `FILTER_CACHE_SIZE`
-        filters are kept with the change sequence they were read at, and reused until any
-        process writes to the corpus.
+        Without indexes on its fields (`index_field`), SQLite reads every document's metadata
+        for a filter (about 100-200 ms for 100,000 documents, docs/benchmarks.md), so the
+        answers to the last `FILTER_CACHE_SIZE` filters are kept with the change sequence
+        they were read at, and reused until any process writes to the corpus.
         """
         key = repr(where)  # keeps types apart, unlike the tree's equality (True == 1)
-        sql, params = to_sql(where)
         with self._reading() as db:
             db.execute("BEGIN")
             try:
@@ -184,6 +185,7 @@ class CorpusStore:
                     if cached is not None and cached[0] == seq:
                         self._filter_cache.move_to_end(key)
                         return cached[1]
+                sql, params = to_sql(where, field_index.fields(db))
                 rows = db.execute(f"SELECT id FROM documents WHERE deleted = 0 AND {sql}", params)
                 ids = frozenset(row[0] for row in rows)
             finally:
@@ -198,21 +200,40 @@ class CorpusStore:
     def lexical_search(self, query: str, limit: int, where: Filter | None = None) -> list[tuple[str, float]]:
         """The `limit` live documents that best match `query`'s words by BM25, best first, as (id, score); only
         those whose metadata `where` matches, if given (see `indexer.lexical_index`)."""
-        condition, params = to_sql(where, column="d.metadata") if where is not None else ("", [])
         with self._reading() as db:
+            condition, params = to_sql(where, field_index.fields(db), table="d") if where is not None else ("", [])
             return lexical_index.search(db, query, limit, condition, params)
 
     def page(self, limit: int, after: str | None = None, where: Filter | None = None) -> list[Document]:
         """Up to `limit` live documents in id order, those with ids after `after` (the last id of the previous page)
         and, with `where`, whose metadata it matches. Paging by id stays consistent while documents are written:
         nothing is skipped or repeated that existed throughout."""
-        sql, params = to_sql(where) if where is not None else ("1", [])
         with self._reading() as db:
+            sql, params = to_sql(where, field_index.fields(db)) if where is not None else ("1", [])
             rows = db.execute(
                 f"SELECT * FROM documents WHERE deleted = 0 AND id > ? AND {sql} ORDER BY id LIMIT ?",
                 [after or "", *params, limit],
             ).fetchall()
         return [_row_to_document(row) for row in rows]
+
+    def index_field(self, field: str) -> int:
+        """Index metadata field `field` (a dotted path) for filters, filling the index from the live documents in one
+        transaction; returns how many values it holds. Indexing a field twice changes nothing."""
+        check_field(field, "field")
+        with self._transaction() as db:
+            return field_index.add(db, field)
+
+    def drop_field_index(self, field: str) -> None:
+        """Stop indexing `field`; NotFound if it is not indexed."""
+        with self._transaction() as db:
+            if not field_index.remove(db, field):
+                raise NotFound(f"metadata field {field!r} is not indexed")
+
+    def indexed_fields(self) -> dict[str, int]:
+        """Each indexed metadata field and how many values its index holds."""
+        with self._reading() as db:
+            counts = dict(db.execute("SELECT field, COUNT(*) FROM field_values GROUP BY field").fetchall())
+            return {field: counts.get(field, 0) for field in sorted(field_index.fields(db))}
 
     def _rows_by_id(self, doc_ids: list[str], live_only: bool) -> list[sqlite3.Row]:
         """The rows of `doc_ids` (tombstones too unless `live_only`), read 500 ids per statement."""

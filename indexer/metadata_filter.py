@@ -13,7 +13,8 @@ digits, `_` or `-`. Comparisons are typed: a number never equals or orders again
 string, nor a boolean against a number (SQLite would, by its type order). `$ne` and
 `$nin` also match documents without the field, as MongoDB's do. A filter is parsed
 into a tree once (`parse_filter`, refusing anything else with the path of the bad part)
-and compiled to one SQL condition over the corpus store's metadata column (`to_sql`).
+and compiled to one SQL condition over the corpus store's metadata column (`to_sql`),
+which reads a field's index (`indexer.field_index`) where it has one.
 """
 
 from __future__ import annotations
@@ -91,12 +92,12 @@ def _parse_object(raw: dict, where: str, depth: int) -> Filter:
             raise InvalidInput(f"{here}: unknown operator at the top of a filter; use $and or $or there, and "
                                f"{', '.join(OPERATORS)} inside a field's object")
         else:
-            _check_field(key, where)
+            check_field(key, where)
             parts.extend(_parse_field(key, value, here))
     return parts[0] if len(parts) == 1 else Junction("and", tuple(parts))
 
 
-def _check_field(field: str, where: str) -> None:
+def check_field(field: str, where: str) -> None:
     if not all(FIELD_PART.fullmatch(part) for part in field.split(".")):
         raise InvalidInput(f"{where}: field {field!r} must be a dotted path of names made of letters, digits, _ or - "
                            "(such as author.name)")
@@ -146,30 +147,44 @@ def _count(node: Filter) -> int:
     return 1 if isinstance(node, Condition) else sum(_count(part) for part in node.parts)
 
 
-def to_sql(node: Filter, column: str = "metadata") -> tuple[str, list]:
-    """One SQL condition over the JSON `column` that holds where `node` matches, and its parameters. Field paths
-    are bound as parameters too (they were checked by `parse_filter`)."""
+def json_path(field: str) -> str:
+    """The SQLite JSON path of a dotted field name (checked by `check_field`)."""
+    return "$." + ".".join(f'"{part}"' for part in field.split("."))
+
+
+def to_sql(node: Filter, indexed: frozenset[str] = frozenset(), table: str = "documents") -> tuple[str, list]:
+    """One SQL condition over `table`'s JSON metadata that holds where `node` matches, and its parameters. Field
+    paths are bound as parameters too (they were checked by `parse_filter`). A comparison on a field in `indexed`
+    looks its values up in `indexer.field_index` instead, with the same answers."""
     if isinstance(node, Junction):
-        pieces = [to_sql(part, column) for part in node.parts]
+        pieces = [to_sql(part, indexed, table) for part in node.parts]
         joiner = " AND " if node.kind == "and" else " OR "
         return "(" + joiner.join(sql for sql, _ in pieces) + ")", [param for _, params in pieces for param in params]
-    path = "$." + ".".join(f'"{part}"' for part in node.field.split("."))
+    column, path = f"{table}.metadata", json_path(node.field)
     if node.operator == "$exists":
         present = f"COALESCE(json_type({column}, ?), 'null') != 'null'"
         return (present if node.values[0] else f"NOT {present}"), [path]
     operator = COMPARISONS.get(node.operator, "=")
-    tests = [_element_test(value, operator) for value in node.values]
-    sql = (f"(COALESCE(json_type({column}, ?), 'object') != 'object' AND EXISTS (SELECT 1 FROM json_each({column}, ?) "
-           f"WHERE {' OR '.join(test for test, _ in tests)}))")
-    params = [path, path, *(param for _, values in tests for param in values)]
+    if node.field in indexed:
+        tests = [_element_test(value, operator, "kind", "'number'") for value in node.values]
+        sql = (f"{table}.id IN (SELECT id FROM field_values WHERE field = ? AND "
+               f"({' OR '.join(test for test, _ in tests)}))")
+        params = [node.field]
+    else:
+        tests = [_element_test(value, operator, "type", "'integer', 'real'") for value in node.values]
+        sql = (f"(COALESCE(json_type({column}, ?), 'object') != 'object' AND EXISTS (SELECT 1 FROM json_each({column}, ?) "
+               f"WHERE {' OR '.join(test for test, _ in tests)}))")
+        params = [path, path]
+    params += [param for _, values in tests for param in values]
     return (f"NOT {sql}" if node.operator in ("$ne", "$nin") else sql), params
 
 
-def _element_test(value: Scalar, operator: str) -> tuple[str, list]:
-    """A test on one row of `json_each` (the field's value, or one element of its array) that holds where it is of
-    `value`'s JSON kind and compares to it by `operator`."""
+def _element_test(value: Scalar, operator: str, kind: str, numbers: str) -> tuple[str, list]:
+    """A test on one value of the field (itself, or one element of its array) that holds where it is of `value`'s
+    JSON kind and compares to it by `operator`: `kind` names the column holding the JSON kind and `numbers` lists
+    the kinds a number may have there, quoted."""
     if isinstance(value, bool):
-        return f"type = '{'true' if value else 'false'}'", []
+        return f"{kind} = '{'true' if value else 'false'}'", []
     if isinstance(value, str):
-        return f"(type = 'text' AND value {operator} ?)", [value]
-    return f"(type IN ('integer', 'real') AND value {operator} ?)", [value]
+        return f"({kind} = 'text' AND value {operator} ?)", [value]
+    return f"({kind} IN ({numbers}) AND value {operator} ?)", [value]

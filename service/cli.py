@@ -33,6 +33,9 @@ from training.fingerprint import short_fingerprint
 app = typer.Typer(help="Lockstep: search whose model and index move in lockstep.", no_args_is_help=True)
 releases_app = typer.Typer(help="List, activate, roll back and clean up releases.", no_args_is_help=True)
 app.add_typer(releases_app, name="releases")
+fields_app = typer.Typer(help="Index metadata fields, so filters on them read only the documents they match.",
+                         no_args_is_help=True)
+app.add_typer(fields_app, name="field-index")
 
 
 def _fail_cleanly(command):
@@ -136,6 +139,45 @@ def ingest(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="BEIR c
     finally:
         store.close()
     typer.echo(f"{path}: {result.inserted} inserted, {result.updated} updated, {result.unchanged} unchanged (seq {result.seq})")
+
+
+@fields_app.command("add")
+@_fail_cleanly
+def field_index_add(ctx: typer.Context, field: Annotated[str, typer.Argument(help="A metadata field: lang, author.name")]) -> None:
+    """Index a metadata field, filling the index from the corpus (filters on it get fast at once)."""
+    store = CorpusStore(_settings(ctx).corpus_path)
+    try:
+        values = store.index_field(field)
+    finally:
+        store.close()
+    typer.echo(f"indexed {field}: {values} values")
+
+
+@fields_app.command("drop")
+@_fail_cleanly
+def field_index_drop(ctx: typer.Context, field: str) -> None:
+    """Stop indexing a metadata field (filters on it still work, reading every document's metadata)."""
+    store = CorpusStore(_settings(ctx).corpus_path)
+    try:
+        store.drop_field_index(field)
+    finally:
+        store.close()
+    typer.echo(f"dropped the index on {field}")
+
+
+@fields_app.command("list")
+@_fail_cleanly
+def field_index_list(ctx: typer.Context) -> None:
+    """The indexed metadata fields and how many values each holds."""
+    store = CorpusStore(_settings(ctx).corpus_path)
+    try:
+        indexed = store.indexed_fields()
+    finally:
+        store.close()
+    if not indexed:
+        typer.echo("no metadata field is indexed; `lockstep field-index add FIELD` indexes one")
+    for field, values in indexed.items():
+        typer.echo(f"{field}  {values} values")
 
 
 @app.command()

@@ -147,6 +147,15 @@ class DocumentPage(BaseModel):
     )
 
 
+class FieldIndexOut(BaseModel):
+    field: str
+    values: int = Field(description="Values the index holds: one per document with the field, one per array element")
+
+
+class FieldIndexList(BaseModel):
+    fields: list[FieldIndexOut]
+
+
 class DeleteResponse(BaseModel):
     deleted: str
     seq: int

@@ -281,6 +281,22 @@ def test_search_filters_by_metadata_and_names_a_bad_filter(tmp_path, tiny_model_
     assert unknown.exit_code == 1 and "filter.lang.$regex: unknown operator" in unknown.output
 
 
+def test_field_indexes_are_added_listed_and_dropped_from_the_cli(tmp_path):
+    data = tmp_path / "data"
+    rows = [{"_id": f"d{i}", "text": "x", "metadata": {"lang": ["en", "de"][i % 2]}} for i in range(5)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert run(data, "ingest", str(tmp_path / "docs.jsonl")).exit_code == 0
+    assert "no metadata field is indexed" in run(data, "field-index", "list").output
+    added = run(data, "field-index", "add", "lang")
+    assert added.exit_code == 0 and "indexed lang: 5 values" in added.output
+    assert run(data, "field-index", "list").output.split() == ["lang", "5", "values"]
+    bad = run(data, "field-index", "add", "lang.")
+    assert bad.exit_code == 1 and "field 'lang.' must be a dotted path" in bad.output and "Traceback" not in bad.output
+    assert "dropped the index on lang" in run(data, "field-index", "drop", "lang").output
+    missing = run(data, "field-index", "drop", "lang")
+    assert missing.exit_code == 1 and "metadata field 'lang' is not indexed" in missing.output
+
+
 def test_eval_scores_hybrid_search_with_bm25(tmp_path, tiny_model_dir):
     """Guards against `lockstep eval --lexical-weight` scoring the dense ranking alone: the tiny random model
     ranks these queries' documents anywhere, BM25 ranks each first."""

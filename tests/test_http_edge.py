@@ -158,6 +158,29 @@ def test_a_corrupt_model_file_is_reported_as_not_ready_not_a_crash(data_dir, cor
     assert len(refusals) == 1 and refusals[0].exc_info is not None
 
 
+def test_admins_index_metadata_fields_over_http_and_filtered_searches_read_the_index(data_dir, built):
+    """Guards against the field-index routes answering 500 for a bad field or an unindexed one, being open without
+    the token, or an index whose answers differ from reading the metadata."""
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    docs = [{"id": f"t{i}", "text": "apple banana cherry", "metadata": {"tenant": f"acme-{i % 2}"}} for i in range(4)]
+    query = {"query": "apple banana cherry", "k": 10, "filter": {"tenant": "acme-1"}}
+    with _client(data_dir) as client:
+        assert client.put("/v1/documents", json={"documents": docs}).status_code == 200
+        unindexed = client.post("/v1/search", json=query).json()["results"]
+        assert client.put("/v1/admin/field-indexes/tenant").status_code == 401
+        added = client.put("/v1/admin/field-indexes/tenant", headers=admin)
+        assert added.status_code == 200 and added.json() == {"field": "tenant", "values": 4}
+        assert client.get("/v1/admin/field-indexes", headers=admin).json() == {"fields": [{"field": "tenant", "values": 4}]}
+        indexed = client.post("/v1/search", json=query).json()["results"]
+        assert [r["id"] for r in indexed] == [r["id"] for r in unindexed] and {r["id"] for r in indexed} == {"t1", "t3"}
+        bad = client.put("/v1/admin/field-indexes/a..b", headers=admin)
+        assert bad.status_code == 422 and "field 'a..b' must be a dotted path" in bad.json()["error"]
+        dropped = client.delete("/v1/admin/field-indexes/tenant", headers=admin)
+        assert dropped.status_code == 200 and dropped.json() == {"fields": []}
+        missing = client.delete("/v1/admin/field-indexes/tenant", headers=admin)
+        assert missing.status_code == 404 and "metadata field 'tenant' is not indexed" in missing.json()["error"]
+
+
 def test_activating_a_corrupt_release_keeps_serving_and_says_why(data_dir, built, corpus, releases, other_model_dir):
     """Guards against admin activate answering 500 for a release that fails to load, instead of the reason."""
     broken = _build_with_corrupt_weights(corpus, releases, other_model_dir)

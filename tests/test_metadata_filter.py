@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from indexer.corpus_store import CorpusStore, Document
-from indexer.metadata_filter import MAX_CONDITIONS, parse_filter
-from training.errors import InvalidInput
+from indexer import field_index
+from indexer.metadata_filter import MAX_CONDITIONS, parse_filter, to_sql
+from training.errors import InvalidInput, NotFound
 
 FIELDS = ["a", "b", "n.x"]
 scalars = st.one_of(st.booleans(), st.integers(-3, 3), st.sampled_from([1.5, 2.0, -0.5]), st.sampled_from(["", "x", "y", "1", "é"]))
@@ -97,9 +98,14 @@ def _oracle(meta: dict, raw: dict) -> bool:
     return all(results)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+@pytest.fixture(scope="module", params=["unindexed", "indexed"])
+def store(tmp_path_factory, request):
+    """A corpus store whose fields are read from the metadata, or from indexes on every field the tests filter by
+    (both must give the answers the documented semantics say)."""
     store = CorpusStore(tmp_path_factory.mktemp("filter") / "corpus.sqlite3")
+    if request.param == "indexed":
+        for field in (*FIELDS, "n", "lang", "year", "tags", "author.name", "source"):
+            store.index_field(field)
     yield store
     store.close()
 
@@ -208,3 +214,40 @@ def test_answers_are_reused_until_any_process_writes_and_never_confuse_true_with
     finally:
         reader.close()
         writer.close()
+
+
+def test_an_index_on_a_field_is_filled_from_the_corpus_kept_by_writes_and_read_by_filters(tmp_path):
+    """Guards against an index that misses documents written before it, keeps values a write replaced or a delete
+    removed, or is not what a filter reads (the query plan is checked, so a filter that still parsed every
+    document's metadata would fail here)."""
+    store = CorpusStore(tmp_path / "corpus.sqlite3")
+    try:
+        store.upsert([Document(id=f"d{i}", title="", text="x", metadata={"tenant": f"t{i % 3}", "tags": [i, "x"],
+                                                                           "nested": {"v": i}})
+                      for i in range(9)])
+        assert store.index_field("tenant") == 9 and store.index_field("tags") == 18
+        assert store.index_field("tenant") == 9, "indexing twice changes nothing"
+        assert store.index_field("nested") == 0, "an object-valued field has no values to index"
+        assert store.indexed_fields() == {"nested": 0, "tags": 18, "tenant": 9}
+        tenant = parse_filter({"tenant": "t1"})
+        assert store.matching_ids(tenant) == {"d1", "d4", "d7"}
+        assert store.matching_ids(parse_filter({"tags": {"$gte": 7}})) == {"d7", "d8"}
+        store.upsert([Document(id="d1", title="", text="x", metadata={"tenant": "t2"}),
+                      Document(id="d9", title="", text="x", metadata={"tenant": "t1", "tags": "x"})])
+        store.delete("d4")
+        assert store.matching_ids(tenant) == {"d7", "d9"}
+        assert store.matching_ids(parse_filter({"tags": {"$in": ["x"]}})) == {f"d{i}" for i in (0, 2, 3, 5, 6, 7, 8, 9)}
+        assert store.lexical_search("x", 10, tenant) and {h for h, _ in store.lexical_search("x", 10, tenant)} == {"d7", "d9"}
+        assert [d.id for d in store.page(10, where=tenant)] == ["d7", "d9"]
+        with store._reading() as db:
+            sql, params = to_sql(tenant, field_index.fields(db))
+            plan = " ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM documents WHERE {sql}", params))
+        assert "field_values" in plan and "SCAN documents" not in plan, plan
+        store.drop_field_index("tenant")
+        assert store.matching_ids(tenant) == {"d7", "d9"} and "tenant" not in store.indexed_fields()
+        with pytest.raises(NotFound, match="metadata field 'tenant' is not indexed"):
+            store.drop_field_index("tenant")
+        with pytest.raises(InvalidInput, match="field 'a..b' must be a dotted path"):
+            store.index_field("a..b")
+    finally:
+        store.close()

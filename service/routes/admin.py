@@ -1,4 +1,5 @@
-"""`/v1/admin`: list releases with their manifests and gate metrics, roll forward, roll back, delete, probe drift."""
+"""`/v1/admin`: list releases with their manifests and gate metrics, roll forward, roll back, delete, probe drift;
+index metadata fields for filters."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from indexer.release_store import Pointer
 from service.admin_auth import AdminDep
 from service.deps import LiveDep, ServiceState, StateDep
 from service.http_errors import ADMIN_ERROR_RESPONSES
-from service.schemas import DriftProbeOut, DriftProbeRequest, PointerOut, ReleaseList, ReleaseOut
+from service.schemas import (
+    DriftProbeOut,
+    DriftProbeRequest,
+    FieldIndexList,
+    FieldIndexOut,
+    PointerOut,
+    ReleaseList,
+    ReleaseOut,
+)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ADMIN_ERROR_RESPONSES)
 
@@ -85,3 +94,25 @@ async def drift_probe(body: DriftProbeRequest, live: LiveDep, state: StateDep, _
     """Re-encode a sample of the live release's documents with its model and compare with the stored vectors."""
     report = await run_in_threadpool(probe_drift, live, state.corpus, body.sample, body.threshold, body.seed)
     return DriftProbeOut(**asdict(report))
+
+
+def _field_indexes(state: ServiceState) -> FieldIndexList:
+    return FieldIndexList(fields=[FieldIndexOut(field=f, values=n) for f, n in state.corpus.indexed_fields().items()])
+
+
+@router.get("/field-indexes", response_model=FieldIndexList)
+async def list_field_indexes(state: StateDep, _: AdminDep) -> FieldIndexList:
+    return await run_in_threadpool(_field_indexes, state)
+
+
+@router.put("/field-indexes/{field}", response_model=FieldIndexOut)
+async def add_field_index(field: str, state: StateDep, _: AdminDep) -> FieldIndexOut:
+    """Index a metadata field (a dotted path), filled from the corpus before this answers; indexing twice is a
+    no-op."""
+    return FieldIndexOut(field=field, values=await run_in_threadpool(state.corpus.index_field, field))
+
+
+@router.delete("/field-indexes/{field}", response_model=FieldIndexList)
+async def drop_field_index(field: str, state: StateDep, _: AdminDep) -> FieldIndexList:
+    await run_in_threadpool(state.corpus.drop_field_index, field)
+    return await run_in_threadpool(_field_indexes, state)
