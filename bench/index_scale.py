@@ -1,10 +1,12 @@
-"""Index kinds at scale: build time, size, recall@10 against exact search and single-query latency.
+"""Index kinds at scale: build time, memory, recall@10 against exact search and single-query latency.
 
 Generates N seeded synthetic unit vectors (384-d, like all-MiniLM-L6-v2) drawn around
 a few thousand centres, as real embeddings cluster by topic, plus held-out queries
 from the same distribution. Each index kind is built through Lockstep's VectorIndex
 (the same code releases use) and compared with exact inner-product search (Flat),
-which is the baseline measured in the same run.
+which is the baseline measured in the same run. Memory is the size of the saved index:
+FAISS holds an index in memory as the same arrays it writes (vectors or codes, graph
+links, centroids), and a release loads it whole.
 
     python bench/index_scale.py                      # 1M vectors: Flat, HNSW32, IVF1024,PQ48
     python bench/index_scale.py --n 200000 --kind HNSW32 --kind IVF256,Flat
@@ -24,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.targets import verdict  # noqa: E402
 from indexer.vector_index import VectorIndex  # noqa: E402
 
 DIM = 384
@@ -93,7 +96,7 @@ def main() -> None:
     others = args.kind or ["HNSW32", "IVF1024,PQ48"]
     kind_flags = " ".join(f"--kind {kind}" for kind in others)
     print(f"command: python bench/index_scale.py --n {args.n} --queries {args.queries} {kind_flags} "
-          f"--ef-search {args.ef_search} --ef-construction {args.ef_construction} --nprobe {args.nprobe} --seed {args.seed} --noise {args.noise}")
+          f"--ef-search {args.ef_search} --ef-construction {args.ef_construction} --nprobe {args.nprobe} --seed {args.seed} --noise {args.noise} --latency-queries {args.latency_queries}")
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
     vectors, queries = synthetic(args.n, args.queries, centres=max(10, args.n // 500), seed=args.seed,
                                  noise=args.noise)
@@ -108,10 +111,13 @@ def main() -> None:
             for kind in kinds]
     base = rows[0]
     print(f"\n{args.n:,} x {DIM} vectors, {args.queries} queries, k={K}; ratios against Flat in this run")
-    print(f"{'index':<16}{'build s':>9}{'size MB':>9}{'recall@10':>11}{'p50 ms':>9}{'p99 ms':>9}{'p50 vs Flat':>13}")
+    print(f"{'index':<16}{'build s':>9}{'memory MB':>11}{'recall@10':>11}{'p50 ms':>9}{'p99 ms':>9}{'p50 vs Flat':>13}")
     for row in rows:
-        print(f"{row['kind']:<16}{row['build_s']:>9.1f}{row['size_mb']:>9.0f}{row['recall@10']:>11.4f}"
+        print(f"{row['kind']:<16}{row['build_s']:>9.1f}{row['size_mb']:>11.0f}{row['recall@10']:>11.4f}"
               f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{base['p50_ms'] / row['p50_ms']:>12.1f}x")
+    for row in rows[1:]:
+        print(verdict(f"{row['kind']} recall@10", row["recall@10"], 0.95, unit=""))
+        print(verdict(f"{row['kind']} p50", row["p50_ms"], 2, " ms", at_most=True))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.targets import verdict  # noqa: E402
 from indexer.corpus_store import CorpusStore  # noqa: E402
 from indexer.ingest import read_corpus  # noqa: E402
 from indexer.release_builder import BuildOptions, build_release, int8_samples  # noqa: E402
@@ -79,6 +80,7 @@ def main() -> None:
     print(f"pure encode          {encode_s:8.1f} s  ({len(documents) / encode_s:.1f} docs/s)")
     print(f"full rebuild         {rebuild_s:8.1f} s  ({len(documents) / rebuild_s:.1f} docs/s)")
     print(f"rebuild / encode     {statistics.median(ratios):8.3f}x  (rounds {ratios[0]:.3f}x to {ratios[-1]:.3f}x)")
+    print(verdict("full rebuild vs pure encode", statistics.median(ratios), 1.15, at_most=True))
 
 
 def _encode_seconds(encoder: BiEncoder, texts: list[str], batch_size: int) -> float:

@@ -28,6 +28,10 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.targets import verdict  # noqa: E402
+
 REPRODUCED_ENV = ("OMP_NUM_THREADS", "LOCKSTEP_RUNTIME", "LOCKSTEP_PRECISION", "LOCKSTEP_INT8_ACTIVATIONS")
 
 
@@ -122,9 +126,12 @@ def main() -> None:
             print(f"{clients:>8}{'on' if batching else 'off':>10}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['requests_per_s']:>8.1f}")
     gain = table[True][16]["requests_per_s"] / table[False][16]["requests_per_s"]
     print(f"throughput at 16 clients, batching on vs off: {gain:.2f}x")
+    print(verdict("p50 of one client, batching on", table[True][1]["p50_ms"], 15, " ms", at_most=True))
+    print(verdict("p99 at 16 clients, batching on", table[True][16]["p99_ms"], 150, " ms", at_most=True))
+    print(verdict("throughput at 16 clients, batching on vs off", gain, 2))
     settings = " ".join(f"{name}={os.environ[name]}" for name in REPRODUCED_ENV if name in os.environ)
     print(f"reproduce: {settings + ' ' if settings else ''}python bench/search_latency.py --scifact {args.scifact} "
-          f"--data-dir {args.data_dir}")
+          f"--data-dir {args.data_dir} --requests {args.requests}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.finetune_scifact import baseline  # noqa: E402
+from bench.targets import verdict  # noqa: E402
 from indexer.ingest import read_corpus  # noqa: E402
 from training.bi_encoder import BiEncoder  # noqa: E402
 from training.default_model import default_model_path  # noqa: E402
@@ -101,6 +102,7 @@ def main() -> None:
     print(f"Lockstep InfoNCE fp32              {ours_fp32:7.2f} pairs/s  {ours_fp32 / theirs_rate:.2f}x")
     if precision != "fp32":
         print(f"Lockstep InfoNCE {precision:<18}{ours_rate:7.2f} pairs/s  {ours_rate / theirs_rate:.2f}x")
+    print(verdict(f"training pairs/s vs sentence-transformers (Lockstep in {precision})", ours_rate / theirs_rate, 1.5))
     if not args.skip_memory:
         plain = measure_memory(args.data, 64, 0)
         cached = measure_memory(args.data, 1024, 32)

@@ -525,3 +525,23 @@ def test_lossy_indexes_get_a_recall_figure(corpus, releases, tiny_model_dir, ind
     manifest = build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, index_type=index_type,
                                                             precision="fp32"))
     assert manifest.recall is not None and manifest.recall.sample == 120 and 0 < manifest.recall.recall <= 1
+
+
+def test_the_recall_check_does_not_count_each_query_finding_itself():
+    """Guards against a recall figure lifted by the sampled documents' own vectors, which any index returns: an IVF
+    index with about one vector per list, probing one list, finds a query's own vector and little else."""
+    from indexer.recall_check import measure_recall
+    from indexer.vector_index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((256, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    index = VectorIndex(16, "IVF256,Flat")
+    index.train(vectors)
+    index.add(ids, vectors)
+    index.set_search_params(nprobe=1)
+    assert all(hits[0].doc_id == ids[row] for row, hits in enumerate(index.search(vectors, 1))), "each finds itself"
+    assert measure_recall(index, ids, vectors).recall < 0.05
+    index.set_search_params(nprobe=256)
+    assert measure_recall(index, ids, vectors).recall == pytest.approx(1.0)
