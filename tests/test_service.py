@@ -316,14 +316,18 @@ def test_waiting_reranks_take_no_worker_thread_and_a_flood_is_refused(data_dir, 
     assert [answer.status_code for answer in answers] == [200, 200, 200]
 
 
-def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_dir, corpus, releases, tiny_model_dir):
-    """Guards against batching changing answers, or mixing releases inside one encoder call."""
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("bf16", 1e-2), ("fp16", 1e-2)])
+def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_dir, corpus, releases, tiny_model_dir,
+                                                                           precision, tolerance):
+    """Guards against batching changing answers (the same documents in the same order, scores and embeddings equal
+    to the precision's rounding: a batch pads its queries to one length, which changes the products' shapes), for
+    searches and embeddings alike, or mixing releases inside one encoder call."""
     import asyncio
 
     import httpx
 
     corpus.upsert(SAMPLE_DOCS)
-    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision="fp32"), activate=True)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, precision=precision), activate=True)
     queries = [doc.embedding_text() for doc in SAMPLE_DOCS] * 4 + ["apple", "quick brown dog", "cancer genes"]
 
     async def answers(batching: bool):
@@ -331,18 +335,22 @@ def test_dynamic_batching_groups_concurrent_queries_with_identical_answers(data_
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                responses = await asyncio.gather(*(client.post("/v1/search", json={"query": q, "k": 3}) for q in queries))
+                responses = await asyncio.gather(*(client.post("/v1/search", json={"query": q, "k": 3}) for q in queries),
+                                                 *(client.post("/v1/embeddings", json={"input": q}) for q in queries))
                 metrics = (await client.get("/metrics")).text
-        return [r.json() for r in responses], metrics
+        searches = [r.json() for r in responses[: len(queries)]]
+        embeddings = np.array([r.json()["data"][0]["embedding"] for r in responses[len(queries):]])
+        return searches, embeddings, metrics
 
-    batched, batched_metrics = asyncio.run(answers(True))
-    single, single_metrics = asyncio.run(answers(False))
+    batched, batched_vectors, batched_metrics = asyncio.run(answers(True))
+    single, single_vectors, single_metrics = asyncio.run(answers(False))
     for left, right in zip(batched, single):
         assert [h["id"] for h in left["results"]] == [h["id"] for h in right["results"]]
-        assert [h["score"] for h in left["results"]] == pytest.approx([h["score"] for h in right["results"]], abs=1e-5)
+        assert [h["score"] for h in left["results"]] == pytest.approx([h["score"] for h in right["results"]], abs=tolerance)
+    np.testing.assert_allclose(batched_vectors, single_vectors, atol=tolerance)
     batches = float(batched_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0])
-    assert batches < len(queries), "concurrent queries were not grouped"
-    assert float(single_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0]) == len(queries)
+    assert batches < 2 * len(queries), "concurrent queries were not grouped"
+    assert float(single_metrics.split("lockstep_encoder_batch_texts_count ")[1].split()[0]) == 2 * len(queries)
 
 
 def test_the_corpus_can_be_read_a_page_at_a_time_filtered_while_it_is_written(client, built):
