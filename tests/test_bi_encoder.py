@@ -271,7 +271,7 @@ def test_16_bit_encoding_agrees_with_fp32(tiny_encoder, precision):
     tiny_encoder.precision = precision
     lowered = tiny_encoder.encode(TEXTS)
     assert lowered.dtype == np.float32 and np.allclose(np.linalg.norm(lowered, axis=1), 1.0, atol=1e-5)
-    assert (reference * lowered).sum(axis=1).min() >= 0.99 and not np.array_equal(lowered, reference)
+    assert (reference * lowered).sum(axis=1).min() >= 0.999 and not np.array_equal(lowered, reference)
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])

@@ -281,6 +281,28 @@ def test_search_filters_by_metadata_and_names_a_bad_filter(tmp_path, tiny_model_
     assert unknown.exit_code == 1 and "filter.lang.$regex: unknown operator" in unknown.output
 
 
+def test_build_flags_for_approximate_indexes_reach_the_release(tmp_path, tiny_model_dir):
+    """Guards against `lockstep build --ef-search / --nprobe / --ef-construction` being accepted and then ignored."""
+    import faiss
+
+    from indexer.release_store import ReleaseStore
+    from indexer.vector_index import VectorIndex
+
+    data = tmp_path / "data"
+    rows = [{"_id": f"d{i}", "text": f"document {i} about topic {i % 7}"} for i in range(64)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert run(data, "ingest", str(tmp_path / "docs.jsonl")).exit_code == 0
+    hnsw = run(data, "build", "--model", str(tiny_model_dir), "--index-type", "HNSW8", "--ef-search", "77",
+               "--ef-construction", "50")
+    ivf = run(data, "build", "--model", str(tiny_model_dir), "--index-type", "IVF4,Flat", "--nprobe", "3")
+    assert hnsw.exit_code == 0 and ivf.exit_code == 0, hnsw.output + ivf.output
+    manifests = {m["index_type"]: m for m in json.loads(run(data, "releases", "list", "--json").output)}
+    assert manifests["HNSW8"]["search_params"] == {"ef_search": 77} == manifests["HNSW8"]["recall"]["search_params"]
+    stored = VectorIndex.load(ReleaseStore(data).path(manifests["HNSW8"]["release_id"]))
+    assert faiss.downcast_index(stored._index.index).hnsw.efConstruction == 50
+    assert manifests["IVF4,Flat"]["search_params"] == {"nprobe": 3} == manifests["IVF4,Flat"]["recall"]["search_params"]
+
+
 def test_field_indexes_are_added_listed_and_dropped_from_the_cli(tmp_path):
     data = tmp_path / "data"
     rows = [{"_id": f"d{i}", "text": "x", "metadata": {"lang": ["en", "de"][i % 2]}} for i in range(5)]
