@@ -29,7 +29,7 @@ from indexer.metadata_filter import Filter
 from indexer.model_store import ModelStore
 from indexer.release_runtime import attach_reranker_runtime, attach_runtime
 from indexer.release_store import ReleaseStore, verify_files
-from indexer.vector_index import Hit, VectorIndex
+from indexer.vector_index import Hit, SearchParams, VectorIndex
 from training.bi_encoder import BiEncoder, Encoded
 from training.cross_encoder import CrossEncoder
 from training.errors import EmptyInput, IntegrityError, InvalidInput
@@ -55,6 +55,7 @@ class SearchOutcome:
     release_id: str
     hits: list[SearchHit]
     timings_ms: dict[str, float]
+    search_params: dict[str, int]
 
 
 class LiveRelease:
@@ -238,6 +239,7 @@ class LiveRelease:
         rerank_weight: float | None = None,
         where: Filter | None = None,
         lexical_weight: float = 0.0,
+        overrides: SearchParams | None = None,
     ) -> SearchOutcome:
         """Encode one query with this release's model, search this release's index, optionally rerank."""
         self.check_search(query, rerank)
@@ -245,7 +247,7 @@ class LiveRelease:
         vector = self.encode_queries([query])
         return self.search_encoded(
             corpus, query, vector, k, rerank, encode_ms=(time.perf_counter() - started) * 1e3,
-            rerank_weight=rerank_weight, where=where, lexical_weight=lexical_weight,
+            rerank_weight=rerank_weight, where=where, lexical_weight=lexical_weight, overrides=overrides,
         )
 
     def search_encoded(
@@ -259,6 +261,7 @@ class LiveRelease:
         rerank_weight: float | None = None,
         where: Filter | None = None,
         lexical_weight: float = 0.0,
+        overrides: SearchParams | None = None,
     ) -> SearchOutcome:
         """Search with a query vector this release's model produced (e.g. in a batch with other queries).
 
@@ -267,7 +270,8 @@ class LiveRelease:
         candidates with BM25's over the corpus (`indexer.hybrid_search`; 1: BM25 alone).
         Reranking rescores the policy's candidates with the cross-encoder and orders them
         by the fused score (`training.score_fusion`); `rerank_weight` overrides the
-        policy's weight.
+        policy's weight. `overrides` sets this search's `ef_search` or `nprobe` instead of
+        the release's; the outcome reports the parameters the index was searched at.
         """
         self.check_search(query, rerank)
         check_lexical_weight(lexical_weight)
@@ -281,9 +285,9 @@ class LiveRelease:
             clock.append(time.perf_counter())
             names.insert(0, "filter")
         if lexical_weight > 0:
-            hits = self.hybrid_hits(corpus, query, vector, depth, lexical_weight, where, allowed)
+            hits = self.hybrid_hits(corpus, query, vector, depth, lexical_weight, where, allowed, overrides)
         else:
-            hits = self.index.search(vector, depth, allowed)[0]
+            hits = self.index.search(vector, depth, allowed, overrides)[0]
         clock.append(time.perf_counter())
         documents = corpus.get_many([hit.doc_id for hit in hits])
         scored = [SearchHit(hit.score, documents[hit.doc_id]) for hit in hits if hit.doc_id in documents]
@@ -295,7 +299,8 @@ class LiveRelease:
         timings = {"encode": encode_ms}
         timings.update({name: (clock[i + 1] - clock[i]) * 1e3 for i, name in enumerate(names)})
         timings["total"] = encode_ms + (clock[-1] - clock[0]) * 1e3
-        return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()})
+        return SearchOutcome(self.release_id, scored[:k], {key: round(value, 3) for key, value in timings.items()},
+                             self.index.search_params(overrides))
 
     def hybrid_hits(
         self,
@@ -306,12 +311,13 @@ class LiveRelease:
         lexical_weight: float,
         where: Filter | None = None,
         allowed: AbstractSet[str] | None = None,
+        overrides: SearchParams | None = None,
     ) -> list[Hit]:
         """The top `depth` of this release's index and the corpus's BM25 index fused for one query (`vector`, one
         row), each contributing at least `LEXICAL_CANDIDATES`; `where` (and its matching ids, `allowed`) limits
-        both."""
+        both; `overrides` sets the index's search parameters."""
         pool = max(depth, LEXICAL_CANDIDATES)
-        dense = self.index.search(vector, pool, allowed)[0] if lexical_weight < 1 else []
+        dense = self.index.search(vector, pool, allowed, overrides)[0] if lexical_weight < 1 else []
         return fuse_runs(dense, corpus.lexical_search(query, pool, where), lexical_weight)[:depth]
 
     def _rerank(self, query: str, hits: list[SearchHit], weight: float) -> list[SearchHit]:

@@ -61,6 +61,25 @@ FACTORY_LIMITS = (
 DeviceCopy = Callable[[faiss.Index, str], faiss.Index]  # (CPU index, factory) -> its copy on a device, or itself
 
 
+MAX_EF_SEARCH = 4096
+MAX_NPROBE = 65536
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """One search's breadth, overriding the release's: HNSW's `ef_search`, IVF's `nprobe` (capped at its list count).
+    None keeps the release's; a parameter the index kind lacks is ignored, so one request works across kinds, as
+    Qdrant's per-search `hnsw_ef` does."""
+
+    ef_search: int | None = None
+    nprobe: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, most in (("ef_search", self.ef_search, MAX_EF_SEARCH), ("nprobe", self.nprobe, MAX_NPROBE)):
+            if value is not None and not 1 <= value <= most:
+                raise InvalidInput(f"{name} must be between 1 and {most}, got {value}")
+
+
 @dataclass(frozen=True)
 class Hit:
     """One search result: a document id and its inner-product (cosine) score."""
@@ -168,14 +187,25 @@ class VectorIndex:
                 ivf.nprobe = nprobe
                 self._recopy()
 
-    def search_params(self) -> dict[str, int]:
-        """The search parameters that apply to this index kind and their current values."""
+    def search_params(self, overrides: SearchParams | None = None) -> dict[str, int]:
+        """The search parameters that apply to this index kind and the values a search runs at: `overrides` where
+        given, else the index's own."""
         params = {}
         if (hnsw := self._hnsw()) is not None:
-            params["ef_search"] = int(hnsw.hnsw.efSearch)
+            params["ef_search"] = int((overrides and overrides.ef_search) or hnsw.hnsw.efSearch)
         if (ivf := self._ivf()) is not None:
-            params["nprobe"] = int(ivf.nprobe)
+            params["nprobe"] = int(min(ivf.nlist, (overrides and overrides.nprobe) or ivf.nprobe))
         return params
+
+    def _overridden(self, overrides: SearchParams | None) -> faiss.SearchParameters | None:
+        """FAISS parameters for a search at `overrides`, or None where they change nothing for this index kind
+        (so a search without overrides runs exactly as before)."""
+        applied = self.search_params(overrides)
+        if applied == self.search_params():
+            return None
+        if "ef_search" in applied:
+            return faiss.SearchParametersHNSW(efSearch=applied["ef_search"])
+        return faiss.SearchParametersIVF(nprobe=applied["nprobe"])
 
     @property
     def exact(self) -> bool:
@@ -249,13 +279,13 @@ class VectorIndex:
             self._hidden.update(labels)
             self._skip_hidden = None
 
-    def _hidden_skipped(self, hnsw: faiss.IndexHNSW) -> faiss.SearchParametersHNSW:
-        """HNSW search parameters at the index's ef_search whose selector skips the hidden labels (built once per
-        change of them; the selectors are kept referenced, as FAISS holds them by pointer)."""
+    def _hidden_skipped(self, ef_search: int) -> faiss.SearchParametersHNSW:
+        """HNSW search parameters at `ef_search` whose selector skips the hidden labels (built once per change of
+        them; the selectors are kept referenced, as FAISS holds them by pointer)."""
         if self._skip_hidden is None:
             batch = faiss.IDSelectorBatch(np.fromiter(self._hidden, dtype=np.int64, count=len(self._hidden)))
             self._skip_hidden = (batch, faiss.IDSelectorNot(batch))
-        return faiss.SearchParametersHNSW(sel=self._skip_hidden[1], efSearch=hnsw.hnsw.efSearch)
+        return faiss.SearchParametersHNSW(sel=self._skip_hidden[1], efSearch=ef_search)
 
     def add(self, doc_ids: Sequence[str], vectors: np.ndarray) -> None:
         """Add or replace documents' vectors; an untrained index is first trained on these (see `train`)."""
@@ -283,25 +313,30 @@ class VectorIndex:
         with self._lock:
             self._drop(doc_ids)
 
-    def search(self, queries: np.ndarray, k: int, allowed: AbstractSet[str] | None = None) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: AbstractSet[str] | None = None, overrides: SearchParams | None = None
+    ) -> list[list[Hit]]:
         """Top-k documents per query by inner product, best first; only documents in `allowed` if it is given (see
-        `_search_allowed`)."""
+        `_search_allowed`); at `overrides` of the index's search parameters if given. A search with overrides on a
+        GPU copy runs on its CPU master, where FAISS takes per-search parameters for every kind."""
         check_vectors(queries, self.dim, "query vectors")
         if k < 1:
             raise ValueError("k must be at least 1")
         if allowed is not None:
-            return self._search_allowed(queries, k, allowed)
+            return self._search_allowed(queries, k, allowed, overrides)
         with self._lock:
             total = self._index.ntotal
             if total == 0:
                 return [[] for _ in range(len(queries))]
+            params = self._overridden(overrides)
             hnsw = self._hnsw() if self._hidden and not self._on_gpu else None
             if hnsw is not None:
-                scores, labels = self._index.search(queries, min(k, total), params=self._hidden_skipped(hnsw))
-            elif self._on_gpu and k + len(self._hidden) > GPU_MAX_K:
-                scores, labels = self._master.search(queries, max(1, min(k, self._master.ntotal)))
+                ef_search = self.search_params(overrides)["ef_search"]
+                scores, labels = self._index.search(queries, min(k, total), params=self._hidden_skipped(ef_search))
+            elif self._on_gpu and (k + len(self._hidden) > GPU_MAX_K or params is not None):
+                scores, labels = self._master.search(queries, max(1, min(k, self._master.ntotal)), params=params)
             else:
-                scores, labels = self._index.search(queries, min(k + len(self._hidden), total))
+                scores, labels = self._index.search(queries, min(k + len(self._hidden), total), params=params)
             rows = [
                 [(self._doc_of[label], float(score)) for score, label in zip(row_scores, row_labels)
                  if label >= 0 and self._doc_of[label] is not None]
@@ -309,7 +344,9 @@ class VectorIndex:
             ]
         return [[Hit(doc_id, score) for doc_id, score in row[:k]] for row in rows]
 
-    def _search_allowed(self, queries: np.ndarray, k: int, allowed: AbstractSet[str]) -> list[list[Hit]]:
+    def _search_allowed(
+        self, queries: np.ndarray, k: int, allowed: AbstractSet[str], overrides: SearchParams | None = None
+    ) -> list[list[Hit]]:
         """Top-k among the `allowed` documents.
 
         A filter that leaves in at least `POSTFILTER_SHARE` of the index is applied to an
@@ -321,14 +358,14 @@ class VectorIndex:
         documents exactly (`_exact_among`): a graph search that may only return
         a few nodes walks past most of its candidates and comes back short. Past that,
         and for IVF (which cannot return stored vectors), the selector search widens
-        `ef_search` or `nprobe` by the share of the index the filter leaves out, up to
+        `ef_search` or `nprobe` (the index's, or `overrides`) by the share of the index the filter leaves out, up to
         `FILTER_WIDEN_MAX` times, so about as many allowed candidates are looked at as an
         unfiltered search looks at in all.
         """
         size = len(self)
         if size and len(allowed) >= POSTFILTER_SHARE * size:
             fetch = min(size, max(k, -(-2 * k * size // len(allowed))))
-            rows = self.search(queries, fetch)
+            rows = self.search(queries, fetch, overrides=overrides)
             kept = [[hit for hit in row if hit.doc_id in allowed][:k] for row in rows]
             if all(len(row) == k or len(full) < fetch for row, full in zip(kept, rows)):
                 return kept
@@ -342,10 +379,11 @@ class VectorIndex:
             else:
                 widen = min(FILTER_WIDEN_MAX, -(-self._master.ntotal // len(labels)))
                 selector = faiss.IDSelectorBatch(labels)
+                breadth = self.search_params(overrides)
                 if hnsw is not None:
-                    params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(k, hnsw.hnsw.efSearch) * widen)
+                    params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(k, breadth["ef_search"]) * widen)
                 elif ivf is not None:
-                    params = faiss.SearchParametersIVF(sel=selector, nprobe=min(ivf.nlist, ivf.nprobe * widen))
+                    params = faiss.SearchParametersIVF(sel=selector, nprobe=min(ivf.nlist, breadth["nprobe"] * widen))
                 else:
                     params = faiss.SearchParameters(sel=selector)
                 scores, found_labels = self._master.search(queries, min(k, len(labels)), params=params)

@@ -27,6 +27,7 @@ from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STALE_SECONDS, ReleaseStore
 from indexer.serving_device import resolve_device
 from indexer.settings import Settings
+from indexer.vector_index import MAX_EF_SEARCH, MAX_NPROBE, SearchParams
 from training.errors import InvalidInput, LockstepError
 from training.fingerprint import short_fingerprint
 
@@ -317,14 +318,17 @@ def search(
     metadata_filter: Annotated[
         Optional[str], typer.Option("--filter", help='Only documents whose metadata matches, as JSON: \'{"lang": "en"}\'')
     ] = None,
+    ef_search: Annotated[Optional[int], typer.Option(min=1, max=MAX_EF_SEARCH, help="HNSW search breadth for this search (default: the release's)")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, max=MAX_NPROBE, help="IVF lists to search for this search (default: the release's)")] = None,
 ) -> None:
     """Search the active release from the command line (no server needed)."""
     where = parse_filter_text(metadata_filter, "--filter") if metadata_filter is not None else None
     settings = _settings(ctx)
     lexical = settings.lexical_weight_for(lexical_weight)
     with _active_release(settings) as (live, corpus):
-        outcome = live.search(corpus, text, k, rerank, rerank_weight, where, lexical)
-    typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms)")
+        outcome = live.search(corpus, text, k, rerank, rerank_weight, where, lexical, SearchParams(ef_search, nprobe))
+    params = "".join(f", {name} {value}" for name, value in outcome.search_params.items())
+    typer.echo(f"release {outcome.release_id} ({outcome.timings_ms['total']:.1f} ms{params})")
     for rank, hit in enumerate(outcome.hits, start=1):
         document = hit.document
         typer.echo(f"{rank:>3}. {hit.score:.4f}  {_printable(document.id)}  {_printable(document.title)[:60]}  "

@@ -7,11 +7,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from indexer.vector_index import MAX_EF_SEARCH, MAX_NPROBE
+
 MAX_K = 1000
 MAX_QUERY_CHARS = 4096
 MAX_TEXT_CHARS = 200_000
 MAX_BATCH_DOCUMENTS = 512
 MAX_EMBEDDING_INPUTS = 256
+
+
+class IndexSearchParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description="HNSW candidates kept while searching")
+    nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE, description="IVF lists searched (at most the index's)")
 
 
 class SearchRequest(BaseModel):
@@ -36,6 +45,9 @@ class SearchRequest(BaseModel):
         '{"$gte": 2015}}; operators $eq $ne $gt $gte $lt $lte $in $nin $exists, and $and / $or of filters',
         examples=[{"lang": "en", "year": {"$gte": 2015}}],
     )
+    search_params: IndexSearchParams | None = Field(
+        None, description="This search's breadth in an approximate index instead of the release's (recall vs speed)",
+    )
 
 
 class SearchResult(BaseModel):
@@ -50,6 +62,9 @@ class SearchResponse(BaseModel):
     release: str
     results: list[SearchResult]
     timings_ms: dict[str, float]
+    search_params: dict[str, int] = Field(
+        description="The parameters the release's index was searched at: ef_search (HNSW), nprobe (IVF); empty for Flat",
+    )
 
 
 class EmbeddingsRequest(BaseModel):

@@ -301,6 +301,10 @@ def test_build_flags_for_approximate_indexes_reach_the_release(tmp_path, tiny_mo
     stored = VectorIndex.load(ReleaseStore(data).path(manifests["HNSW8"]["release_id"]))
     assert faiss.downcast_index(stored._index.index).hnsw.efConstruction == 50
     assert manifests["IVF4,Flat"]["search_params"] == {"nprobe": 3} == manifests["IVF4,Flat"]["recall"]["search_params"]
+    assert run(data, "releases", "activate", manifests["HNSW8"]["release_id"]).exit_code == 0
+    assert "ms, ef_search 77)" in run(data, "search", "document 3").output.splitlines()[0]
+    tuned = run(data, "search", "document 3", "--ef-search", "9", "--nprobe", "2")
+    assert tuned.exit_code == 0 and "ms, ef_search 9)" in tuned.output.splitlines()[0], tuned.output
 
 
 def test_field_indexes_are_added_listed_and_dropped_from_the_cli(tmp_path):

@@ -388,3 +388,22 @@ def test_the_corpus_can_be_read_a_page_at_a_time_filtered_while_it_is_written(cl
 def test_bad_listing_parameters_are_a_422_that_says_what_to_fix(client, params, fragment):
     response = client.get("/v1/documents", params=params)
     assert response.status_code == 422 and fragment in response.json()["error"]
+
+
+def test_a_search_sets_its_own_index_breadth_and_reports_the_one_it_ran_at(data_dir, corpus, releases, tiny_model_dir):
+    """Guards against `search_params` being accepted and ignored, leaking into later searches, or a bad value
+    answering 500 instead of a 422 that names it."""
+    corpus.upsert(SAMPLE_DOCS)
+    build_release(corpus, releases, BuildOptions(model_path=tiny_model_dir, index_type="HNSW8", ef_search=40),
+                  activate=True)
+    query = {"query": "Fruit apple banana cherry red green", "k": 3}
+    with TestClient(create_app(Settings(data_dir=data_dir))) as client:
+        assert client.post("/v1/search", json=query).json()["search_params"] == {"ef_search": 40}
+        tuned = client.post("/v1/search", json={**query, "search_params": {"ef_search": 300, "nprobe": 5}}).json()
+        assert tuned["search_params"] == {"ef_search": 300}, "nprobe does not apply to HNSW and is ignored"
+        assert tuned["results"][0]["id"] == "d3"
+        assert client.post("/v1/search", json=query).json()["search_params"] == {"ef_search": 40}
+        for bad, message in (({"ef_search": 0}, "search_params.ef_search: Input should be greater than or equal to 1"),
+                             ({"efSearch": 9}, "search_params.efSearch: Extra inputs are not permitted")):
+            refused = client.post("/v1/search", json={**query, "search_params": bad})
+            assert refused.status_code == 422 and message in refused.json()["error"], refused.json()

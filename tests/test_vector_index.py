@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from indexer import vector_index
-from indexer.vector_index import VectorIndex, check_vectors
+from indexer.vector_index import SearchParams, VectorIndex, check_vectors
 from training.errors import InvalidInput
 
 DIM = 16
 
 
-def unit(rows: int, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
+def unit(rows: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -326,3 +326,42 @@ def test_a_repeated_filter_sees_documents_added_since_its_last_search():
     assert index.search(query, 5, allowed)[0][0].doc_id == "late"
     index.remove(["doc1"])
     assert {h.doc_id for h in index.search(query, 5, allowed)[0]} == {"late", "doc2"}
+
+
+@pytest.mark.parametrize(("factory", "name", "values"), [("HNSW32", "ef_search", (1, 8, 256)), ("IVF64,Flat", "nprobe", (1, 4, 64))])
+def test_a_search_with_its_own_parameters_answers_as_the_index_set_to_them_does(factory, name, values, monkeypatch):
+    """Guards against per-search parameters being ignored, leaking into the index's own setting (other requests'
+    searches), or answering otherwise than the index set to the same value: unfiltered, after removals, and
+    filtered through a selector (whose breadth is widened from the request's value, not the index's)."""
+    monkeypatch.setattr(vector_index, "EXACT_FILTER_MAX", 0)
+    base, queries = unit(3000, dim=64), unit(20, seed=1, dim=64)  # 64-d, where a narrow search misses neighbours
+    ids = [f"d{i}" for i in range(3000)]
+    index = VectorIndex(64, factory)
+    index.add(ids, base)
+    own = index.search_params()
+    allowed = frozenset(ids[::3])
+    truths = (exact_top(base, queries, 10), exact_top(base[::3], queries, 10) * 3)
+    for removed in (0, 30):
+        index.remove(ids[:removed])
+        recalls = []
+        for value in values:
+            overrides = SearchParams(**{name: value})
+            answers = (index.search(queries, 10, overrides=overrides), index.search(queries, 10, allowed, overrides))
+            assert index.search_params() == own and index.search_params(overrides) == {name: value}
+            index.set_search_params(**{name: value})
+            assert _ranked(answers[0]) == _ranked(index.search(queries, 10))
+            assert _ranked(answers[1]) == _ranked(index.search(queries, 10, allowed))
+            index.set_search_params(**own)
+            recalls.append([np.mean([len({f"d{j}" for j in t if j >= removed} & {h.doc_id for h in row}) /
+                                     len([j for j in t if j >= removed]) for t, row in zip(truth, found)])
+                            for truth, found in zip(truths, answers)])
+        assert all(low < high == pytest.approx(1.0) for low, high in zip(recalls[0], recalls[-1])), recalls
+    if name == "nprobe":
+        assert index.search_params(SearchParams(nprobe=1000)) == {"nprobe": 64}, "capped at the index's lists"
+
+
+def test_search_parameters_out_of_range_are_refused():
+    with pytest.raises(InvalidInput, match="ef_search must be between 1 and 4096, got 0"):
+        SearchParams(ef_search=0)
+    with pytest.raises(InvalidInput, match="nprobe must be between 1 and 65536, got 70000"):
+        SearchParams(nprobe=70_000)

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from indexer.metadata_filter import parse_filter
+from indexer.vector_index import SearchParams
 from service.deps import LiveDep, StateDep
 from service.http_errors import ERROR_RESPONSES
 from service.schemas import SearchRequest, SearchResponse, SearchResult
@@ -25,6 +26,7 @@ async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchR
         outcome = await run_in_threadpool(
             live.search_encoded, state.corpus, body.query, encoded.vectors, body.k, body.rerank, encode_ms,
             body.rerank_weight, where, state.settings.lexical_weight_for(body.lexical_weight),
+            SearchParams(**body.search_params.model_dump()) if body.search_params else None,
         )
     return SearchResponse(
         release=outcome.release_id,
@@ -34,4 +36,5 @@ async def search(body: SearchRequest, live: LiveDep, state: StateDep) -> SearchR
             for hit in outcome.hits
         ],
         timings_ms=outcome.timings_ms,
+        search_params=outcome.search_params,
     )
