@@ -23,6 +23,7 @@ from indexer.release_events import listen
 from indexer.release_store import ReleaseStore
 from indexer.serving_device import resolve_device
 from indexer.settings import Settings
+from indexer.thread_budget import apply_thread_budget
 from service.admin_auth import AdminGate
 from service.body_limit import BodySizeLimit
 from service.deps import ServiceState
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        apply_thread_budget()
         corpus = CorpusStore(settings.corpus_path)
         releases = ReleaseStore(settings.data_dir)
         device = resolve_device(settings.device)

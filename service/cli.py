@@ -27,6 +27,7 @@ from indexer.release_builder import BuildOptions, build_release
 from indexer.release_store import STALE_SECONDS, ReleaseStore
 from indexer.serving_device import resolve_device
 from indexer.settings import Settings
+from indexer.thread_budget import apply_thread_budget
 from indexer.vector_index import MAX_EF_SEARCH, MAX_NPROBE, SearchParams
 from training.errors import InvalidInput, LockstepError
 from training.fingerprint import short_fingerprint
@@ -83,6 +84,7 @@ def main(
     hf_logging.disable_progress_bar()
     settings = Settings.load(data_dir=data_dir) if data_dir else Settings.load()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_thread_budget()
     ctx.obj = settings
 
 

@@ -11,12 +11,14 @@ import os
 import sys
 
 from indexer.settings import Settings
+from indexer.thread_budget import apply_thread_budget
 from workers.celery_app import configure
 
 
 def main(argv: list[str]) -> None:
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    apply_thread_budget()
     app = configure(settings)
     app.worker_main([
         "worker", "--pool=solo", f"--queues={settings.queue}", f"--loglevel={settings.log_level.upper()}",
