@@ -37,8 +37,9 @@ from training.score_fusion import DEFAULT_RERANK_WEIGHT  # noqa: E402
 from training.teacher import TEACHER_DIR  # noqa: E402
 
 
-def baseline(model_path: Path, examples, out: Path) -> float:
-    """Train with sentence-transformers' trainer and MNRL; returns training pairs/s."""
+def baseline(model_path: Path, examples, out: Path, bf16: bool = False) -> float:
+    """Train with sentence-transformers' trainer and MNRL (in fp32, its default, or with its `bf16` flag); returns
+    training pairs/s."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -47,7 +48,7 @@ def baseline(model_path: Path, examples, out: Path) -> float:
     dataset = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive.text for e in examples]})
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st-checkpoints"), num_train_epochs=1, per_device_train_batch_size=32,
-        learning_rate=2e-5, warmup_ratio=0.1, save_strategy="no", report_to=[], seed=13, logging_steps=10,
+        learning_rate=2e-5, warmup_ratio=0.1, save_strategy="no", report_to=[], seed=13, logging_steps=10, bf16=bf16, use_cpu=True,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model))
     started = time.perf_counter()
