@@ -5,7 +5,8 @@ row with it; deletes leave a tombstone. A release records the sequence it was bu
 at, so whoever serves it can replay exactly the writes that came after ("catch up").
 Writes of identical content are no-ops and do not bump the sequence.
 Every write also updates the BM25 index of titles and texts (`indexer.lexical_index`)
-and the indexes on metadata fields (`indexer.field_index`) in the same transaction. Left out: document versions (only the latest content is kept).
+and the indexes on metadata fields (`indexer.field_index`) in the same transaction.
+Left out: document versions (only the latest content is kept).
 """
 
 from __future__ import annotations
