@@ -118,6 +118,7 @@ class CorpusStore:
         inserted = updated = unchanged = 0
         changed = []
         with self._transaction() as db:
+            indexed = field_index.fields(db)  # none in most corpora: their writes then skip the field index
             for doc in documents:
                 digest = doc.content_hash
                 row = db.execute("SELECT content_hash, deleted FROM documents WHERE id = ?", (doc.id,)).fetchone()
@@ -133,7 +134,8 @@ class CorpusStore:
                     (doc.id, doc.title, doc.text, json.dumps(doc.metadata, ensure_ascii=False), digest, seq),
                 )
                 lexical_index.put(db, doc.id, doc.title, doc.text)
-                field_index.put(db, doc.id)
+                if indexed:
+                    field_index.put(db, doc.id)
                 if row is None or row["deleted"]:
                     inserted += 1
                 else:
@@ -154,7 +156,8 @@ class CorpusStore:
                 (seq, doc_id),
             )
             lexical_index.drop(db, doc_id)
-            field_index.drop(db, doc_id)
+            if field_index.fields(db):
+                field_index.drop(db, doc_id)
         return seq
 
     def get(self, doc_id: str) -> Document:
