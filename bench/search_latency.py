@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.targets import verdict  # noqa: E402
 
-REPRODUCED_ENV = ("OMP_NUM_THREADS", "LOCKSTEP_RUNTIME", "LOCKSTEP_PRECISION", "LOCKSTEP_INT8_ACTIVATIONS")
+REPRODUCED_ENV = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "LOCKSTEP_RUNTIME", "LOCKSTEP_PRECISION", "LOCKSTEP_INT8_ACTIVATIONS")
 
 
 def lockstep(data_dir: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:

@@ -52,3 +52,18 @@ def test_torch_and_faiss_pools_take_the_budget_at_process_start(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", script, str(root)], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.splitlines()[-1]) == [1, 1, 1]
+
+
+@pytest.mark.parametrize(("package", "given", "expected"), [("service", None, "10000"), ("workers", None, "10000"),
+                                                            ("service", "300000", "300000")])
+def test_lockstep_processes_shorten_openmp_spinning_before_torch_loads(package, given, expected):
+    """Guards against the spin count being set after torch's OpenMP runtime has read it (torch imported first), and
+    against overriding an operator's value."""
+    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    script = (f"import sys, os; import {package}; "
+              "print(json.dumps(['torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT')]))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == [False, expected]

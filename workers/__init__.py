@@ -3,3 +3,7 @@
 Start one with `lockstep worker` (or `python -m workers`); the API enqueues jobs by
 task name and never imports this package.
 """
+
+from indexer.openmp_spin import default_spin_count
+
+default_spin_count()  # before torch loads its OpenMP runtime, which reads it once (see indexer.openmp_spin)
