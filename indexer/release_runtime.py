@@ -19,7 +19,12 @@ from indexer.manifest import int8_model_files
 from training.bi_encoder import BiEncoder
 from training.cross_encoder import CrossEncoder
 from training.errors import InvalidInput
-from training.precision import ConcretePrecision, cpu_has_int8_dot, emulated
+from training.precision import (
+    ConcretePrecision,
+    cpu_has_int8_dot,
+    emulated,
+    native_hardware,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,5 +110,4 @@ def attach_runtime(encoder: BiEncoder, folder: Path, precision: str, runtime: st
         raise InvalidInput(f"release in {folder} names runtime {runtime!r}, which this version cannot run; upgrade lockstep")
     elif emulated(precision, encoder.device):
         log.warning("the release in %s was built in %s, which this CPU runs emulated, far slower than fp32; serve it "
-                    "from %s, or build one in fp32 for machines like this", folder, precision,
-                    "GPUs" if precision == "fp16" else "CPUs with bf16 instructions or GPUs")
+                    "from %s, or build one in fp32 for machines like this", folder, precision, native_hardware(precision))

@@ -199,7 +199,9 @@ class VectorIndex:
 
     def _overridden(self, overrides: SearchParams | None) -> faiss.SearchParameters | None:
         """FAISS parameters for a search at `overrides`, or None where they change nothing for this index kind
-        (so a search without overrides runs exactly as before)."""
+        (so a search without overrides runs exactly as before, without even looking at the index kind)."""
+        if overrides is None or (overrides.ef_search is None and overrides.nprobe is None):
+            return None
         applied = self.search_params(overrides)
         if applied == self.search_params():
             return None

@@ -148,11 +148,8 @@ def ingest(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="BEIR c
 @_fail_cleanly
 def field_index_add(ctx: typer.Context, field: Annotated[str, typer.Argument(help="A metadata field: lang, author.name")]) -> None:
     """Index a metadata field, filling the index from the corpus (filters on it get fast at once)."""
-    store = CorpusStore(_settings(ctx).corpus_path)
-    try:
+    with contextlib.closing(CorpusStore(_settings(ctx).corpus_path)) as store:
         values = store.index_field(field)
-    finally:
-        store.close()
     typer.echo(f"indexed {field}: {values} values")
 
 
@@ -160,11 +157,8 @@ def field_index_add(ctx: typer.Context, field: Annotated[str, typer.Argument(hel
 @_fail_cleanly
 def field_index_drop(ctx: typer.Context, field: str) -> None:
     """Stop indexing a metadata field (filters on it still work, reading every document's metadata)."""
-    store = CorpusStore(_settings(ctx).corpus_path)
-    try:
+    with contextlib.closing(CorpusStore(_settings(ctx).corpus_path)) as store:
         store.drop_field_index(field)
-    finally:
-        store.close()
     typer.echo(f"dropped the index on {field}")
 
 
@@ -172,11 +166,8 @@ def field_index_drop(ctx: typer.Context, field: str) -> None:
 @_fail_cleanly
 def field_index_list(ctx: typer.Context) -> None:
     """The indexed metadata fields and how many values each holds."""
-    store = CorpusStore(_settings(ctx).corpus_path)
-    try:
+    with contextlib.closing(CorpusStore(_settings(ctx).corpus_path)) as store:
         indexed = store.indexed_fields()
-    finally:
-        store.close()
     if not indexed:
         typer.echo("no metadata field is indexed; `lockstep field-index add FIELD` indexes one")
     for field, values in indexed.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -25,7 +25,7 @@ from training.errors import InvalidInput
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 ConcretePrecision = Literal["fp32", "bf16", "fp16", "int8"]
 TrainingPrecision = Literal["fp32", "bf16"]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = get_args(Precision)
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU flags that run each 16-bit format natively; without them torch emulates it.
 NATIVE_FLAGS = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
@@ -62,12 +62,16 @@ def emulated(precision: str, device: torch.device) -> bool:
     return precision in NATIVE_FLAGS and device.type == "cpu" and not _cpu_has(*NATIVE_FLAGS[precision])
 
 
+def native_hardware(precision: str) -> str:
+    """Where a 16-bit `precision` runs natively, in words for a message."""
+    return "GPUs" if precision == "fp16" else "CPUs with bf16 instructions or GPUs"
+
+
 def emulation_warning(precision: str) -> str:
     """What to tell someone whose CPU would emulate `precision` (see `emulated`)."""
     native = " or ".join(name.upper().replace("_", "-") for name in NATIVE_FLAGS[precision])
     return (f"{precision} on a CPU without {native} is emulated by torch, far slower than fp32 at no gain; "
-            f"{precision} is for {'GPUs' if precision == 'fp16' else 'CPUs with bf16 instructions and GPUs'}: "
-            f"use precision auto or fp32 on this machine")
+            f"{precision} is for {native_hardware(precision)}: use precision auto or fp32 on this machine")
 
 
 def resolve(precision: Precision, device: torch.device) -> ConcretePrecision:
